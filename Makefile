@@ -1,0 +1,32 @@
+# `make test` and `make demo` each create .venv and install the project first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint bench-exact bench-decode clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+demo: $(STAMP)
+	$(PY) -m dinado.demo
+
+bench-exact: $(STAMP)
+	$(PY) benchmarks/exact_convergence.py
+
+bench-decode: $(STAMP)
+	$(PY) benchmarks/decode_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

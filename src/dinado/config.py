@@ -1,0 +1,101 @@
+"""GuideConfig: everything needed to rebuild a guide over its base model, serialisable to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+VARIANTS = ("nado", "dinado-hard", "dinado-soft", "dinado-merge")
+CE_POSITIONS = ("all", "terminal")
+CONSISTENCY = ("soft", "hard")
+
+
+@dataclass
+class GuideConfig:
+    """Configuration of a guide.
+
+    variant: one of ``nado``, ``dinado-hard``, ``dinado-soft``, ``dinado-merge``.
+    num_layers / module_dim / num_heads: the small transformer stack over the base's last hidden
+        states (NADO, DiNADO-Soft, DiNADO-Hard). ``module_dim=None`` takes the base width capped at 1024.
+    lora_r / lora_alpha / lora_dropout / lora_target_modules: the PEFT LoRA adapter (DiNADO-Merge).
+    regularizer_weight: weight of the consistency regulariser KL(Bern(S) || Bern(R)); ``None`` means the
+        variant's default (1.0, or 0.0 for Hard consistency, where it vanishes identically).
+    ce_positions: ``"all"`` puts the cross-entropy on every completion prefix, ``"terminal"`` only on the
+        terminal prefix (the EOS token, or the last token at the length cap).
+    consistency: ``"soft"`` predicts the norm at every position (regulariser), ``"hard"`` carries it forward
+        by the Bellman equation from a learned root value. Fixed by the variant for the module variants;
+        selectable for ``dinado-merge``.
+    base_*: what the guide was built for, checked when it is loaded onto a base model.
+    """
+
+    variant: str
+    num_layers: int = 2
+    module_dim: int | None = None
+    num_heads: int | None = None
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str | list[str] = "all-linear"
+    regularizer_weight: float | None = None
+    ce_positions: str = "all"
+    consistency: str | None = None
+    max_positions: int = 2048
+    base_model_name: str | None = None
+    base_vocab_size: int | None = None
+    base_hidden_size: int | None = None
+    tokenizer_fingerprint: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
+        if self.ce_positions not in CE_POSITIONS:
+            raise ValueError(f"ce_positions must be one of {CE_POSITIONS}, got {self.ce_positions!r}")
+        implied = {"dinado-hard": "hard", "dinado-soft": "soft"}.get(self.variant)
+        if self.variant == "nado":
+            if self.consistency not in (None, "soft"):
+                raise ValueError("nado has no 'hard' consistency; use variant='dinado-hard'")
+            self.consistency = "soft"
+        elif implied is not None:
+            if self.consistency not in (None, implied):
+                raise ValueError(
+                    f"variant {self.variant!r} fixes consistency={implied!r}; "
+                    f"use variant='dinado-{self.consistency}' instead"
+                )
+            self.consistency = implied
+        else:
+            self.consistency = self.consistency or "soft"
+            if self.consistency not in CONSISTENCY:
+                raise ValueError(f"consistency must be one of {CONSISTENCY}, got {self.consistency!r}")
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {self.num_layers}")
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be at least 1, got {self.lora_r}")
+        if self.regularizer_weight is not None and self.regularizer_weight < 0:
+            raise ValueError(f"regularizer_weight must be >= 0, got {self.regularizer_weight}")
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.variant == "dinado-merge"
+
+    @property
+    def effective_regularizer_weight(self) -> float:
+        if self.regularizer_weight is not None:
+            return float(self.regularizer_weight)
+        return 0.0 if self.consistency == "hard" else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GuideConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown guide config keys: {', '.join(unknown)}")
+        return cls(**data)

@@ -1,0 +1,161 @@
+"""Guided decoding: a transformers LogitsProcessor that adds the guide's term to the base's scores.
+
+The processor never re-runs the base model. A forward hook on the base body hands it the hidden states
+that ``generate()`` just computed; the guide's own module advances its own KV cache by one step per token,
+and follows beam search by matching each running sequence to the one it extends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from .guide import Guide, HiddenCapture, base_body, position_ids_from_mask
+
+
+class GuideLogitsProcessor(LogitsProcessor):
+    """Turns base scores into log q_theta = log_softmax(log p + alpha * guidance).
+
+    Scores may be logits (greedy, sampling) or log-probabilities (beam search): both are renormalised.
+    Use inside ``with processor:`` (which installs the hidden-state hook), or through :func:`generate`.
+    ``use_cache=False`` re-runs the guide's module over the whole prefix at each step (a reference path).
+    """
+
+    def __init__(
+        self,
+        guide: Guide,
+        attention_mask: torch.Tensor | None = None,
+        alpha: float = 1.0,
+        use_cache: bool = True,
+    ) -> None:
+        if guide.module is None and alpha != 1.0:
+            raise ValueError(
+                "alpha != 1 is not available for dinado-merge: its adapted model is q_theta itself, and "
+                "another strength would need the base distribution at every step; use alpha=1"
+            )
+        self.guide = guide
+        self.alpha = float(alpha)
+        self.use_cache = use_cache
+        self.initial_mask = attention_mask
+        self._capture: HiddenCapture | None = None
+        self._handle = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the state of the previous generate() call."""
+        self._prev_ids: torch.Tensor | None = None
+        self._cache = None
+        self._hidden: torch.Tensor | None = None  # all base hidden states so far (use_cache=False)
+
+    def __enter__(self) -> GuideLogitsProcessor:
+        self.reset()
+        if self.guide.module is not None:
+            self._capture = HiddenCapture()
+            self._handle = base_body(self.guide.base).register_forward_hook(self._capture)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = self._capture = None
+        self.reset()
+
+    def _full_mask(self, rows: int, length: int, device: torch.device) -> torch.Tensor:
+        """The attention mask of the running sequences: the prompt's (expanded per beam) then ones."""
+        if self.initial_mask is None:
+            return torch.ones((rows, length), dtype=torch.long, device=device)
+        prompt = self.initial_mask.to(device)
+        if rows % prompt.shape[0]:
+            raise ValueError(
+                f"generate() runs {rows} sequences but the attention mask has {prompt.shape[0]} rows"
+            )
+        prompt = prompt.repeat_interleave(rows // prompt.shape[0], dim=0)
+        extra = torch.ones((rows, length - prompt.shape[1]), dtype=prompt.dtype, device=device)
+        return torch.cat([prompt, extra], dim=1)
+
+    def _beam_sources(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """For each running row, the previous row it extends (None when nothing moved)."""
+        prefix = input_ids[:, :-1]
+        if torch.equal(prefix, self._prev_ids):
+            return None
+        rows = input_ids.shape[0]
+        groups = self.initial_mask.shape[0] if self.initial_mask is not None else 1
+        k = rows // groups
+        cur = prefix.view(groups, k, -1)
+        prev = self._prev_ids.view(groups, k, -1)
+        match = (cur[:, :, None, :] == prev[:, None, :, :]).all(-1)  # [groups, k(cur), k(prev)]
+        if not bool(match.any(-1).all()):
+            raise RuntimeError(
+                "a running sequence extends none of the previous step's sequences: the processor was "
+                "reused across generate() calls without reset(), or the batch layout changed"
+            )
+        offsets = torch.arange(groups, device=input_ids.device)[:, None] * k
+        return (match.int().argmax(-1) + offsets).flatten()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        log_p = F.log_softmax(scores.float(), dim=-1)
+        guide = self.guide
+        if guide.module is None:  # dinado-merge: generate() runs the adapted model, whose scores are q_theta
+            return log_p.to(scores.dtype)
+        if self._capture is None:
+            raise RuntimeError("use the processor inside `with processor:` or call dinado.generate()")
+        hidden_new = self._capture.pop()
+        rows, length = input_ids.shape
+        mask = self._full_mask(rows, length, input_ids.device)
+        fresh = self._prev_ids is None or hidden_new.shape[1] == length
+        if not fresh:
+            src = self._beam_sources(input_ids)
+            if src is not None:
+                if self.use_cache:
+                    self._cache.reorder_cache(src)
+                else:
+                    self._hidden = self._hidden.index_select(0, src)
+        if fresh:
+            self._cache, self._hidden = None, None
+        if not self.use_cache:
+            self._hidden = hidden_new if self._hidden is None else torch.cat([self._hidden, hidden_new], dim=1)
+            hidden_new = self._hidden
+        module = guide.module
+        dtype = next(module.parameters()).dtype
+        positions = position_ids_from_mask(mask)[:, -hidden_new.shape[1] :]
+        with torch.no_grad():
+            direction, _, cache = module(
+                hidden_new.to(dtype),
+                mask,
+                positions,
+                past_key_values=self._cache if self.use_cache else None,
+                use_cache=self.use_cache,
+            )
+        self._cache = cache
+        self._prev_ids = input_ids
+        log_q = guide.parameterization.log_q(log_p, direction[:, -1].float(), self.alpha)
+        return log_q.to(scores.dtype)
+
+
+def generate(
+    guide: Guide,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    logits_processor: LogitsProcessorList | list | None = None,
+    **generate_kwargs: Any,
+):
+    """The base model's ``generate()`` with the guide applied; returns what ``generate()`` returns.
+
+    Greedy, sampling and beam search all work; pass ``top_k=0`` to sample from q_theta itself
+    (transformers applies top_k=50 by default when sampling).
+    """
+    processor = GuideLogitsProcessor(guide, attention_mask, alpha)
+    processors = LogitsProcessorList([processor, *(logits_processor or [])])
+    was_training = guide.training
+    guide.eval()
+    try:
+        with processor:
+            return guide.base.generate(
+                input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors, **generate_kwargs
+            )
+    finally:
+        guide.train(was_training)

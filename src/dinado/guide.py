@@ -1,0 +1,300 @@
+"""Guide: a frozen base model plus the learned value module of one NADO/DiNADO variant."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from .config import GuideConfig
+from .io import atomic_write_text, tokenizer_fingerprint
+from .modules import GuideModule, NormHead, default_num_heads
+from .numerics import LOG_FLOOR
+from .parameterizations import Parameterization, parameterization_for
+
+CONFIG_NAME = "dinado_config.json"
+WEIGHTS_NAME = "guide.safetensors"
+
+
+@dataclass
+class GuideOutputs:
+    """Raw outputs at every position t (having read x_<=t); see parameterizations.py."""
+
+    log_p: torch.Tensor  # [B, L, V] base log-probabilities, float32
+    direction: torch.Tensor  # [B, L, V]
+    norm: torch.Tensor | None  # [B, L]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions as transformers' generate() computes them for left-padded batches."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def base_body(model: nn.Module) -> nn.Module:
+    """The module whose first output is the last hidden state (GPT2Model inside GPT2LMHeadModel, ...)."""
+    inner = unwrap_peft(model)
+    body = getattr(inner, "base_model", None)
+    if body is None or body is inner:
+        raise TypeError(
+            f"{type(inner).__name__} does not expose its transformer body as .base_model; "
+            "dinado needs a transformers PreTrainedModel with a language-model head"
+        )
+    return body
+
+
+class HiddenCapture:
+    """Holds the last hidden state of the latest forward pass of a base model's body."""
+
+    def __init__(self) -> None:
+        self.hidden: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def pop(self) -> torch.Tensor:
+        if self.hidden is None:
+            raise RuntimeError("the base model ran no forward pass that dinado could observe")
+        hidden, self.hidden = self.hidden, None
+        return hidden
+
+
+@contextmanager
+def capture_hidden(model: nn.Module) -> Iterator[HiddenCapture]:
+    """Record the base body's last hidden states through a forward hook: no extra compute."""
+    capture = HiddenCapture()
+    handle = base_body(model).register_forward_hook(capture)
+    try:
+        yield capture
+    finally:
+        handle.remove()
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(unwrap_peft(model).forward).parameters
+
+
+def base_vocab_size(model: nn.Module) -> int:
+    head = unwrap_peft(model).get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+def base_hidden_size(model: nn.Module) -> int:
+    return int(model.config.get_text_config().hidden_size)
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    inner = unwrap_peft(model)
+    if getattr(inner, "is_quantized", False) or getattr(inner, "hf_quantizer", None) is not None:
+        return True
+    return any(not p.dtype.is_floating_point for p in inner.parameters())
+
+
+class Guide(nn.Module):
+    """A frozen base model with the learned value module of one variant.
+
+    Build with :meth:`create`, train with :func:`dinado.train`, decode with :func:`dinado.generate`.
+    """
+
+    def __init__(self, base_model: PreTrainedModel, config: GuideConfig) -> None:
+        super().__init__()
+        if not isinstance(base_model, PreTrainedModel):
+            raise TypeError(
+                f"base_model must be a transformers PreTrainedModel, got {type(base_model).__name__}"
+            )
+        self.config = config
+        self.parameterization: Parameterization = parameterization_for(config.variant, config.consistency)
+        base_model.requires_grad_(False)
+        base_model.eval()
+        hidden = base_hidden_size(base_model)
+        vocab = base_vocab_size(base_model)
+        if config.uses_lora:
+            lora = LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=config.lora_target_modules,
+                bias="none",
+                task_type="CAUSAL_LM",
+                # GPT-2 style Conv1D layers store weights transposed; tell PEFT instead of letting it guess
+                fan_in_fan_out=any(isinstance(m, Conv1D) for m in base_model.modules()),
+            )
+            self.base = get_peft_model(base_model, lora)
+            self.module = None
+            self.norm_head = NormHead(hidden)
+        else:
+            dim = config.module_dim or min(hidden, 1024)
+            self.base = base_model
+            self.module = GuideModule(
+                base_hidden_size=hidden,
+                vocab_size=vocab,
+                dim=dim,
+                num_layers=config.num_layers,
+                num_heads=config.num_heads or default_num_heads(dim),
+                max_positions=config.max_positions,
+                with_norm=config.variant != "nado",
+            )
+            self.norm_head = None
+        self._pass_positions = _accepts(self.base, "position_ids")
+        self.base.eval()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, base_model: PreTrainedModel, variant: str, tokenizer: Any = None, **options: Any) -> Guide:
+        """Build a guide of ``variant`` over a frozen ``base_model``; options are GuideConfig fields."""
+        allowed = set(GuideConfig.__dataclass_fields__) - {
+            "variant",
+            "base_model_name",
+            "base_vocab_size",
+            "base_hidden_size",
+            "extra",
+        }
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(
+                f"unknown Guide option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(allowed))}"
+            )
+        if tokenizer is not None and "tokenizer_fingerprint" not in options:
+            options["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
+        config = GuideConfig(
+            variant=variant,
+            base_model_name=getattr(base_model.config, "_name_or_path", None) or None,
+            base_vocab_size=base_vocab_size(base_model),
+            base_hidden_size=base_hidden_size(base_model),
+            **options,
+        )
+        return cls(base_model, config)
+
+    def train(self, mode: bool = True) -> Guide:
+        super().train(mode)
+        self.base.eval()  # the base is frozen: its dropout stays off
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------ forward passes
+    def _base_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if self._pass_positions:
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        return kwargs
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> GuideOutputs:
+        """Raw outputs at every position of a (right- or left-) padded batch."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs = self._base_kwargs(input_ids, attention_mask)
+        if self.module is not None:
+            with torch.no_grad(), capture_hidden(self.base) as cap:
+                log_p = F.log_softmax(self.base(**kwargs).logits.float(), dim=-1)
+            hidden = cap.pop().detach()
+            param = next(self.module.parameters())
+            direction, norm, _ = self.module(
+                hidden.to(param.dtype), attention_mask, position_ids_from_mask(attention_mask)
+            )
+            return GuideOutputs(log_p=log_p, direction=direction.float(), norm=norm)
+        with torch.no_grad(), self.base.disable_adapter():
+            log_p = F.log_softmax(self.base(**kwargs).logits.float(), dim=-1)
+        with capture_hidden(self.base) as cap:
+            log_pi = F.log_softmax(self.base(**kwargs).logits.float(), dim=-1)
+        hidden = cap.pop()
+        direction = log_pi.clamp(min=LOG_FLOOR) - log_p.clamp(min=LOG_FLOOR)
+        norm = self.norm_head(hidden.to(next(self.norm_head.parameters()).dtype)).float()
+        return GuideOutputs(log_p=log_p, direction=direction, norm=norm)
+
+    def next_token_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, alpha: float = 1.0
+    ) -> torch.Tensor:
+        """log q_theta of the next token after every position, [B, L, V]: what decoding samples from."""
+        out = self(input_ids, attention_mask)
+        return self.parameterization.log_q(out.log_p, out.direction, alpha)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the config (JSON) and only the guide's own weights (safetensors), each atomically."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.trainable_state().items()}
+        tmp = path / f".{WEIGHTS_NAME}.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt", "variant": self.config.variant})
+        os.replace(tmp, path / WEIGHTS_NAME)
+        atomic_write_text(path / CONFIG_NAME, self.config.to_json())
+
+    @classmethod
+    def from_pretrained(cls, save_directory: str | os.PathLike, base_model: PreTrainedModel) -> Guide:
+        """Rebuild a saved guide over ``base_model``; refuses a base of another vocabulary or width."""
+        path = Path(save_directory)
+        config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+        for f in (config_path, weights_path):
+            if not f.is_file():
+                raise FileNotFoundError(
+                    f"{f} not found: {path} is not a saved dinado guide (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
+                )
+        config = GuideConfig.from_dict(json.loads(config_path.read_text()))
+        vocab, hidden = base_vocab_size(base_model), base_hidden_size(base_model)
+        if (config.base_vocab_size, config.base_hidden_size) != (vocab, hidden):
+            raise ValueError(
+                f"the guide in {path} was trained on base {config.base_model_name!r} with vocabulary size "
+                f"{config.base_vocab_size} and hidden size {config.base_hidden_size}, but the given base has "
+                f"vocabulary size {vocab} and hidden size {hidden}; load it onto the base it was trained with"
+            )
+        guide = cls(base_model, config)
+        state = load_file(str(weights_path))
+        own = guide.trainable_state()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_path} does not match a {config.variant} guide over this base: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        with torch.no_grad():
+            for name, param in own.items():
+                if state[name].shape != param.shape:
+                    raise ValueError(
+                        f"{weights_path}: {name} has shape {tuple(state[name].shape)}, "
+                        f"expected {tuple(param.shape)} for this base"
+                    )
+                param.copy_(state[name].to(param.dtype))
+        return guide
+
+    # ------------------------------------------------------------------ merge
+    def merge(self) -> PreTrainedModel:
+        """DiNADO-Merge: a plain transformers model with the LoRA direction folded into its weights.
+
+        Its own ``generate()`` samples from q_theta at the base model's cost. The guide is left intact.
+        """
+        if not self.config.uses_lora:
+            raise ValueError(
+                f"merge() needs variant 'dinado-merge'; a {self.config.variant} guide keeps a separate module "
+                "that must run beside the base (use dinado.generate)"
+            )
+        if _is_quantized(self.base):
+            raise ValueError("refusing to merge a LoRA adapter into quantised weights: load the base in float")
+        merged = copy.deepcopy(self.base).merge_and_unload()
+        merged.eval()
+        return merged

@@ -1,0 +1,240 @@
+"""SampleSet: labelled completions with importance weights, stored as safetensors + JSON metadata."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .objectives import Batch
+
+FORMAT_VERSION = 1
+
+
+def _check_id_lists(name: str, rows: Sequence[Sequence[int]], allow_empty: bool) -> list[list[int]]:
+    out = []
+    for i, row in enumerate(rows):
+        if isinstance(row, torch.Tensor):
+            row = row.tolist()
+        row = list(row)
+        if not row and not allow_empty:
+            raise ValueError(f"{name}[{i}] is empty: every {name[:-1]} needs at least one token")
+        for tok in row:
+            if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+                raise ValueError(f"{name}[{i}] holds {tok!r}: token ids must be non-negative integers")
+        out.append(row)
+    return out
+
+
+def _flatten(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    flat = torch.tensor([t for r in rows for t in r], dtype=torch.long)
+    return flat, offsets
+
+
+def _unflatten(flat: torch.Tensor, offsets: torch.Tensor) -> list[list[int]]:
+    values, bounds = flat.tolist(), offsets.tolist()
+    return [values[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
+
+
+class SampleSet:
+    """Prompts, completions, oracle labels in [0, 1] and optional whole-sequence log importance weights.
+
+    ``log_weights[i] = log p(x_i | c_i) - log pi(x_i | c_i)`` for a sample drawn from a proposal ``pi``;
+    ``None`` means the samples come from the base model itself.
+    """
+
+    def __init__(
+        self,
+        prompts: list[list[int]],
+        completions: list[list[int]],
+        labels: torch.Tensor,
+        log_weights: torch.Tensor | None = None,
+        metadata: dict[str, Any] | None = None,
+        token_log_p: list[list[float]] | None = None,
+        token_log_proposal: list[list[float]] | None = None,
+    ) -> None:
+        self.prompts = prompts
+        self.completions = completions
+        self.labels = labels
+        self.log_weights = log_weights
+        self.metadata = dict(metadata or {})
+        # per-token log p and log pi of each completion, as recorded by the sampler (optional)
+        self.token_log_p = token_log_p
+        self.token_log_proposal = token_log_proposal
+
+    @classmethod
+    def from_token_ids(
+        cls,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        labels: Sequence[float],
+        log_weights: Sequence[float] | None = None,
+        metadata: dict[str, Any] | None = None,
+        token_log_p: Sequence[Sequence[float]] | None = None,
+        token_log_proposal: Sequence[Sequence[float]] | None = None,
+    ) -> SampleSet:
+        """Validate and store lists of token-id lists with one label (and log weight) per sample."""
+        n = len(prompts)
+        sizes = {"prompts": n, "completions": len(completions), "labels": len(labels)}
+        if log_weights is not None:
+            sizes["log_weights"] = len(log_weights)
+        if len(set(sizes.values())) != 1:
+            got = ", ".join(f"{k}={v}" for k, v in sizes.items())
+            raise ValueError(f"prompts, completions and labels must have the same length; got {got}")
+        if n == 0:
+            raise ValueError("a SampleSet needs at least one sample")
+        prompt_rows = _check_id_lists("prompts", prompts, allow_empty=False)
+        completion_rows = _check_id_lists("completions", completions, allow_empty=False)
+        label_t = torch.as_tensor([float(x) for x in labels], dtype=torch.float32)
+        bad = torch.nonzero(~torch.isfinite(label_t) | (label_t < 0) | (label_t > 1)).flatten()
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"labels[{i}] = {float(label_t[i])!r}: labels must be finite numbers in [0, 1]")
+        lw = None
+        if log_weights is not None:
+            lw = torch.as_tensor([float(x) for x in log_weights], dtype=torch.float64)
+            bad = torch.nonzero(~torch.isfinite(lw)).flatten()
+            if len(bad):
+                i = int(bad[0])
+                raise ValueError(f"log_weights[{i}] = {float(lw[i])!r}: log importance weights must be finite")
+        per_token = []
+        for name, rows in (("token_log_p", token_log_p), ("token_log_proposal", token_log_proposal)):
+            if rows is not None:
+                rows = [[float(v) for v in r] for r in rows]
+                bad = [i for i, (r, c) in enumerate(zip(rows, completion_rows, strict=False)) if len(r) != len(c)]
+                if len(rows) != n or bad:
+                    raise ValueError(f"{name} needs one value per completion token (first mismatch: sample {bad[:1]})")
+            per_token.append(rows)
+        return cls(prompt_rows, completion_rows, label_t, lw, metadata, *per_token)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __repr__(self) -> str:
+        weighted = "weighted" if self.log_weights is not None else "unweighted"
+        return f"SampleSet({len(self)} samples, {self.positive_rate:.3f} mean label, {weighted})"
+
+    @property
+    def positive_rate(self) -> float:
+        return float(self.labels.mean())
+
+    def group_ids(self) -> torch.Tensor:
+        """An integer per sample naming its prompt (condition) group."""
+        index: dict[tuple[int, ...], int] = {}
+        return torch.tensor([index.setdefault(tuple(p), len(index)) for p in self.prompts], dtype=torch.long)
+
+    def normalized_weights(self, clip: float | None = None) -> torch.Tensor:
+        """Self-normalised importance weights per prompt group, scaled to mean 1 within each group.
+
+        ``clip`` caps each normalised weight (a bias-for-variance trade that should be reported).
+        """
+        if self.log_weights is None:
+            return torch.ones(len(self))
+        groups = self.group_ids()
+        num_groups = int(groups.max()) + 1
+        lw = self.log_weights
+        group_max = torch.full((num_groups,), -math.inf, dtype=lw.dtype).scatter_reduce(
+            0, groups, lw, reduce="amax"
+        )
+        shifted = (lw - group_max[groups]).exp()
+        totals = torch.zeros(num_groups, dtype=lw.dtype).index_add(0, groups, shifted)
+        counts = torch.bincount(groups, minlength=num_groups).to(lw.dtype)
+        w = shifted / totals[groups] * counts[groups]
+        if clip is not None:
+            if clip <= 0:
+                raise ValueError(f"weight clip must be positive, got {clip}")
+            w = w.clamp(max=clip)
+        return w.float()
+
+    def subset(self, indices: Sequence[int]) -> SampleSet:
+        idx = list(indices)
+        lw = self.log_weights[idx] if self.log_weights is not None else None
+        pick = lambda rows: [rows[i] for i in idx] if rows is not None else None
+        return SampleSet(
+            pick(self.prompts),
+            pick(self.completions),
+            self.labels[idx],
+            lw,
+            dict(self.metadata),
+            pick(self.token_log_p),
+            pick(self.token_log_proposal),
+        )
+
+    def collate(self, indices: Sequence[int], weights: torch.Tensor | None = None, pad_id: int = 0) -> Batch:
+        """Right-padded tensors for ``indices`` with masks that keep padding, EOS and the prompt apart."""
+        rows = [self.prompts[i] + self.completions[i] for i in indices]
+        length = max(len(r) for r in rows)
+        b = len(rows)
+        input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+        attention = torch.zeros((b, length), dtype=torch.long)
+        completion = torch.zeros((b, length), dtype=torch.long)
+        terminal = torch.zeros((b, length), dtype=torch.long)
+        for r, i in enumerate(indices):
+            p, c = len(self.prompts[i]), len(self.completions[i])
+            input_ids[r, : p + c] = torch.tensor(rows[r])
+            attention[r, : p + c] = 1
+            completion[r, p : p + c] = 1
+            terminal[r, p + c - 1] = 1
+        w = weights[list(indices)] if weights is not None else torch.ones(b)
+        return Batch(input_ids, attention, completion, terminal, self.labels[list(indices)], w)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """One safetensors file (token ids, offsets, labels, weights) with JSON metadata in its header."""
+        path = Path(path)
+        if path.exists() and path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory; SampleSet.save needs a file path (e.g. samples.safetensors)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prompts, prompt_offsets = _flatten(self.prompts)
+        completions, completion_offsets = _flatten(self.completions)
+        tensors = {
+            "prompts": prompts,
+            "prompt_offsets": prompt_offsets,
+            "completions": completions,
+            "completion_offsets": completion_offsets,
+            "labels": self.labels.float(),
+        }
+        if self.log_weights is not None:
+            tensors["log_weights"] = self.log_weights.double()
+        for name in ("token_log_p", "token_log_proposal"):
+            rows = getattr(self, name)
+            if rows is not None:
+                tensors[name] = torch.tensor([v for r in rows for v in r], dtype=torch.float32)
+        header = {"dinado_format": str(FORMAT_VERSION), "metadata": json.dumps(self.metadata, sort_keys=True)}
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata=header)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SampleSet:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sample file {path} not found")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        if header.get("dinado_format") != str(FORMAT_VERSION):
+            raise ValueError(f"{path} is not a dinado sample file (format {header.get('dinado_format')!r})")
+        t = load_file(str(path))
+        per_token = lambda name: _unflatten(t[name], t["completion_offsets"]) if name in t else None
+        return cls.from_token_ids(
+            _unflatten(t["prompts"], t["prompt_offsets"]),
+            _unflatten(t["completions"], t["completion_offsets"]),
+            t["labels"].tolist(),
+            t["log_weights"].tolist() if "log_weights" in t else None,
+            json.loads(header.get("metadata", "{}")),
+            per_token("token_log_p"),
+            per_token("token_log_proposal"),
+        )

@@ -1,0 +1,145 @@
+"""Batched ancestral sampling from a base model or from a guide (as a proposal), labelled by an oracle.
+
+For every token the sampler records log p (the base at temperature 1) and the log-probability under the
+distribution actually sampled from (after the guide, temperature and top-p), so that the whole-sequence
+importance weight log p(x) - log pi(x) is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from .decoding import generate as guided_generate
+from .guide import Guide, base_vocab_size
+from .io import tokenizer_fingerprint
+from .oracles import call_oracle, describe
+from .samples import SampleSet
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, length - len(p) :] = torch.tensor(p)
+        mask[r, length - len(p) :] = 1
+    return ids, mask
+
+
+def _gather(step_scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probabilities [N, T] of ``tokens`` under the per-step scores (renormalised)."""
+    out = [F.log_softmax(s.float(), dim=-1).gather(-1, tokens[:, t, None]).squeeze(-1) for t, s in enumerate(step_scores)]
+    return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
+def sample(
+    source: PreTrainedModel | Guide,
+    prompts: Sequence[Sequence[int]],
+    num_samples: int,
+    oracle: Callable,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    tokenizer: Any = None,
+    progress: bool = False,
+) -> SampleSet:
+    """Draw ``num_samples`` completions per prompt from ``source`` and label them with ``oracle``.
+
+    ``source`` is the base model (samples from p) or a :class:`Guide` (samples from q_theta, a proposal).
+    The oracle is called as ``oracle(prompts, completions)`` on token-id lists; wrap a text oracle in
+    :class:`dinado.oracles.TextOracle`. Log importance weights are stored unless the samples come from p
+    exactly (the base at temperature 1 without top-p).
+    """
+    if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("num_samples, max_new_tokens and batch_size must be at least 1")
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    guide = source if isinstance(source, Guide) else None
+    model = guide.base if guide is not None else source
+    cfg = model.generation_config
+    eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0]
+    if eos is None:
+        raise ValueError("the model has no eos_token_id: pass eos_token_id=")
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else eos)
+    rows = [list(p) for p in prompts for _ in range(num_samples)]
+    if any(len(p) == 0 for p in rows):
+        raise ValueError("every prompt needs at least one token (GPT-2 style models: start with BOS/EOS)")
+    vocab = base_vocab_size(model)
+    exact_p = guide is None and temperature == 1.0 and top_p == 1.0
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    completions: list[list[int]] = []
+    token_log_p: list[list[float]] = []
+    token_log_pi: list[list[float]] = []
+    bar = tqdm(total=len(rows), desc="sample", disable=not progress)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids, mask = _left_pad(chunk, pad)
+        ids, mask = ids.to(device), mask.to(device)
+        kwargs = dict(
+            attention_mask=mask,
+            do_sample=True,
+            top_k=0,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            return_dict_in_generate=True,
+            output_scores=True,
+            output_logits=True,
+        )
+        out = guided_generate(guide, ids, **kwargs) if guide is not None else model.generate(ids, **kwargs)
+        gen = out.sequences[:, ids.shape[1] :]  # [N, T]
+        steps = gen.shape[1]
+        is_eos = gen == eos
+        lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(gen[:, 0], steps))
+        log_pi = _gather(out.scores, gen)
+        if guide is not None and guide.module is None:
+            # dinado-merge generates with the adapted model: read p from the frozen base by teacher forcing
+            full = torch.cat([ids, gen], 1)
+            full_mask = torch.cat([mask, torch.ones_like(gen)], 1)
+            lp = guide(full, full_mask).log_p[:, ids.shape[1] - 1 : -1]
+            log_p = lp.gather(-1, gen[..., None]).squeeze(-1)
+        else:
+            log_p = _gather(out.logits, gen)
+        for r in range(len(chunk)):
+            n = int(lengths[r])
+            completions.append(gen[r, :n].tolist())
+            token_log_p.append(log_p[r, :n].tolist())
+            token_log_pi.append(log_pi[r, :n].tolist())
+        bar.update(len(chunk))
+    bar.close()
+    labels: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        labels.extend(call_oracle(oracle, rows[start : start + batch_size], completions[start : start + batch_size]))
+    log_weights = None if exact_p else [sum(a) - sum(b) for a, b in zip(token_log_p, token_log_pi, strict=True)]
+    metadata = {
+        "base_model": getattr(model.config, "_name_or_path", None) or None,
+        "vocab_size": vocab,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
+        "oracle": describe(oracle),
+        "sampling": {
+            "proposal": guide.config.variant if guide is not None else "base",
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_new_tokens": max_new_tokens,
+            "num_samples_per_prompt": num_samples,
+            "seed": seed,
+            "eos_token_id": eos,
+        },
+    }
+    return SampleSet.from_token_ids(rows, completions, labels, log_weights, metadata, token_log_p, token_log_pi)
