@@ -116,7 +116,9 @@ class GuideLogitsProcessor(LogitsProcessor):
         if fresh:
             self._cache, self._hidden = None, None
         if not self.use_cache:
-            self._hidden = hidden_new if self._hidden is None else torch.cat([self._hidden, hidden_new], dim=1)
+            self._hidden = (
+                hidden_new if self._hidden is None else torch.cat([self._hidden, hidden_new], dim=1)
+            )
             hidden_new = self._hidden
         module = guide.module
         dtype = next(module.parameters()).dtype
@@ -155,7 +157,10 @@ def generate(
     try:
         with processor:
             return guide.base.generate(
-                input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors, **generate_kwargs
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                logits_processor=processors,
+                **generate_kwargs,
             )
     finally:
         guide.train(was_training)

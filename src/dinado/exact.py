@@ -142,12 +142,14 @@ def evaluate(
 ) -> ExactResult:
     """Enumerate every completion of ``prompt`` and compute exact p, q_theta and labels."""
     vocab = guide.config.base_vocab_size
-    if vocab ** max_new_tokens > 5_000_000:
+    if vocab**max_new_tokens > 5_000_000:
         raise ValueError(
             f"vocabulary {vocab} and {max_new_tokens} new tokens give too many sequences to enumerate"
         )
     completions = enumerate_completions(vocab, max_new_tokens, eos_token_id)
-    labels = torch.tensor(call_oracle(oracle, [list(prompt)] * len(completions), completions), dtype=torch.float64)
+    labels = torch.tensor(
+        call_oracle(oracle, [list(prompt)] * len(completions), completions), dtype=torch.float64
+    )
     log_p, log_q = sequence_logprobs(guide, prompt, completions)
     return ExactResult(completions, labels, log_p, log_q)
 
@@ -159,7 +161,9 @@ TOY_PROMPT = [0]  # GPT-2 style: the EOS token doubles as BOS, so the prompt its
 TOY_MAX_NEW_TOKENS = 6
 
 
-def toy_base(seed: int = 0, vocab_size: int = TOY_VOCAB, width: int = 32, init_scale: float = 0.5) -> GPT2LMHeadModel:
+def toy_base(
+    seed: int = 0, vocab_size: int = TOY_VOCAB, width: int = 32, init_scale: float = 0.5
+) -> GPT2LMHeadModel:
     """A randomly initialised 2-layer GPT-2 with peaked next-token distributions, for exact tests."""
     torch.manual_seed(seed)
     config = GPT2Config(

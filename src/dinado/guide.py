@@ -160,7 +160,9 @@ class Guide(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, base_model: PreTrainedModel, variant: str, tokenizer: Any = None, **options: Any) -> Guide:
+    def create(
+        cls, base_model: PreTrainedModel, variant: str, tokenizer: Any = None, **options: Any
+    ) -> Guide:
         """Build a guide of ``variant`` over a frozen ``base_model``; options are GuideConfig fields."""
         allowed = set(GuideConfig.__dataclass_fields__) - {
             "variant",
@@ -199,7 +201,11 @@ class Guide(nn.Module):
 
     # ------------------------------------------------------------------ forward passes
     def _base_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "use_cache": False,
+        }
         if self._pass_positions:
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
         return kwargs
@@ -294,7 +300,9 @@ class Guide(nn.Module):
                 "that must run beside the base (use dinado.generate)"
             )
         if _is_quantized(self.base):
-            raise ValueError("refusing to merge a LoRA adapter into quantised weights: load the base in float")
+            raise ValueError(
+                "refusing to merge a LoRA adapter into quantised weights: load the base in float"
+            )
         merged = copy.deepcopy(self.base).merge_and_unload()
         merged.eval()
         return merged

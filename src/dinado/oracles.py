@@ -39,7 +39,9 @@ def call_oracle(oracle: Callable, prompts: list, completions: list) -> list[floa
     try:
         values = list(oracle(prompts, completions))
     except Exception as exc:
-        raise RuntimeError(f"the oracle {describe(oracle)} raised on a batch of {len(prompts)} samples: {exc}") from exc
+        raise RuntimeError(
+            f"the oracle {describe(oracle)} raised on a batch of {len(prompts)} samples: {exc}"
+        ) from exc
     if len(values) != len(completions):
         raise ValueError(
             f"the oracle {describe(oracle)} returned {len(values)} values for {len(completions)} samples"
@@ -49,7 +51,9 @@ def call_oracle(oracle: Callable, prompts: list, completions: list) -> list[floa
         try:
             f = float(v)
         except (TypeError, ValueError):
-            raise ValueError(f"the oracle returned {v!r} for sample {i}: expected a number in [0, 1]") from None
+            raise ValueError(
+                f"the oracle returned {v!r} for sample {i}: expected a number in [0, 1]"
+            ) from None
         if not math.isfinite(f) or f < 0 or f > 1:
             raise ValueError(f"the oracle returned {f!r} for sample {i}: values must be finite and in [0, 1]")
         out.append(f)

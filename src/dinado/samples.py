@@ -104,14 +104,20 @@ class SampleSet:
             bad = torch.nonzero(~torch.isfinite(lw)).flatten()
             if len(bad):
                 i = int(bad[0])
-                raise ValueError(f"log_weights[{i}] = {float(lw[i])!r}: log importance weights must be finite")
+                raise ValueError(
+                    f"log_weights[{i}] = {float(lw[i])!r}: log importance weights must be finite"
+                )
         per_token = []
         for name, rows in (("token_log_p", token_log_p), ("token_log_proposal", token_log_proposal)):
             if rows is not None:
                 rows = [[float(v) for v in r] for r in rows]
-                bad = [i for i, (r, c) in enumerate(zip(rows, completion_rows, strict=False)) if len(r) != len(c)]
+                bad = [
+                    i for i, (r, c) in enumerate(zip(rows, completion_rows, strict=False)) if len(r) != len(c)
+                ]
                 if len(rows) != n or bad:
-                    raise ValueError(f"{name} needs one value per completion token (first mismatch: sample {bad[:1]})")
+                    raise ValueError(
+                        f"{name} needs one value per completion token (first mismatch: sample {bad[:1]})"
+                    )
             per_token.append(rows)
         return cls(prompt_rows, completion_rows, label_t, lw, metadata, *per_token)
 
@@ -191,7 +197,9 @@ class SampleSet:
         """One safetensors file (token ids, offsets, labels, weights) with JSON metadata in its header."""
         path = Path(path)
         if path.exists() and path.is_dir():
-            raise IsADirectoryError(f"{path} is a directory; SampleSet.save needs a file path (e.g. samples.safetensors)")
+            raise IsADirectoryError(
+                f"{path} is a directory; SampleSet.save needs a file path (e.g. samples.safetensors)"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         prompts, prompt_offsets = _flatten(self.prompts)
         completions, completion_offsets = _flatten(self.completions)
@@ -207,7 +215,7 @@ class SampleSet:
         for name in ("token_log_p", "token_log_proposal"):
             rows = getattr(self, name)
             if rows is not None:
-                tensors[name] = torch.tensor([v for r in rows for v in r], dtype=torch.float32)
+                tensors[name] = torch.tensor([v for r in rows for v in r], dtype=torch.float64)
         header = {"dinado_format": str(FORMAT_VERSION), "metadata": json.dumps(self.metadata, sort_keys=True)}
         tmp = path.with_name(f".{path.name}.tmp")
         try:

@@ -34,7 +34,10 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 def _gather(step_scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
     """Per-token log-probabilities [N, T] of ``tokens`` under the per-step scores (renormalised)."""
-    out = [F.log_softmax(s.float(), dim=-1).gather(-1, tokens[:, t, None]).squeeze(-1) for t, s in enumerate(step_scores)]
+    out = [
+        F.log_softmax(s.float(), dim=-1).gather(-1, tokens[:, t, None]).squeeze(-1)
+        for t, s in enumerate(step_scores)
+    ]
     return torch.stack(out, dim=1)
 
 
@@ -73,7 +76,11 @@ def sample(
         eos = eos[0]
     if eos is None:
         raise ValueError("the model has no eos_token_id: pass eos_token_id=")
-    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else eos)
+    pad = (
+        pad_token_id
+        if pad_token_id is not None
+        else (cfg.pad_token_id if cfg.pad_token_id is not None else eos)
+    )
     rows = [list(p) for p in prompts for _ in range(num_samples)]
     if any(len(p) == 0 for p in rows):
         raise ValueError("every prompt needs at least one token (GPT-2 style models: start with BOS/EOS)")
@@ -125,8 +132,12 @@ def sample(
     bar.close()
     labels: list[float] = []
     for start in range(0, len(rows), batch_size):
-        labels.extend(call_oracle(oracle, rows[start : start + batch_size], completions[start : start + batch_size]))
-    log_weights = None if exact_p else [sum(a) - sum(b) for a, b in zip(token_log_p, token_log_pi, strict=True)]
+        labels.extend(
+            call_oracle(oracle, rows[start : start + batch_size], completions[start : start + batch_size])
+        )
+    log_weights = (
+        None if exact_p else [sum(a) - sum(b) for a, b in zip(token_log_p, token_log_pi, strict=True)]
+    )
     metadata = {
         "base_model": getattr(model.config, "_name_or_path", None) or None,
         "vocab_size": vocab,
@@ -142,4 +153,6 @@ def sample(
             "eos_token_id": eos,
         },
     }
-    return SampleSet.from_token_ids(rows, completions, labels, log_weights, metadata, token_log_p, token_log_pi)
+    return SampleSet.from_token_ids(
+        rows, completions, labels, log_weights, metadata, token_log_p, token_log_pi
+    )

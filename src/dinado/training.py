@@ -66,8 +66,8 @@ def train(
     """Train ``guide`` on ``samples``; give ``max_steps`` or ``epochs`` (or both: the smaller wins).
 
     Importance weights (``samples.log_weights``) are self-normalised per prompt group and applied to every
-    prefix term of their sequence unless ``use_weights=False``. ``micro_batch_size`` splits a batch for
-    memory (large vocabularies) with identical gradients.
+    prefix term of their sequence unless ``use_weights=False``. ``micro_batch_size`` splits each batch for
+    memory (large vocabularies): each chunk's mean loss is weighted by its share of the batch.
     """
     if not isinstance(samples, SampleSet):
         raise TypeError(f"samples must be a dinado.SampleSet, got {type(samples).__name__}")

@@ -1,0 +1,117 @@
+import pytest
+import torch
+from transformers import LogitsProcessor
+
+import dinado
+from dinado import VARIANTS, Guide
+from dinado.decoding import GuideLogitsProcessor
+
+from .conftest import randomize_guide, tiny_gpt2
+
+PROMPTS = torch.tensor([[0, 0, 3, 4, 5], [0, 7, 1, 2, 8]])  # two prompts of different lengths, left-padded
+MASK = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+
+MODES = {
+    "greedy": dict(do_sample=False),
+    "sampling": dict(do_sample=True, top_k=0),
+    "beam3": dict(num_beams=3, do_sample=False),
+    "beam3-nocache": dict(num_beams=3, do_sample=False, use_cache=False),
+}
+
+
+class Recorder(LogitsProcessor):
+    """Placed after the guide's processor: keeps what it hands on, step by step."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append((input_ids.clone(), scores.clone()))
+        return scores
+
+
+def _trained_like_guide(variant):
+    guide = Guide.create(tiny_gpt2(vocab_size=12), variant)
+    randomize_guide(guide)
+    return guide.eval()
+
+
+def _check_steps(guide, steps, prompt_len):
+    assert steps, "the processor was never called"
+    worst = 0.0
+    for ids, scores in steps:
+        rows = ids.shape[0]
+        mask = torch.cat(
+            [
+                MASK.repeat_interleave(rows // 2, 0),
+                torch.ones(rows, ids.shape[1] - prompt_len, dtype=torch.long),
+            ],
+            1,
+        )
+        with torch.no_grad():
+            ref = guide.next_token_logprobs(ids, mask)[:, -1]
+        worst = max(worst, (ref - scores).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_processor_equals_next_token_logprobs_at_every_step(variant, mode):
+    guide = _trained_like_guide(variant)
+    recorder = Recorder()
+    torch.manual_seed(0)
+    dinado.generate(guide, PROMPTS, MASK, logits_processor=[recorder], max_new_tokens=6, **MODES[mode])
+    assert len(recorder.steps) >= 2
+    assert _check_steps(guide, recorder.steps, PROMPTS.shape[1]) < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["nado", "dinado-soft"])
+def test_processor_without_its_cache_gives_the_same_steps(variant):
+    guide = _trained_like_guide(variant)
+    recorder = Recorder()
+    processor = GuideLogitsProcessor(guide, MASK, use_cache=False)
+    with processor:
+        guide.base.generate(
+            input_ids=PROMPTS,
+            attention_mask=MASK,
+            logits_processor=[processor, recorder],
+            max_new_tokens=6,
+            num_beams=3,
+            do_sample=False,
+        )
+    assert _check_steps(guide, recorder.steps, PROMPTS.shape[1]) < 1e-4
+
+
+def test_beam_search_really_reorders_beams_in_this_setting():
+    """Guards the reorder test above: some step must hand a beam a different parent than its own row."""
+    guide = _trained_like_guide("dinado-soft")
+    recorder = Recorder()
+    dinado.generate(guide, PROMPTS, MASK, logits_processor=[recorder], max_new_tokens=6, num_beams=3)
+    moved = any(
+        not torch.equal(recorder.steps[i + 1][0][:, :-1], recorder.steps[i][0])
+        for i in range(len(recorder.steps) - 1)
+    )
+    assert moved
+
+
+def test_guidance_changes_generation_and_alpha_zero_recovers_the_base():
+    guide = _trained_like_guide("nado")
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    base_out = guide.base.generate(PROMPTS, attention_mask=MASK, **kwargs)
+    alpha0 = dinado.generate(guide, PROMPTS, MASK, alpha=0.0, **kwargs)
+    guided = dinado.generate(guide, PROMPTS, MASK, **kwargs)
+    assert torch.equal(base_out, alpha0)
+    assert not torch.equal(base_out, guided)
+
+
+def test_processor_outside_its_context_says_how_to_use_it():
+    guide = _trained_like_guide("nado")
+    processor = GuideLogitsProcessor(guide, MASK)
+    with pytest.raises(RuntimeError, match="inside `with processor:`"):
+        processor(PROMPTS, torch.zeros(2, 12))
+
+
+def test_merge_refuses_alpha_other_than_one():
+    guide = _trained_like_guide("dinado-merge")
+    with pytest.raises(ValueError, match="alpha != 1 is not available for dinado-merge"):
+        dinado.generate(guide, PROMPTS, MASK, alpha=2.0, max_new_tokens=2)

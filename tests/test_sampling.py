@@ -1,0 +1,62 @@
+import torch
+
+import dinado
+from dinado import Guide, exact
+
+from .conftest import randomize_guide
+
+
+def _exact_table(guide):
+    result = exact.evaluate(
+        guide, exact.TOY_PROMPT, exact.toy_oracle, exact.TOY_MAX_NEW_TOKENS, exact.TOY_EOS
+    )
+    return result, {tuple(c): i for i, c in enumerate(result.completions)}
+
+
+def test_samples_from_the_base_record_exact_log_p_and_no_weights(toy_base):
+    samples = dinado.sample(
+        toy_base, [exact.TOY_PROMPT], 300, exact.toy_oracle, exact.TOY_MAX_NEW_TOKENS, seed=1
+    )
+    result, index = _exact_table(Guide.create(toy_base, "nado"))
+    assert samples.log_weights is None
+    for comp, lp, label in zip(
+        samples.completions, samples.token_log_p, samples.labels.tolist(), strict=True
+    ):
+        i = index[tuple(comp)]  # every sample is a terminal completion of the enumeration
+        assert abs(sum(lp) - float(result.log_p[i])) < 1e-4
+        assert label == float(result.labels[i])
+
+
+def test_samples_from_a_guide_record_exact_proposal_log_probabilities_and_weights(toy_base):
+    guide = Guide.create(toy_base, "dinado-soft")
+    randomize_guide(guide, scale=0.5)
+    samples = dinado.sample(
+        guide, [exact.TOY_PROMPT], 300, exact.toy_oracle, exact.TOY_MAX_NEW_TOKENS, seed=2
+    )
+    result, index = _exact_table(guide)
+    assert samples.log_weights is not None
+    errors = []
+    for n, comp in enumerate(samples.completions):
+        i = index[tuple(comp)]
+        errors.append(abs(sum(samples.token_log_proposal[n]) - float(result.log_q[i])))
+        errors.append(abs(float(samples.log_weights[n]) - float(result.log_p[i] - result.log_q[i])))
+    assert max(errors) < 1e-4
+    assert samples.log_weights.abs().max() > 0.1  # the proposal really differs from p
+
+
+def test_tempered_sampling_records_the_tempered_distribution(toy_base):
+    samples = dinado.sample(toy_base, [exact.TOY_PROMPT], 200, exact.toy_oracle, 6, temperature=2.0, seed=3)
+    result, index = _exact_table(Guide.create(toy_base, "nado"))
+    # p(x)/pi(x) must match: log pi = log p + log w with pi the temperature-2 distribution
+    lp = torch.tensor(
+        [float(result.log_p[index[tuple(c)]]) for c in samples.completions], dtype=torch.float64
+    )
+    pi = torch.tensor([sum(r) for r in samples.token_log_proposal], dtype=torch.float64)
+    assert (lp - pi - samples.log_weights).abs().max() < 1e-4
+
+
+def test_sampling_is_reproducible_with_a_seed(toy_base):
+    a = dinado.sample(toy_base, [[0], [0, 3]], 20, exact.toy_oracle, 5, seed=7)
+    b = dinado.sample(toy_base, [[0], [0, 3]], 20, exact.toy_oracle, 5, seed=7)
+    c = dinado.sample(toy_base, [[0], [0, 3]], 20, exact.toy_oracle, 5, seed=8)
+    assert a.completions == b.completions and a.completions != c.completions
