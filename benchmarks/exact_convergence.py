@@ -21,6 +21,7 @@ Markdown tables go to stdout, progress to stderr.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shlex
 import sys
@@ -73,6 +74,14 @@ class ImportanceRow:
     weighted: Fit
     unweighted: Fit
     from_p: Fit
+
+
+def source_fingerprint() -> str:
+    """A short hash of the dinado sources this process imported (src/ may change between runs)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(dinado.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def log(message: str) -> None:
@@ -292,8 +301,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     print(f"Command: `{shlex.join([sys.executable, *sys.argv])}`\n")
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; steps {args.steps}, batch "
-        f"{args.batch_size}, seed {args.seed}\n"
+        f"dinado {dinado.__version__} (sources {source_fingerprint()}), torch {torch.__version__}, "
+        f"torch threads {torch.get_num_threads()}; steps {args.steps}, batch {args.batch_size}, seed {args.seed}\n"
     )
     overall = time.perf_counter()
 

@@ -150,6 +150,8 @@ def generate(
     Greedy, sampling and beam search all work; pass ``top_k=0`` to sample from q_theta itself
     (transformers applies top_k=50 by default when sampling).
     """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)  # no mask given: nothing is padding
     processor = GuideLogitsProcessor(guide, attention_mask, alpha)
     processors = LogitsProcessorList([processor, *(logits_processor or [])])
     was_training = guide.training
