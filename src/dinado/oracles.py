@@ -301,10 +301,14 @@ def _word_forms(word: str) -> frozenset[str]:
     return frozenset(forms)
 
 
-@functools.lru_cache(maxsize=10_000)
 def _compile_keyword(keyword: str) -> tuple[frozenset[str], ...]:
     if not isinstance(keyword, str):
         raise TypeError(f"keywords must be strings, got {keyword!r}")
+    return _compile_keyword_text(keyword)
+
+
+@functools.lru_cache(maxsize=10_000)
+def _compile_keyword_text(keyword: str) -> tuple[frozenset[str], ...]:
     words = _words(keyword)
     if not words:
         raise ValueError(f"keyword {keyword!r} contains no words")
@@ -415,8 +419,14 @@ class KeywordOracle(OracleBase):
         return values
 
     def __repr__(self) -> str:
-        what = list(self.keywords) if self.keywords is not None else self.from_prompt
-        return f"KeywordOracle({what!r}, soft={self.soft})"
+        if self.keywords is not None:
+            what = repr(list(self.keywords))
+        elif isinstance(self.from_prompt, CommonGenConcepts):
+            what = repr(self.from_prompt)
+        else:
+            path = _import_path(self.from_prompt)
+            what = repr(path) if path else getattr(self.from_prompt, "__qualname__", repr(self.from_prompt))
+        return f"KeywordOracle({what}, soft={self.soft})"
 
     def to_config(self) -> dict[str, Any]:
         if self.keywords is not None:
@@ -533,9 +543,9 @@ class ClassifierOracle(OracleBase):
     ``label`` is a class name from ``config.id2label``/``label2id`` or a class index. Probabilities are a
     softmax over the logits (a sigmoid for ``problem_type="multi_label_classification"``).
     ``include_prompt=True`` classifies prompt + completion instead of the completion alone. The model is
-    put in eval mode; inputs are padded on the right with ``config.pad_token_id``; models without one (GPT-2)
-    are run on groups of equally long inputs, so no padding is needed. An empty text is fed as one BOS/EOS
-    token.
+    put in eval mode; inputs are padded on the right with ``config.pad_token_id``. A model without one (GPT-2)
+    is run one text at a time: set ``model.config.pad_token_id`` (for GPT-2, to the EOS id) to batch. An empty
+    text is fed as one BOS/EOS token.
     """
 
     def __init__(
@@ -679,19 +689,10 @@ class ClassifierOracle(OracleBase):
         return rows
 
     def _batches(self, rows: list[list[int]]) -> Iterable[list[int]]:
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        if getattr(self.model.config, "pad_token_id", None) is not None:
-            for start in range(0, len(order), self.batch_size):
-                yield order[start : start + self.batch_size]
-            return
-        group: list[int] = []
-        for i in order:
-            if group and (len(group) == self.batch_size or len(rows[group[0]]) != len(rows[i])):
-                yield group
-                group = []
-            group.append(i)
-        if group:
-            yield group
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths: little padding
+        size = self.batch_size if getattr(self.model.config, "pad_token_id", None) is not None else 1
+        for start in range(0, len(order), size):
+            yield order[start : start + size]
 
     def logits(self, texts: Sequence[str]) -> Any:
         """The model's logits ``[len(texts), num_labels]`` (float32, on the CPU), in the order given."""
