@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .guide import Guide
+from .guide import CONFIG_NAME, WEIGHTS_NAME, Guide
 from .objectives import guide_loss
 from .samples import SampleSet
 
@@ -34,6 +40,84 @@ class TrainReport:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+CHECKPOINT_PREFIX = "checkpoint-"
+OPTIMIZER_NAME = "optimizer.safetensors"
+STATE_NAME = "trainer_state.json"
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint with the highest step under ``checkpoint_dir``, or None."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return None
+    found = [
+        (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return max(found)[1] if found else None
+
+
+def _save_checkpoint(
+    root: Path, step: int, guide: Guide, optimizer: torch.optim.Optimizer, report: TrainReport
+) -> Path:
+    """Write guide weights, optimizer state (safetensors) and trainer state (JSON) atomically; keep the last."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    guide.save_pretrained(tmp)
+    opt = optimizer.state_dict()
+    tensors = {
+        f"state.{idx}.{key}": value.detach().cpu().contiguous()
+        for idx, slots in opt["state"].items()
+        for key, value in slots.items()
+    }
+    save_file(tensors, str(tmp / OPTIMIZER_NAME))
+    state = {
+        "step": step,
+        "param_groups": opt["param_groups"],
+        "report": report.to_dict(),
+        "torch_rng_state": torch.get_rng_state().tolist(),
+    }
+    (tmp / STATE_NAME).write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in root.iterdir():
+        if old != final and old.is_dir() and old.name.startswith(CHECKPOINT_PREFIX):
+            shutil.rmtree(old)
+    return final
+
+
+def _load_checkpoint(path: Path, guide: Guide, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore guide weights and optimizer state from ``path``; return the trainer state."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, STATE_NAME):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"checkpoint {path} is incomplete: {name} is missing")
+    saved = json.loads((path / CONFIG_NAME).read_text())
+    if saved.get("variant") != guide.config.variant:
+        raise ValueError(
+            f"checkpoint {path} holds a {saved.get('variant')} guide, but a {guide.config.variant} guide "
+            "is being trained: resume with the same variant, or use another output directory"
+        )
+    weights = load_file(str(path / WEIGHTS_NAME))
+    own = guide.trainable_state()
+    if set(weights) != set(own):
+        raise ValueError(f"checkpoint {path} does not match this guide's parameters")
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(weights[name].to(param.dtype))
+    state = json.loads((path / STATE_NAME).read_text())
+    tensors = load_file(str(path / OPTIMIZER_NAME))
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        _, idx, slot = key.split(".", 2)
+        slots.setdefault(int(idx), {})[slot] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+    torch.set_rng_state(torch.tensor(state["torch_rng_state"], dtype=torch.uint8))
+    return state
 
 
 def default_learning_rate(guide: Guide) -> float:
@@ -62,12 +146,21 @@ def train(
     max_grad_norm: float | None = 1.0,
     weight_decay: float = 0.0,
     progress: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainReport:
     """Train ``guide`` on ``samples``; give ``max_steps`` or ``epochs`` (or both: the smaller wins).
 
     Importance weights (``samples.log_weights``) are self-normalised per prompt group and applied to every
     prefix term of their sequence unless ``use_weights=False``. ``micro_batch_size`` splits each batch for
     memory (large vocabularies): each chunk's mean loss is weighted by its share of the batch.
+
+    With ``checkpoint_dir``, the guide, optimizer and trainer state are saved every ``checkpoint_every``
+    steps and at the end (only the latest is kept). ``resume=True`` continues from the latest checkpoint there
+    and reaches the same weights as an uninterrupted run with the same seed. ``on_step(step, values)`` is
+    called after every step with the loss, cross-entropy and regulariser (for loggers).
     """
     if not isinstance(samples, SampleSet):
         raise TypeError(f"samples must be a dinado.SampleSet, got {type(samples).__name__}")
@@ -75,6 +168,10 @@ def train(
         raise ValueError("give max_steps or epochs")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
     vocab = guide.config.base_vocab_size
     too_big = [i for i, row in enumerate(samples.completions) if max(row) >= vocab]
     too_big += [i for i, row in enumerate(samples.prompts) if max(row) >= vocab]
@@ -104,11 +201,26 @@ def train(
         weighted=use_weights and samples.log_weights is not None,
         weight_clip=weight_clip,
     )
+    batches = _batches(len(samples), batch_size, generator)
+    first_step = 0
+    if resume:
+        checkpoint = latest_checkpoint(checkpoint_dir)
+        if checkpoint is not None:
+            state = _load_checkpoint(checkpoint, guide, optimizer)
+            first_step = int(state["step"])
+            for key in ("loss", "cross_entropy", "regularizer"):
+                setattr(report, key, list(state["report"][key][:first_step]))
+            for _ in range(first_step):  # replay the batch order: same batches as an uninterrupted run
+                next(batches)
     guide.train()
     start = time.perf_counter()
-    batches = _batches(len(samples), batch_size, generator)
-    bar = tqdm(total=total, desc=f"train {guide.config.variant}", disable=not progress)
-    for _ in range(total):
+    bar = tqdm(
+        total=total,
+        initial=min(first_step, total),
+        desc=f"train {guide.config.variant}",
+        disable=not progress,
+    )
+    for step in range(first_step, total):
         indices = next(batches)
         chunk = micro_batch_size or len(indices)
         optimizer.zero_grad(set_to_none=True)
@@ -130,6 +242,14 @@ def train(
         report.regularizer.append(reg_sum)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}")
+        if on_step is not None:
+            on_step(step + 1, {"loss": loss_sum, "cross_entropy": ce_sum, "regularizer": reg_sum})
+        done = step + 1
+        if checkpoint_dir is not None and (
+            done == total or (checkpoint_every is not None and done % checkpoint_every == 0)
+        ):
+            report.steps = done
+            _save_checkpoint(Path(checkpoint_dir), done, guide, optimizer, report)
     bar.close()
     guide.eval()
     report.steps = total
