@@ -1,4 +1,5 @@
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +45,20 @@ def randomize_guide(guide, seed: int = 1, scale: float = 0.3) -> None:
 @pytest.fixture
 def toy_base():
     return exact.toy_base(3, init_scale=0.3)
+
+
+# ../shared beside the checkout (as in CI); tests that need it skip when it is absent.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """The real GPT-2 BPE from ../shared/data (transformers 5.x: pass the files as vocab= and merges=)."""
+    from transformers import GPT2Tokenizer
+
+    files = SHARED_DATA / "gpt2-tokenizer"
+    if not files.is_dir():
+        pytest.skip(f"{files} is not present")
+    tokenizer = GPT2Tokenizer(vocab=str(files / "encoder.json"), merges=str(files / "vocab.bpe"))
+    assert len(tokenizer) == 50257  # a wrong keyword silently gives a one-token vocabulary
+    return tokenizer

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, GPT2Config, GPT2Tokenizer
+from transformers import AutoModelForSequenceClassification, BertConfig, GPT2Config
 
 import dinado
 from dinado.oracles import (
@@ -24,9 +24,6 @@ from dinado.oracles import (
 )
 
 from .conftest import tiny_gpt2
-
-GPT2_FILES = "/work/shared/data/gpt2-tokenizer"
-
 
 # module-level helpers, importable as "tests.test_oracles:..." -------------------------------------------
 
@@ -166,7 +163,7 @@ def test_empty_keyword_sets_raise():
         KeywordOracle([])
     with pytest.raises(ValueError, match="empty keyword set for sample 1"):
         KeywordOracle.commongen()(["dog =", " ="], ["dog", "dog"])
-    with pytest.raises(RuntimeError, match="raised on a batch of 1 samples: empty keyword set"):
+    with pytest.raises(RuntimeError, match=r"raised on a batch of 1 samples \(first failing: sample 0, .*\): empty keyword set"):
         call_oracle(KeywordOracle.commongen(), [" ="], ["dog"])
     with pytest.raises(ValueError, match="keyword '!!' contains no words"):
         KeywordOracle(["dog", "!!"])
@@ -254,10 +251,10 @@ def test_call_oracle_catches_bad_values_from_every_kind_of_oracle():
         call_oracle(CallableOracle(lambda p, c: [1.0, "yes"]), blank(2), blank(2))
     with pytest.raises(ValueError, match="returned 1 values for 2 samples"):
         call_oracle(CallableOracle(lambda p, c: [1.0]), blank(2), blank(2))
-    with pytest.raises(RuntimeError, match="raised on a batch of 2 samples: division by zero"):
+    with pytest.raises(RuntimeError, match=r"raised on a batch of 2 samples \(first failing: sample 0, .*\): division by zero"):
         call_oracle(CallableOracle(lambda p, c: 1 / 0), blank(2), blank(2))
     # a bad child inside a composition is caught too, and named
-    with pytest.raises(RuntimeError, match=r"raised on a batch of 2 samples: .*returned -0.5 for sample 0"):
+    with pytest.raises(RuntimeError, match=r"raised on a batch of 2 samples .*returned -0.5 for sample 0"):
         call_oracle(AllOf(RegexOracle(""), lambda p, c: [-0.5] * len(c)), blank(2), blank(2))
     assert call_oracle(KeywordOracle(["dog"]), blank(2), ["dogs", "cats"]) == [1.0, 0.0]
 
@@ -312,11 +309,6 @@ def test_composition_errors():
 
 
 # token level ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def gpt2_tokenizer():
-    return GPT2Tokenizer(vocab=f"{GPT2_FILES}/encoder.json", merges=f"{GPT2_FILES}/vocab.bpe")
 
 
 def test_text_oracles_read_token_ids_through_the_tokenizer(gpt2_tokenizer):

@@ -70,14 +70,30 @@ def describe(oracle: Callable) -> str:
     return getattr(oracle, "__qualname__", None) or repr(oracle)
 
 
+class OracleError(RuntimeError):
+    """An oracle raised while judging samples; the message names the first sample that fails."""
+
+
+def _first_failing_sample(oracle: Callable, prompts: list, completions: list) -> tuple[int, Exception] | None:
+    for i in range(len(completions)):
+        try:
+            oracle(prompts[i : i + 1], completions[i : i + 1])
+        except Exception as exc:
+            return i, exc
+    return None
+
+
 def call_oracle(oracle: Callable, prompts: list, completions: list) -> list[float]:
     """Call ``oracle`` on a batch and check its answer: one finite value in [0, 1] per sample."""
     try:
         values = list(oracle(prompts, completions))
-    except Exception as exc:
-        raise RuntimeError(
-            f"the oracle {describe(oracle)} raised on a batch of {len(prompts)} samples: {exc}"
-        ) from exc
+    except Exception:
+        where = f"on a batch of {len(prompts)} samples"
+        found = _first_failing_sample(oracle, prompts, completions)
+        if found is not None:  # name the first sample that fails on its own
+            i, exc = found
+            where += f" (first failing: sample {i}, completion {str(completions[i])[:80]!r})"
+        raise OracleError(f"the oracle {describe(oracle)} raised {where}: {exc}") from exc
     if len(values) != len(completions):
         raise ValueError(
             f"the oracle {describe(oracle)} returned {len(values)} values for {len(completions)} samples"

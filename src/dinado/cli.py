@@ -1,0 +1,473 @@
+"""The `dinado` command: thin subcommands over the Python API, each reading a YAML config plus flags.
+
+Every subcommand writes a run directory: the resolved config (config.yaml), a metrics JSONL and its outputs.
+Bad input ends with one line on stderr naming the problem and exit code 2, and leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .io import atomic_write_text
+from .oracles import OracleError
+
+EXAMPLES = {
+    "pretrain": "dinado pretrain --text corpus.txt --output runs/base --n-layer 4 --n-embd 256",
+    "sample": "dinado sample --base runs/base --prompts prompts.txt --keywords dog,frisbee --output runs/samples",
+    "train": "dinado train --base runs/base --samples runs/samples --variant dinado-soft --output runs/guide",
+    "generate": "dinado generate --base runs/base --guide runs/guide/guide --prompts prompts.txt --output runs/gen",
+    "merge": "dinado merge --base runs/base --guide runs/guide-merge/guide --output runs/merged",
+}
+
+# The schema of each subcommand: key -> (default, type, help). Config files may hold only these keys.
+Spec = dict[str, tuple[Any, Callable | None, str]]
+_COMMON: Spec = {
+    "output": (None, str, "the run directory to write (required)"),
+    "seed": (0, int, "random seed"),
+}
+_MODEL: Spec = {
+    "base": (None, str, "base model: a hub id or a local path (required)"),
+    "tokenizer": (None, str, "tokenizer id or path (default: the base's)"),
+}
+_ORACLE: Spec = {
+    "oracle": (None, None, "an oracle config (YAML/JSON mapping), see docs/oracles.md"),
+    "keywords": (None, str, "shortcut for a keyword oracle: comma-separated keywords"),
+}
+_DECODE: Spec = {
+    "prompts": (None, str, "a text file with one prompt per line (required)"),
+    "max_new_tokens": (32, int, "tokens to generate per prompt"),
+    "temperature": (1.0, float, "sampling temperature"),
+    "top_p": (1.0, float, "nucleus sampling threshold"),
+    "batch_size": (32, int, "prompts per batch"),
+}
+SPECS: dict[str, Spec] = {
+    "sample": {
+        **_COMMON,
+        **_MODEL,
+        **_DECODE,
+        **_ORACLE,
+        "guide": (None, str, "sample from this guide as a proposal (importance weights are recorded)"),
+        "num_samples": (8, int, "completions per prompt"),
+    },
+    "train": {
+        **_COMMON,
+        **_MODEL,
+        "samples": (None, str, "a SampleSet file or a `dinado sample` run directory (required)"),
+        "variant": ("dinado-soft", str, "nado, dinado-hard, dinado-soft or dinado-merge"),
+        "num_layers": (2, int, "guide module layers"),
+        "lora_r": (16, int, "LoRA rank (dinado-merge)"),
+        "lora_alpha": (32, int, "LoRA alpha (dinado-merge)"),
+        "regularizer_weight": (None, float, "consistency regulariser weight (default: the variant's)"),
+        "ce_positions": ("all", str, "cross-entropy on 'all' prefixes or the 'terminal' one"),
+        "max_steps": (None, int, "training steps"),
+        "epochs": (1.0, float, "epochs (the smaller of steps and epochs wins)"),
+        "batch_size": (32, int, "sequences per step"),
+        "micro_batch_size": (None, int, "split steps into chunks for memory"),
+        "learning_rate": (None, float, "default: the variant's"),
+        "weight_clip": (None, float, "cap on self-normalised importance weights"),
+        "use_weights": (True, "bool", "apply importance weights recorded in the samples"),
+        "checkpoint_every": (200, int, "steps between checkpoints"),
+        "resume": (False, "flag", "continue from the last checkpoint in --output"),
+        "allow_no_positives": (False, "flag", "train even if no sample satisfies the oracle"),
+    },
+    "generate": {
+        **_COMMON,
+        **_MODEL,
+        **_DECODE,
+        "guide": (None, str, "a saved guide directory (omit to decode with the base alone)"),
+        "do_sample": (False, "bool", "sample instead of greedy/beam search"),
+        "num_beams": (1, int, "beam width"),
+        "alpha": (1.0, float, "guidance strength (1 = the method)"),
+    },
+    "merge": {
+        **_COMMON,
+        **_MODEL,
+        "guide": (None, str, "a saved dinado-merge guide directory (required)"),
+    },
+}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_mapping(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"not valid YAML/JSON: {exc}") from None
+
+
+def load_config_file(path: str | None, command: str) -> dict[str, Any]:
+    if path is None:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"config file {file} not found")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise CLIError(f"cannot read config file {file}: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise CLIError(f"config file {file} must hold a mapping of keys to values")
+    unknown = sorted(set(data) - set(SPECS[command]))
+    if unknown:
+        raise CLIError(
+            f"unknown key(s) {', '.join(unknown)} in {file} for `dinado {command}`; "
+            f"valid keys: {', '.join(sorted(SPECS[command]))}"
+        )
+    return data
+
+
+def resolve(command: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults < config file < flags given on the command line."""
+    config = {key: default for key, (default, _, _) in SPECS[command].items()}
+    config.update(load_config_file(args.config, command))
+    for key in SPECS[command]:
+        value = getattr(args, key, None)
+        if value is not None:
+            config[key] = value
+    return config
+
+
+def _require(config: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        if config.get(key) in (None, ""):
+            raise CLIError(f"--{key.replace('_', '-')} is required (or set `{key}:` in the config file)")
+
+
+class RunDir:
+    """The run directory: removed again if this command created it and failed (not on Ctrl-C)."""
+
+    def __init__(self, path: str, keep_existing: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and any(self.path.iterdir()) and not keep_existing:
+            raise CLIError(f"output directory {self.path} is not empty: choose a new --output or remove it")
+        self.created = not self.path.exists()
+
+    def __enter__(self) -> RunDir:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is not None and not issubclass(kind, KeyboardInterrupt) and self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=True))
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------- loading
+def load_base(config: dict[str, Any]):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = config["base"]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(config.get("tokenizer") or name)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIError(f"cannot load base model or tokenizer {name!r}: {first}") from None
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_guide(path: str, base):
+    from .guide import Guide
+
+    try:
+        return Guide.from_pretrained(path, base)
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+    except ValueError as exc:
+        raise CLIError(f"guide and base do not match: {exc}") from None
+
+
+def read_prompts(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"prompts file {file} not found")
+    lines = [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise CLIError(f"prompts file {file} holds no prompts (one per line)")
+    return prompts
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Plain tokenisation; an empty prompt becomes the BOS token (GPT-2 style models start there)."""
+    rows = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [row if row else [bos] for row in rows]
+
+
+def build_oracle(config: dict[str, Any], tokenizer):
+    from .oracles import KeywordOracle, as_token_oracle, oracle_from_config
+
+    if config.get("oracle") is not None and config.get("keywords"):
+        raise CLIError("give either --oracle or --keywords, not both")
+    if config.get("keywords"):
+        words = config["keywords"]
+        words = [w.strip() for w in words.split(",")] if isinstance(words, str) else list(words)
+        words = [w for w in words if w]
+        if not words:
+            raise CLIError("empty keyword set: give at least one keyword, e.g. --keywords dog,frisbee")
+        oracle = KeywordOracle(words)
+    elif config.get("oracle") is not None:
+        if not isinstance(config["oracle"], dict):
+            raise CLIError("--oracle must be a mapping such as {type: regex, pattern: '^The'}")
+        oracle = oracle_from_config(config["oracle"])
+    else:
+        raise CLIError("an oracle is required: --keywords a,b or --oracle '{type: ..., ...}'")
+    return as_token_oracle(oracle, tokenizer)
+
+
+# ---------------------------------------------------------------------- subcommands
+def cmd_sample(config: dict[str, Any]) -> None:
+    from .sampling import sample
+
+    _require(config, "output", "base", "prompts")
+    prompts = read_prompts(config["prompts"])
+    with RunDir(config["output"]) as run:
+        model, tokenizer = load_base(config)
+        oracle = build_oracle(config, tokenizer)
+        source = load_guide(config["guide"], model) if config.get("guide") else model
+        run.write_config(config)
+        start = time.perf_counter()
+        samples = sample(
+            source,
+            encode_prompts(tokenizer, prompts),
+            config["num_samples"],
+            oracle,
+            config["max_new_tokens"],
+            temperature=config["temperature"],
+            top_p=config["top_p"],
+            batch_size=config["batch_size"],
+            seed=config["seed"],
+            tokenizer=tokenizer,
+            progress=True,
+        )
+        samples.save(run.path / "samples.safetensors")
+        summary = {
+            "samples": len(samples),
+            "mean_label": samples.positive_rate,
+            "positives": int((samples.labels > 0).sum()),
+            "seconds": time.perf_counter() - start,
+        }
+        run.log(summary)
+    print(
+        f"wrote {len(samples)} samples to {run.path / 'samples.safetensors'} (mean label {samples.positive_rate:.3f})"
+    )
+    if summary["positives"] == 0:
+        print("warning: no sample satisfied the oracle; a guide cannot be trained on these samples alone")
+
+
+def _samples_path(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "samples.safetensors"
+    if not p.is_file():
+        raise CLIError(
+            f"samples file {p} not found (give a .safetensors file or a `dinado sample` run directory)"
+        )
+    return p
+
+
+def cmd_train(config: dict[str, Any]) -> None:
+    from .guide import Guide
+    from .samples import SampleSet
+    from .training import train
+
+    _require(config, "output", "base", "samples")
+    samples = SampleSet.load(_samples_path(config["samples"]))
+    if not bool((samples.labels > 0).any()) and not config["allow_no_positives"]:
+        raise CLIError(
+            f"no sample in {config['samples']} satisfies the oracle (all {len(samples)} labels are 0): a guide "
+            "trained on them would be meaningless; sample more, sample from a proposal (`dinado sample --guide` or "
+            "--temperature), add positives, or pass --allow-no-positives"
+        )
+    with RunDir(config["output"], keep_existing=config["resume"]) as run:
+        model, tokenizer = load_base(config)
+        try:
+            guide = Guide.create(
+                model,
+                config["variant"],
+                tokenizer=tokenizer,
+                num_layers=config["num_layers"],
+                lora_r=config["lora_r"],
+                lora_alpha=config["lora_alpha"],
+                regularizer_weight=config["regularizer_weight"],
+                ce_positions=config["ce_positions"],
+            )
+        except (TypeError, ValueError) as exc:
+            raise CLIError(str(exc)) from None
+        run.write_config(config)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run.path / "tensorboard"))
+
+        def on_step(step: int, values: dict[str, float]) -> None:
+            run.log({"step": step, **values})
+            for key, value in values.items():
+                writer.add_scalar(f"train/{key}", value, step)
+
+        report = train(
+            guide,
+            samples,
+            max_steps=config["max_steps"],
+            epochs=config["epochs"],
+            batch_size=config["batch_size"],
+            learning_rate=config["learning_rate"],
+            seed=config["seed"],
+            weight_clip=config["weight_clip"],
+            use_weights=config["use_weights"],
+            micro_batch_size=config["micro_batch_size"],
+            progress=True,
+            checkpoint_dir=run.path / "checkpoints",
+            checkpoint_every=config["checkpoint_every"],
+            resume=config["resume"],
+            on_step=on_step,
+        )
+        writer.close()
+        guide.save_pretrained(run.path / "guide")
+        atomic_write_text(run.path / "train_report.json", json.dumps(report.to_dict()))
+    print(f"trained a {config['variant']} guide for {report.steps} steps; saved to {run.path / 'guide'}")
+
+
+def cmd_generate(config: dict[str, Any]) -> None:
+    import torch
+
+    from .decoding import generate as guided_generate
+    from .sampling import _left_pad
+
+    _require(config, "output", "base", "prompts")
+    prompts = read_prompts(config["prompts"])
+    with RunDir(config["output"]) as run:
+        model, tokenizer = load_base(config)
+        guide = load_guide(config["guide"], model) if config.get("guide") else None
+        run.write_config(config)
+        torch.manual_seed(config["seed"])
+        rows = encode_prompts(tokenizer, prompts)
+        kwargs = dict(
+            max_new_tokens=config["max_new_tokens"],
+            do_sample=config["do_sample"],
+            num_beams=config["num_beams"],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        if config["do_sample"]:
+            kwargs.update(top_k=0, temperature=config["temperature"], top_p=config["top_p"])
+        outputs, new_tokens, start = [], 0, time.perf_counter()
+        for i in range(0, len(rows), config["batch_size"]):
+            ids, mask = _left_pad(rows[i : i + config["batch_size"]], tokenizer.pad_token_id)
+            if guide is not None:
+                seqs = guided_generate(guide, ids, mask, alpha=config["alpha"], **kwargs)
+            else:
+                seqs = model.generate(ids, attention_mask=mask, **kwargs)
+            gen = seqs[:, ids.shape[1] :]
+            new_tokens += int((gen != tokenizer.pad_token_id).sum())
+            outputs.extend(tokenizer.batch_decode(gen, skip_special_tokens=True))
+        seconds = time.perf_counter() - start
+        lines = [
+            json.dumps({"prompt": p, "completion": c.strip()}) for p, c in zip(prompts, outputs, strict=True)
+        ]
+        atomic_write_text(run.path / "generations.jsonl", "\n".join(lines) + "\n")
+        run.log(
+            {
+                "prompts": len(prompts),
+                "new_tokens": new_tokens,
+                "seconds": seconds,
+                "tokens_per_second": new_tokens / max(seconds, 1e-9),
+            }
+        )
+    print(f"wrote {len(outputs)} generations to {run.path / 'generations.jsonl'}")
+
+
+def cmd_merge(config: dict[str, Any]) -> None:
+    _require(config, "output", "base", "guide")
+    with RunDir(config["output"]) as run:
+        model, tokenizer = load_base(config)
+        guide = load_guide(config["guide"], model)
+        try:
+            merged = guide.merge()
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+        tmp = run.path / ".model.tmp"
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(run.path / "model")
+        run.write_config(config)
+    print(
+        f"wrote the merged model to {run.path / 'model'} (load it with AutoModelForCausalLM.from_pretrained)"
+    )
+
+
+COMMANDS = {"sample": cmd_sample, "train": cmd_train, "generate": cmd_generate, "merge": cmd_merge}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinado", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, spec in SPECS.items():
+        p = sub.add_parser(
+            name,
+            help=COMMANDS[name].__doc__ or name,
+            description=f"dinado {name}: flags override the --config file; unknown config keys are an error.",
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--config", help="a YAML file with any of the keys below (flags win)")
+        for key, (default, kind, text) in spec.items():
+            flag = "--" + key.replace("_", "-")
+            shown = f"{text} (default: {default})" if default is not None else text
+            if kind == "flag":
+                p.add_argument(flag, dest=key, action="store_const", const=True, default=None, help=shown)
+            elif kind == "bool":
+                p.add_argument(flag, dest=key, type=_parse_bool, default=None, help=shown, metavar="BOOL")
+            elif kind is None:
+                p.add_argument(flag, dest=key, type=_parse_mapping, default=None, help=shown)
+            else:
+                p.add_argument(flag, dest=key, type=kind, default=None, help=shown)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = resolve(args.command, args)
+        COMMANDS[args.command](config)
+    except (CLIError, ValueError, FileNotFoundError, OracleError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"dinado {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The `dinado` CLI end to end on a tiny saved model, and its bad-input behaviour."""
+
+import json
+
+import pytest
+import yaml
+
+from dinado.cli import main
+
+from .conftest import tiny_gpt2
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, gpt2_tokenizer):
+    path = tmp_path_factory.mktemp("base")
+    tokenizer = gpt2_tokenizer
+    model = tiny_gpt2(vocab_size=len(tokenizer), width=32, layers=1)
+    model.config.eos_token_id = model.config.bos_token_id = model.config.pad_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_sample_train_generate_merge_end_to_end(tmp_path, base_dir, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The\nA\n")
+    # a random model rarely says anything in particular: an oracle that about half of the samples pass
+    oracle = "{type: regex, pattern: '[aeiou]{2}'}"
+    code, out, err = _run(
+        capsys,
+        "sample",
+        "--base",
+        base_dir,
+        "--prompts",
+        prompts,
+        "--oracle",
+        oracle,
+        "--num-samples",
+        16,
+        "--max-new-tokens",
+        6,
+        "--output",
+        tmp_path / "s",
+    )
+    assert code == 0, err
+    assert (tmp_path / "s" / "samples.safetensors").is_file()
+    assert yaml.safe_load((tmp_path / "s" / "config.yaml").read_text())["num_samples"] == 16
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        yaml.safe_dump({"variant": "dinado-merge", "max_steps": 3, "batch_size": 8, "lora_r": 2})
+    )
+    code, out, err = _run(
+        capsys,
+        "train",
+        "--config",
+        config,
+        "--base",
+        base_dir,
+        "--samples",
+        tmp_path / "s",
+        "--output",
+        tmp_path / "g",
+        "--allow-no-positives",
+    )
+    assert code == 0, err
+    lines = (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert (tmp_path / "g" / "guide" / "guide.safetensors").is_file()
+    assert any((tmp_path / "g" / "tensorboard").iterdir())
+    code, out, err = _run(
+        capsys,
+        "generate",
+        "--base",
+        base_dir,
+        "--guide",
+        tmp_path / "g" / "guide",
+        "--prompts",
+        prompts,
+        "--max-new-tokens",
+        5,
+        "--output",
+        tmp_path / "out",
+    )
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["The", "A"]
+    code, out, err = _run(
+        capsys, "merge", "--base", base_dir, "--guide", tmp_path / "g" / "guide", "--output", tmp_path / "m"
+    )
+    assert code == 0, err
+    assert (tmp_path / "m" / "model" / "model.safetensors").is_file()
+
+
+def _assert_error(capsys, tmp_path, argv, message):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    errors = [line for line in err.replace("\r", "\n").splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("dinado ") and message in errors[0], err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, base_dir, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The\n")
+    run = tmp_path / "run"
+    common = ["--base", base_dir, "--prompts", prompts, "--output", run]
+    _assert_error(capsys, tmp_path, ["sample", *common, "--keywords", " , "], "empty keyword set")
+    _assert_error(
+        capsys,
+        tmp_path,
+        [
+            "sample",
+            "--base",
+            base_dir,
+            "--prompts",
+            tmp_path / "missing.txt",
+            "--keywords",
+            "dog",
+            "--output",
+            run,
+        ],
+        "missing.txt not found",
+    )
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("num_sample: 3\n")
+    _assert_error(
+        capsys,
+        tmp_path,
+        ["sample", "--config", bad_config, *common, "--keywords", "dog"],
+        "unknown key(s) num_sample",
+    )
+    _assert_error(
+        capsys,
+        tmp_path,
+        ["sample", "--base", tmp_path / "nobase", "--prompts", prompts, "--keywords", "dog", "--output", run],
+        "cannot load base model",
+    )
+    # an oracle that returns a value outside [0, 1]
+    _assert_error(
+        capsys, tmp_path, ["sample", *common, "--oracle", "{type: callable, path: 'math:sqrt'}"], "oracle"
+    )
+
+
+def test_train_refuses_samples_without_a_positive_and_unknown_variants(tmp_path, base_dir, capsys):
+    from dinado import SampleSet
+
+    SampleSet.from_token_ids([[464]], [[50256]], [0.0]).save(tmp_path / "neg.safetensors")
+    argv = [
+        "train",
+        "--base",
+        base_dir,
+        "--samples",
+        tmp_path / "neg.safetensors",
+        "--output",
+        tmp_path / "run",
+    ]
+    _assert_error(capsys, tmp_path, argv, "no sample in")
+    SampleSet.from_token_ids([[464]], [[50256]], [1.0]).save(tmp_path / "pos.safetensors")
+    argv = [
+        "train",
+        "--base",
+        base_dir,
+        "--samples",
+        tmp_path / "pos.safetensors",
+        "--variant",
+        "fudge",
+        "--output",
+        tmp_path / "run",
+    ]
+    _assert_error(capsys, tmp_path, argv, "unknown variant 'fudge'")
+
+
+def test_guide_and_base_that_do_not_match_are_refused(tmp_path, base_dir, capsys):
+    from dinado import Guide
+
+    Guide.create(tiny_gpt2(vocab_size=40), "nado").save_pretrained(tmp_path / "other-guide")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The\n")
+    argv = [
+        "generate",
+        "--base",
+        base_dir,
+        "--guide",
+        tmp_path / "other-guide",
+        "--prompts",
+        prompts,
+        "--output",
+        tmp_path / "run",
+    ]
+    _assert_error(capsys, tmp_path, argv, "guide and base do not match")
