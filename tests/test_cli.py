@@ -93,6 +93,50 @@ def test_sample_train_generate_merge_end_to_end(tmp_path, base_dir, capsys):
     rows = [json.loads(line) for line in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["The", "A"]
     code, out, err = _run(
+        capsys,
+        "generate",
+        "--base",
+        base_dir,
+        "--prompts",
+        prompts,
+        "--max-new-tokens",
+        5,
+        "--output",
+        tmp_path / "out-base",
+    )
+    assert code == 0, err
+    refs = tmp_path / "refs.txt"
+    refs.write_text("The cat sat . ||| The cat sat down .\nA dog ran .\n")
+    code, out, err = _run(
+        capsys,
+        "evaluate",
+        "--generations",
+        tmp_path / "out",
+        "--compare",
+        tmp_path / "out-base",
+        "--base",
+        base_dir,
+        "--oracle",
+        oracle,
+        "--references",
+        refs,
+        "--train-run",
+        tmp_path / "g",
+        "--output",
+        tmp_path / "eval",
+    )
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(metrics) == {"base", "guide"}
+    for values in metrics.values():
+        assert (
+            0 <= values["success"] <= 1 and values["base_perplexity"] > 1 and values["tokens_per_second"] > 0
+        )
+        assert 0 <= values["bleu"] <= 100 and values["count"] == 2
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| prompt | base | guide |" in report
+    assert (tmp_path / "eval" / "training_curves.png").stat().st_size > 1000
+    code, out, err = _run(
         capsys, "merge", "--base", base_dir, "--guide", tmp_path / "g" / "guide", "--output", tmp_path / "m"
     )
     assert code == 0, err

@@ -25,6 +25,7 @@ EXAMPLES = {
     "sample": "dinado sample --base runs/base --prompts prompts.txt --keywords dog,frisbee --output runs/samples",
     "train": "dinado train --base runs/base --samples runs/samples --variant dinado-soft --output runs/guide",
     "generate": "dinado generate --base runs/base --guide runs/guide/guide --prompts prompts.txt --output runs/gen",
+    "evaluate": "dinado evaluate --generations runs/gen --compare runs/gen-base --keywords dog --output runs/eval",
     "merge": "dinado merge --base runs/base --guide runs/guide-merge/guide --output runs/merged",
 }
 
@@ -87,6 +88,15 @@ SPECS: dict[str, Spec] = {
         "do_sample": (False, "bool", "sample instead of greedy/beam search"),
         "num_beams": (1, int, "beam width"),
         "alpha": (1.0, float, "guidance strength (1 = the method)"),
+    },
+    "evaluate": {
+        **_COMMON,
+        **_MODEL,
+        **_ORACLE,
+        "generations": (None, str, "a `dinado generate` run directory or generations.jsonl (required)"),
+        "compare": (None, str, "another generate run (e.g. the base) to show side by side"),
+        "references": (None, str, "a text file, one line per prompt, references separated by ' ||| '"),
+        "train_run": (None, str, "a `dinado train` run directory: plot its training curves"),
     },
     "merge": {
         **_COMMON,
@@ -227,8 +237,9 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [row if row else [bos] for row in rows]
 
 
-def build_oracle(config: dict[str, Any], tokenizer):
-    from .oracles import KeywordOracle, as_token_oracle, oracle_from_config
+def text_oracle(config: dict[str, Any]):
+    """The oracle described by --keywords or --oracle."""
+    from .oracles import KeywordOracle, oracle_from_config
 
     if config.get("oracle") is not None and config.get("keywords"):
         raise CLIError("give either --oracle or --keywords, not both")
@@ -238,14 +249,42 @@ def build_oracle(config: dict[str, Any], tokenizer):
         words = [w for w in words if w]
         if not words:
             raise CLIError("empty keyword set: give at least one keyword, e.g. --keywords dog,frisbee")
-        oracle = KeywordOracle(words)
-    elif config.get("oracle") is not None:
+        return KeywordOracle(words)
+    if config.get("oracle") is not None:
         if not isinstance(config["oracle"], dict):
             raise CLIError("--oracle must be a mapping such as {type: regex, pattern: '^The'}")
-        oracle = oracle_from_config(config["oracle"])
-    else:
+        return oracle_from_config(config["oracle"])
+    return None
+
+
+def build_oracle(config: dict[str, Any], tokenizer):
+    """The oracle on token ids, for sampling."""
+    from .oracles import as_token_oracle
+
+    oracle = text_oracle(config)
+    if oracle is None:
         raise CLIError("an oracle is required: --keywords a,b or --oracle '{type: ..., ...}'")
     return as_token_oracle(oracle, tokenizer)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{path} is not valid JSON lines: {exc}") from None
+
+
+def read_generations(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows of a generations.jsonl, metrics records of its run) from a `dinado generate` run or file."""
+    p = Path(path)
+    file = p / "generations.jsonl" if p.is_dir() else p
+    if not file.is_file():
+        raise CLIError(f"generations file {file} not found (give a `dinado generate` run directory)")
+    rows = read_jsonl(file)
+    if not rows or any("prompt" not in r or "completion" not in r for r in rows):
+        raise CLIError(f"{file} must hold JSON lines with 'prompt' and 'completion'")
+    metrics_file = file.parent / "metrics.jsonl"
+    return rows, read_jsonl(metrics_file) if metrics_file.is_file() else []
 
 
 # ---------------------------------------------------------------------- subcommands
@@ -427,7 +466,63 @@ def cmd_merge(config: dict[str, Any]) -> None:
     )
 
 
-COMMANDS = {"sample": cmd_sample, "train": cmd_train, "generate": cmd_generate, "merge": cmd_merge}
+def cmd_evaluate(config: dict[str, Any]) -> None:
+    from .evaluation import evaluate_texts, markdown_report, plot_training_curves
+
+    _require(config, "output", "generations")
+    runs = {"guide": read_generations(config["generations"])}
+    if config.get("compare"):
+        runs = {"base": read_generations(config["compare"]), **runs}
+        if [r["prompt"] for r in runs["base"][0]] != [r["prompt"] for r in runs["guide"][0]]:
+            raise CLIError("--compare must hold generations for the same prompts in the same order")
+    oracle = text_oracle(config)
+    references = None
+    if config.get("references"):
+        ref_file = Path(config["references"])
+        if not ref_file.is_file():
+            raise CLIError(f"references file {ref_file} not found")
+        references = [line.split(" ||| ") for line in ref_file.read_text(encoding="utf-8").splitlines()]
+        if len(references) != len(runs["guide"][0]):
+            raise CLIError(f"{ref_file} has {len(references)} lines for {len(runs['guide'][0])} generations")
+    curves = None
+    if config.get("train_run"):
+        curves = Path(config["train_run"]) / "metrics.jsonl"
+        if not curves.is_file():
+            raise CLIError(f"training metrics {curves} not found (give a `dinado train` run directory)")
+    with RunDir(config["output"]) as run:
+        model = tokenizer = None
+        if config.get("base"):
+            model, tokenizer = load_base(config)
+        run.write_config(config)
+        results: dict[str, dict[str, float]] = {}
+        for name, (rows, records) in runs.items():
+            prompts = [r["prompt"] for r in rows]
+            outputs = [r["completion"] for r in rows]
+            results[name] = evaluate_texts(prompts, outputs, oracle, references, model, tokenizer)
+            speed = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
+            if speed:
+                results[name]["tokens_per_second"] = speed[-1]
+            run.log({"system": name, **results[name]})
+        atomic_write_text(run.path / "metrics.json", json.dumps(results, indent=2))
+        if curves is not None:
+            plot_training_curves(read_jsonl(curves), run.path / "training_curves.png")
+        examples = [
+            {"prompt": rows[0]["prompt"], **{name: rows[0]["completion"] for name in runs}}
+            for rows in zip(*(r for r, _ in runs.values()), strict=True)
+        ][:20]
+        atomic_write_text(run.path / "report.md", markdown_report(results, examples, list(runs)))
+    for name, values in results.items():
+        print(name, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+    print(f"wrote {run.path / 'report.md'}")
+
+
+COMMANDS = {
+    "sample": cmd_sample,
+    "train": cmd_train,
+    "generate": cmd_generate,
+    "merge": cmd_merge,
+    "evaluate": cmd_evaluate,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default 1: fastest for the testbed's tiny tensors)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: fastest for the testbed's tiny tensors)",
     )
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
     args = parser.parse_args(argv)

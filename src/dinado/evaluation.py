@@ -1,0 +1,140 @@
+"""Metrics on generated text: oracle success and coverage, BLEU, base perplexity, distinct-n, length;
+training-curve plots and a markdown report."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .oracles import call_oracle
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct n-grams over all n-grams of whitespace tokens (0 when there are none)."""
+    grams = [
+        tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)
+    ]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def base_perplexity(
+    model, tokenizer, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 16
+) -> float:
+    """exp(mean negative log-likelihood per completion token) under the base model, given each prompt."""
+    total_nll, total_tokens = 0.0, 0
+    device = next(model.parameters()).device
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(prompts), batch_size):
+        rows, spans = [], []
+        for prompt, completion in zip(
+            prompts[start : start + batch_size], completions[start : start + batch_size], strict=True
+        ):
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [bos]
+            c = tokenizer(" " + completion.strip() if completion.strip() else "", add_special_tokens=False)[
+                "input_ids"
+            ]
+            rows.append(p + c)
+            spans.append((len(p), len(p) + len(c)))
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+        log_p = F.log_softmax(
+            model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1
+        )
+        token_lp = log_p[:, :-1].gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
+        for r, (a, b) in enumerate(spans):
+            total_nll -= float(token_lp[r, a - 1 : b - 1].sum())
+            total_tokens += b - a
+    return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
+
+
+def evaluate_texts(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    oracle: Callable | None = None,
+    references: Sequence[Sequence[str]] | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+) -> dict[str, float]:
+    """Every metric that applies: success (oracle mean), keyword coverage, BLEU, base perplexity, distinct-n."""
+    metrics: dict[str, float] = {"count": float(len(completions))}
+    if oracle is not None:
+        values = call_oracle(oracle, list(prompts), list(completions))
+        metrics["success"] = sum(values) / len(values)
+        if hasattr(oracle, "coverage"):
+            cover = oracle.coverage(list(prompts), list(completions))
+            flat = [c for row in cover for c in row]
+            metrics["coverage"] = sum(flat) / len(flat) if flat else float("nan")
+    if references is not None:
+        import sacrebleu
+
+        if len(references) != len(completions):
+            raise ValueError(f"{len(references)} reference sets for {len(completions)} outputs")
+        width = max(len(r) for r in references)
+        streams = [[refs[i] if i < len(refs) else refs[0] for refs in references] for i in range(width)]
+        metrics["bleu"] = sacrebleu.corpus_bleu(list(completions), streams).score
+    if model is not None and tokenizer is not None:
+        metrics["base_perplexity"] = base_perplexity(model, tokenizer, prompts, completions)
+    metrics["distinct_1"] = distinct_n(completions, 1)
+    metrics["distinct_2"] = distinct_n(completions, 2)
+    metrics["mean_words"] = sum(len(c.split()) for c in completions) / max(len(completions), 1)
+    return metrics
+
+
+def plot_training_curves(records: Sequence[dict[str, float]], path: str | os.PathLike) -> None:
+    """Loss and regulariser against step, from a training run's metrics.jsonl records (PNG, atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records if "step" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key in zip(axes, ("loss", "regularizer"), strict=True):
+        ax.plot(steps, [r[key] for r in records if "step" in r])
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def markdown_report(
+    metrics: dict[str, dict[str, float]], examples: Sequence[dict[str, str]], columns: Sequence[str]
+) -> str:
+    """A metrics table (one row per system) and example outputs side by side."""
+    keys = sorted({k for m in metrics.values() for k in m})
+    lines = [
+        "# dinado evaluation",
+        "",
+        "| system | " + " | ".join(keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
+    for name, values in metrics.items():
+        cells = [f"{values[k]:.4g}" if k in values else "-" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Examples",
+        "",
+        "| prompt | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    clean = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
+    for ex in examples:
+        lines.append("| " + " | ".join(clean(ex.get(c, "")) for c in ["prompt", *columns]) + " |")
+    return "\n".join(lines) + "\n"
