@@ -69,6 +69,7 @@ def blank(n):
         ("run", "She ran home."),
         ("ski", "We went skiing."),
         ("child", "The children laughed."),
+        ("person", "Three people waited."),
         ("go", "He went away."),
         ("catch", "The dog caught it."),
         ("mouse", "Three mice."),
@@ -163,7 +164,10 @@ def test_empty_keyword_sets_raise():
         KeywordOracle([])
     with pytest.raises(ValueError, match="empty keyword set for sample 1"):
         KeywordOracle.commongen()(["dog =", " ="], ["dog", "dog"])
-    with pytest.raises(RuntimeError, match=r"raised on a batch of 1 samples \(first failing: sample 0, .*\): empty keyword set"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"raised on a batch of 1 samples \(first failing: sample 0, .*\): empty keyword set",
+    ):
         call_oracle(KeywordOracle.commongen(), [" ="], ["dog"])
     with pytest.raises(ValueError, match="keyword '!!' contains no words"):
         KeywordOracle(["dog", "!!"])
@@ -251,7 +255,10 @@ def test_call_oracle_catches_bad_values_from_every_kind_of_oracle():
         call_oracle(CallableOracle(lambda p, c: [1.0, "yes"]), blank(2), blank(2))
     with pytest.raises(ValueError, match="returned 1 values for 2 samples"):
         call_oracle(CallableOracle(lambda p, c: [1.0]), blank(2), blank(2))
-    with pytest.raises(RuntimeError, match=r"raised on a batch of 2 samples \(first failing: sample 0, .*\): division by zero"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"raised on a batch of 2 samples \(first failing: sample 0, .*\): division by zero",
+    ):
         call_oracle(CallableOracle(lambda p, c: 1 / 0), blank(2), blank(2))
     # a bad child inside a composition is caught too, and named
     with pytest.raises(RuntimeError, match=r"raised on a batch of 2 samples .*returned -0.5 for sample 0"):

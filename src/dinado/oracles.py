@@ -299,6 +299,10 @@ def _rule_lemmas(word: str) -> set[str]:
     return {w for w in out if len(w) >= 2}
 
 
+# Suppletive plurals that lemminflect lists as lemmas of their own.
+_IRREGULAR_PLURALS = {"people": "person"}
+
+
 @functools.lru_cache(maxsize=100_000)
 def _word_forms(word: str) -> frozenset[str]:
     """The word and all its lemmas under every part of speech (dictionary, else rules)."""
@@ -313,6 +317,8 @@ def _word_forms(word: str) -> frozenset[str]:
             for lemmas in lemminflect.getAllLemmasOOV(word, upos).values():
                 forms.update(lemma.casefold() for lemma in lemmas)
         forms.update(_rule_lemmas(word))
+    if word in _IRREGULAR_PLURALS:
+        forms.add(_IRREGULAR_PLURALS[word])
     forms.discard("")
     return frozenset(forms)
 
