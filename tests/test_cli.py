@@ -240,3 +240,131 @@ def test_guide_and_base_that_do_not_match_are_refused(tmp_path, base_dir, capsys
         tmp_path / "run",
     ]
     _assert_error(capsys, tmp_path, argv, "guide and base do not match")
+
+
+def test_pretrain_sample_train_generate_evaluate_on_a_tiny_config(tmp_path, capsys):
+    from dinado.tasks.toy import ToyLanguage
+
+    examples = ToyLanguage(0).examples(300)
+    (tmp_path / "src.txt").write_text("\n".join(e.prompt for e in examples) + "\n")
+    (tmp_path / "tgt.txt").write_text("\n".join(e.sentence for e in examples) + "\n")
+    (tmp_path / "prompts.txt").write_text("dog run =\ncat ball see =\n")
+    base = tmp_path / "base"
+    code, out, err = _run(
+        capsys,
+        "pretrain",
+        "--data-format",
+        "pairs",
+        "--source-file",
+        tmp_path / "src.txt",
+        "--target-file",
+        tmp_path / "tgt.txt",
+        "--vocab-size",
+        300,
+        "--n-layer",
+        1,
+        "--n-embd",
+        32,
+        "--n-head",
+        2,
+        "--context",
+        32,
+        "--max-steps",
+        30,
+        "--eval-every",
+        10,
+        "--output",
+        base,
+    )
+    assert code == 0, err
+    assert (base / "model.safetensors").is_file() and (base / "tokenizer.json").is_file()
+    code, out, err = _run(
+        capsys,
+        "sample",
+        "--base",
+        base,
+        "--prompts",
+        tmp_path / "prompts.txt",
+        "--oracle",
+        "{type: regex, pattern: 'e'}",
+        "--num-samples",
+        8,
+        "--max-new-tokens",
+        8,
+        "--output",
+        tmp_path / "s",
+    )
+    assert code == 0, err
+    code, out, err = _run(
+        capsys,
+        "train",
+        "--base",
+        base,
+        "--samples",
+        tmp_path / "s",
+        "--variant",
+        "nado",
+        "--max-steps",
+        4,
+        "--batch-size",
+        8,
+        "--output",
+        tmp_path / "g",
+        "--allow-no-positives",
+    )
+    assert code == 0, err
+    code, out, err = _run(
+        capsys,
+        "generate",
+        "--base",
+        base,
+        "--guide",
+        tmp_path / "g" / "guide",
+        "--prompts",
+        tmp_path / "prompts.txt",
+        "--do-sample",
+        "true",
+        "--output",
+        tmp_path / "out",
+    )
+    assert code == 2 and "exceeds the model's 32 positions: lower max_new_tokens" in err  # 32 new + prompt
+    gen = [
+        "generate",
+        "--base",
+        base,
+        "--guide",
+        tmp_path / "g" / "guide",
+        "--prompts",
+        tmp_path / "prompts.txt",
+    ]
+    code, out, err = _run(
+        capsys, *gen, "--do-sample", "true", "--max-new-tokens", 16, "--output", tmp_path / "out"
+    )
+    assert code == 0, err
+    code, out, err = _run(
+        capsys,
+        "evaluate",
+        "--generations",
+        tmp_path / "out",
+        "--keywords",
+        "dog",
+        "--base",
+        base,
+        "--output",
+        tmp_path / "eval",
+    )
+    assert code == 0, err
+    assert "coverage" in json.loads((tmp_path / "eval" / "metrics.json").read_text())["guide"]
+    code, out, err = _run(
+        capsys,
+        "pretrain",
+        "--data-format",
+        "pairs",
+        "--source-file",
+        tmp_path / "src.txt",
+        "--target-file",
+        tmp_path / "tgt.txt",
+        "--output",
+        base,
+    )
+    assert code == 2 and "is not empty" in err

@@ -21,7 +21,8 @@ from .io import atomic_write_text
 from .oracles import OracleError
 
 EXAMPLES = {
-    "pretrain": "dinado pretrain --text corpus.txt --output runs/base --n-layer 4 --n-embd 256",
+    "pretrain": "dinado pretrain --data-format text --text-file corpus.txt --output runs/base --n-layer 4",
+    "demo": "dinado demo --output runs/demo",
     "sample": "dinado sample --base runs/base --prompts prompts.txt --keywords dog,frisbee --output runs/samples",
     "train": "dinado train --base runs/base --samples runs/samples --variant dinado-soft --output runs/guide",
     "generate": "dinado generate --base runs/base --guide runs/guide/guide --prompts prompts.txt --output runs/gen",
@@ -104,6 +105,24 @@ SPECS: dict[str, Spec] = {
         "guide": (None, str, "a saved dinado-merge guide directory (required)"),
     },
 }
+
+
+def _pretrain_spec() -> Spec:
+    """`dinado pretrain` takes every PretrainConfig field as a key/flag."""
+    import dataclasses
+
+    from .pretrain import PretrainConfig
+
+    kinds = {"int": int, "float": float, "str": str, "bool": "bool"}
+    spec: Spec = dict(_COMMON)
+    for f in dataclasses.fields(PretrainConfig):
+        name = str(f.type).split("|")[0].strip()
+        spec[f.name] = (f.default, kinds.get(name, str), f"PretrainConfig.{f.name} (see docs/pretrain.md)")
+    spec["overwrite"] = (False, "flag", "replace an existing output directory")
+    return spec
+
+
+SPECS["pretrain"] = _pretrain_spec()
 
 
 class CLIError(Exception):
@@ -289,6 +308,7 @@ def read_generations(path: str) -> tuple[list[dict[str, Any]], list[dict[str, An
 
 # ---------------------------------------------------------------------- subcommands
 def cmd_sample(config: dict[str, Any]) -> None:
+    """Sample completions from a base (or a guide as proposal) and label them with an oracle."""
     from .sampling import sample
 
     _require(config, "output", "base", "prompts")
@@ -339,6 +359,7 @@ def _samples_path(path: str) -> Path:
 
 
 def cmd_train(config: dict[str, Any]) -> None:
+    """Train a guide (NADO or DiNADO) on labelled samples; checkpoints, resume, metrics, TensorBoard."""
     from .guide import Guide
     from .samples import SampleSet
     from .training import train
@@ -399,11 +420,37 @@ def cmd_train(config: dict[str, Any]) -> None:
     print(f"trained a {config['variant']} guide for {report.steps} steps; saved to {run.path / 'guide'}")
 
 
-def cmd_generate(config: dict[str, Any]) -> None:
-    import torch
-
+def generate_texts(
+    source, tokenizer, prompts: list[str], batch_size: int = 32, alpha: float = 1.0, **generate_kwargs: Any
+) -> tuple[list[str], int, float]:
+    """Decode ``prompts`` with a base model or a Guide: (completions, new tokens, seconds)."""
+    from .decoding import check_length
     from .decoding import generate as guided_generate
+    from .guide import Guide
     from .sampling import _left_pad
+
+    rows = encode_prompts(tokenizer, prompts)
+    check_length(
+        source.base if isinstance(source, Guide) else source,
+        max(map(len, rows)),
+        generate_kwargs.get("max_new_tokens"),
+    )
+    outputs, new_tokens, start = [], 0, time.perf_counter()
+    for i in range(0, len(rows), batch_size):
+        ids, mask = _left_pad(rows[i : i + batch_size], tokenizer.pad_token_id)
+        if isinstance(source, Guide):
+            seqs = guided_generate(source, ids, mask, alpha=alpha, **generate_kwargs)
+        else:
+            seqs = source.generate(ids, attention_mask=mask, **generate_kwargs)
+        gen = seqs[:, ids.shape[1] :]
+        new_tokens += int((gen != tokenizer.pad_token_id).sum())
+        outputs.extend(t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True))
+    return outputs, new_tokens, time.perf_counter() - start
+
+
+def cmd_generate(config: dict[str, Any]) -> None:
+    """Decode prompts with the base alone or with a guide (greedy, sampling or beam search)."""
+    import torch
 
     _require(config, "output", "base", "prompts")
     prompts = read_prompts(config["prompts"])
@@ -412,7 +459,6 @@ def cmd_generate(config: dict[str, Any]) -> None:
         guide = load_guide(config["guide"], model) if config.get("guide") else None
         run.write_config(config)
         torch.manual_seed(config["seed"])
-        rows = encode_prompts(tokenizer, prompts)
         kwargs = dict(
             max_new_tokens=config["max_new_tokens"],
             do_sample=config["do_sample"],
@@ -421,17 +467,14 @@ def cmd_generate(config: dict[str, Any]) -> None:
         )
         if config["do_sample"]:
             kwargs.update(top_k=0, temperature=config["temperature"], top_p=config["top_p"])
-        outputs, new_tokens, start = [], 0, time.perf_counter()
-        for i in range(0, len(rows), config["batch_size"]):
-            ids, mask = _left_pad(rows[i : i + config["batch_size"]], tokenizer.pad_token_id)
-            if guide is not None:
-                seqs = guided_generate(guide, ids, mask, alpha=config["alpha"], **kwargs)
-            else:
-                seqs = model.generate(ids, attention_mask=mask, **kwargs)
-            gen = seqs[:, ids.shape[1] :]
-            new_tokens += int((gen != tokenizer.pad_token_id).sum())
-            outputs.extend(tokenizer.batch_decode(gen, skip_special_tokens=True))
-        seconds = time.perf_counter() - start
+        outputs, new_tokens, seconds = generate_texts(
+            guide if guide is not None else model,
+            tokenizer,
+            prompts,
+            config["batch_size"],
+            config["alpha"],
+            **kwargs,
+        )
         lines = [
             json.dumps({"prompt": p, "completion": c.strip()}) for p, c in zip(prompts, outputs, strict=True)
         ]
@@ -448,6 +491,7 @@ def cmd_generate(config: dict[str, Any]) -> None:
 
 
 def cmd_merge(config: dict[str, Any]) -> None:
+    """Fold a DiNADO-Merge guide's LoRA into the base: a plain model at the base's cost."""
     _require(config, "output", "base", "guide")
     with RunDir(config["output"]) as run:
         model, tokenizer = load_base(config)
@@ -467,6 +511,7 @@ def cmd_merge(config: dict[str, Any]) -> None:
 
 
 def cmd_evaluate(config: dict[str, Any]) -> None:
+    """Score generations: oracle success, coverage, BLEU, base perplexity, distinct-n; write a report."""
     from .evaluation import evaluate_texts, markdown_report, plot_training_curves
 
     _require(config, "output", "generations")
@@ -516,7 +561,47 @@ def cmd_evaluate(config: dict[str, Any]) -> None:
     print(f"wrote {run.path / 'report.md'}")
 
 
+def cmd_pretrain(config: dict[str, Any]) -> None:
+    """Train a byte-level BPE tokenizer and a small GPT-2 base on a text file or prompt/target pairs."""
+    from .pretrain import PretrainConfig, pretrain
+
+    _require(config, "output")
+    fields = {k: v for k, v in config.items() if k not in ("output", "overwrite")}
+    try:
+        pretrain_config = PretrainConfig.from_dict(fields)
+        pretrain_config.validate()
+    except TypeError as exc:
+        raise CLIError(str(exc)) from None
+    output = Path(config["output"])
+    if output.exists() and any(output.iterdir()) and not config["overwrite"]:
+        raise CLIError(f"output directory {output} is not empty: choose a new --output or pass --overwrite")
+    result = pretrain(pretrain_config, output, overwrite=config["overwrite"])
+    atomic_write_text(output / "config.yaml", yaml.safe_dump(config, sort_keys=True))
+    print(
+        f"pretrained {result.num_parameters:,} parameters for {result.steps} steps "
+        f"(best held-out loss {result.best_val_loss:.3f} at step {result.best_step}"
+        f"{', stopped early' if result.stopped_early else ''}); saved to {output}"
+    )
+
+
+def cmd_demo(config: dict[str, Any]) -> None:
+    """The embedded demo: toy language, pretrained base, NADO / DiNADO guides, one table."""
+    from .demo import run_demo
+
+    run_demo(config["output"] or "runs/demo", config["seed"], config["quick"], config["threads"])
+
+
+SPECS["demo"] = {
+    "output": ("runs/demo", str, "run directory (the pretrained base is cached there)"),
+    "seed": (0, int, "random seed"),
+    "quick": (False, "flag", "a smaller, faster run"),
+    "threads": (1, int, "torch threads (1 is fastest for the demo's small models on 2 cores)"),
+}
+
+
 COMMANDS = {
+    "pretrain": cmd_pretrain,
+    "demo": cmd_demo,
     "sample": cmd_sample,
     "train": cmd_train,
     "generate": cmd_generate,

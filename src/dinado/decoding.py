@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .guide import Guide, HiddenCapture, base_body, position_ids_from_mask
+from .guide import Guide, HiddenCapture, base_body, position_ids_from_mask, unwrap_peft
 
 
 class GuideLogitsProcessor(LogitsProcessor):
@@ -137,6 +137,17 @@ class GuideLogitsProcessor(LogitsProcessor):
         return log_q.to(scores.dtype)
 
 
+def check_length(model, prompt_length: int, max_new_tokens: int | None) -> None:
+    """Refuse a generation that would run past the model's position embeddings (an opaque IndexError)."""
+    config = getattr(unwrap_peft(model), "config", None)
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None) if config is not None else None
+    if limit is not None and max_new_tokens is not None and prompt_length + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {prompt_length} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"{limit} positions: lower max_new_tokens or shorten the prompts"
+        )
+
+
 def generate(
     guide: Guide,
     input_ids: torch.Tensor,
@@ -150,6 +161,7 @@ def generate(
     Greedy, sampling and beam search all work; pass ``top_k=0`` to sample from q_theta itself
     (transformers applies top_k=50 by default when sampling).
     """
+    check_length(guide.base, input_ids.shape[1], generate_kwargs.get("max_new_tokens"))
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)  # no mask given: nothing is padding
     processor = GuideLogitsProcessor(guide, attention_mask, alpha)

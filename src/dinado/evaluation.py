@@ -27,10 +27,13 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 def base_perplexity(
     model, tokenizer, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 16
 ) -> float:
-    """exp(mean negative log-likelihood per completion token) under the base model, given each prompt."""
+    """exp(mean negative log-likelihood per completion token) under the base model, given each prompt.
+
+    Only tokens inside the model's position window are scored."""
     total_nll, total_tokens = 0.0, 0
     device = next(model.parameters()).device
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 10**9
     for start in range(0, len(prompts), batch_size):
         rows, spans = [], []
         for prompt, completion in zip(
@@ -40,8 +43,9 @@ def base_perplexity(
             c = tokenizer(" " + completion.strip() if completion.strip() else "", add_special_tokens=False)[
                 "input_ids"
             ]
-            rows.append(p + c)
-            spans.append((len(p), len(p) + len(c)))
+            row = (p + c)[:limit]  # tokens past the model's window are not scored
+            rows.append(row)
+            spans.append((len(p), len(row)))
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), tokenizer.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -53,8 +57,9 @@ def base_perplexity(
         )
         token_lp = log_p[:, :-1].gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
         for r, (a, b) in enumerate(spans):
-            total_nll -= float(token_lp[r, a - 1 : b - 1].sum())
-            total_tokens += b - a
+            if b > a:
+                total_nll -= float(token_lp[r, a - 1 : b - 1].sum())
+                total_tokens += b - a
     return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
 
 

@@ -1,6 +1,6 @@
-"""`make demo`: every variant trained on the exact testbed and scored against exact ground truth.
+"""Every variant trained on the exact testbed and scored against exact ground truth.
 
-Run as ``python -m dinado.demo``. Until the CLI's demo lands, this is the project's main job: it shows, with
+Run as ``python -m dinado.exact_demo``. It shows, with
 exact numbers rather than estimates, how close each guide gets to q* = p C / R*(c).
 """
 

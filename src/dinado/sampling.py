@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from .decoding import check_length
 from .decoding import generate as guided_generate
 from .guide import Guide, base_vocab_size
 from .io import tokenizer_fingerprint
@@ -85,6 +86,7 @@ def sample(
     if any(len(p) == 0 for p in rows):
         raise ValueError("every prompt needs at least one token (GPT-2 style models: start with BOS/EOS)")
     vocab = base_vocab_size(model)
+    check_length(model, max(len(p) for p in rows), max_new_tokens)
     exact_p = guide is None and temperature == 1.0 and top_p == 1.0
     torch.manual_seed(seed)
     device = next(model.parameters()).device
