@@ -50,7 +50,10 @@ def test_training_needs_a_length():
         (lambda p, c: [2.0] * len(c), r"returned 2.0 for sample 0: values must be finite and in \[0, 1\]"),
         (lambda p, c: [math.nan] * len(c), r"returned nan for sample 0"),
         (lambda p, c: [1.0], r"returned 1 values for 4 samples"),
-        (lambda p, c: 1 / 0, r"raised on a batch of 4 samples \(first failing: sample 0, completion .*\): division by zero"),
+        (
+            lambda p, c: 1 / 0,
+            r"raised on a batch of 4 samples \(first failing: sample 0, completion .*\): division by zero",
+        ),
     ],
 )
 def test_sampling_checks_what_the_oracle_returns(oracle, message):
