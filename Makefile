@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench-exact bench-decode clean
+.PHONY: test demo demo-exact lint bench-exact bench-decode clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 demo: $(STAMP)
-	$(PY) -m dinado.demo
+	$(VENV)/bin/dinado demo
+
+demo-exact: $(STAMP)
+	$(PY) -m dinado.exact_demo
 
 bench-exact: $(STAMP)
 	$(PY) benchmarks/exact_convergence.py

@@ -103,7 +103,7 @@ def run_demo(output: str, seed: int = 0, quick: bool = False, threads: int | Non
     token_oracle = as_token_oracle(oracle, tokenizer)
     encode = lambda texts: [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
-    num_prompts, per_prompt = (150, 8) if quick else (800, 8)
+    num_prompts, per_prompt = (150, 8) if quick else (600, 8)
     _log(f"sampling {per_prompt} completions for each of {num_prompts} training concept sets from the base")
     samples = sample(
         model,
@@ -121,7 +121,7 @@ def run_demo(output: str, seed: int = 0, quick: bool = False, threads: int | Non
 
     gen_kwargs = dict(max_new_tokens=24, do_sample=True, top_k=0, pad_token_id=tokenizer.pad_token_id)
     variants = ["nado", "dinado-soft"] if quick else ["nado", "dinado-soft", "dinado-merge"]
-    steps = 150 if quick else 600
+    steps = 150 if quick else 450
     systems: dict[str, object] = {"base": model}
     curves = {}
     for variant in variants:
