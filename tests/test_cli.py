@@ -368,3 +368,50 @@ def test_pretrain_sample_train_generate_evaluate_on_a_tiny_config(tmp_path, caps
         base,
     )
     assert code == 2 and "is not empty" in err
+
+
+def test_train_tracks_validation_success_and_asks_for_wandb_when_missing(tmp_path, base_dir, capsys):
+    from dinado import SampleSet
+
+    SampleSet.from_token_ids(
+        [[464]] * 4, [[50256], [262, 50256], [11, 50256], [50256]], [1.0, 0.0, 1.0, 0.0]
+    ).save(tmp_path / "s.safetensors")
+    prompts = tmp_path / "val.txt"
+    prompts.write_text("The\nA\n")
+    argv = [
+        "train",
+        "--base",
+        base_dir,
+        "--samples",
+        tmp_path / "s.safetensors",
+        "--variant",
+        "nado",
+        "--max-steps",
+        4,
+        "--batch-size",
+        2,
+        "--val-prompts",
+        prompts,
+        "--val-every",
+        2,
+        "--val-max-new-tokens",
+        4,
+        "--oracle",
+        "{type: regex, pattern: 'e'}",
+    ]
+    code, out, err = _run(capsys, *argv, "--output", tmp_path / "g")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_success" in r] == [1, 2, 4]
+    assert all(0.0 <= r["val_success"] <= 1.0 for r in records if "val_success" in r)
+    code, out, err = _run(capsys, "evaluate", "--generations", tmp_path / "none", "--output", tmp_path / "e")
+    assert code == 2 and "generations file" in err
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        _assert_error(
+            capsys,
+            tmp_path,
+            [*argv, "--report-to", "wandb", "--output", tmp_path / "run"],
+            "--report-to wandb needs the wandb package",
+        )

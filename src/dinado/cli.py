@@ -71,7 +71,11 @@ SPECS: dict[str, Spec] = {
         "regularizer_weight": (None, float, "consistency regulariser weight (default: the variant's)"),
         "ce_positions": ("all", str, "cross-entropy on 'all' prefixes or the 'terminal' one"),
         "max_steps": (None, int, "training steps"),
-        "epochs": (1.0, float, "epochs (the smaller of steps and epochs wins)"),
+        "epochs": (
+            None,
+            float,
+            "epochs (default 1 when --max-steps is not given; with both, the smaller wins)",
+        ),
         "batch_size": (32, int, "sequences per step"),
         "micro_batch_size": (None, int, "split steps into chunks for memory"),
         "learning_rate": (None, float, "default: the variant's"),
@@ -80,6 +84,11 @@ SPECS: dict[str, Spec] = {
         "checkpoint_every": (200, int, "steps between checkpoints"),
         "resume": (False, "flag", "continue from the last checkpoint in --output"),
         "allow_no_positives": (False, "flag", "train even if no sample satisfies the oracle"),
+        "report_to": ("none", str, "also log to 'wandb' (needs the wandb package), or 'none'"),
+        "val_prompts": (None, str, "prompts file: track the guide's oracle success on them while training"),
+        "val_every": (100, int, "steps between validation runs"),
+        "val_max_new_tokens": (32, int, "tokens per validation sample"),
+        **_ORACLE,
     },
     "generate": {
         **_COMMON,
@@ -358,6 +367,47 @@ def _samples_path(path: str) -> Path:
     return p
 
 
+def _start_wandb(config: dict[str, Any], run: RunDir):
+    try:
+        import wandb
+    except ImportError:
+        raise CLIError("--report-to wandb needs the wandb package: pip install wandb") from None
+    return wandb.init(project="dinado", name=run.path.name, dir=str(run.path), config=config)
+
+
+def _validator(config: dict[str, Any], guide, tokenizer) -> Callable[[], float] | None:
+    """Success of the guide's samples on --val-prompts under the samples' oracle, or None when not asked."""
+    if not config.get("val_prompts"):
+        return None
+    if text_oracle(config) is None:
+        raise CLIError("--val-prompts needs the oracle to judge with: --keywords or --oracle")
+    from .oracles import call_oracle
+
+    prompts = read_prompts(config["val_prompts"])
+    oracle = text_oracle(config)
+
+    def validate() -> float:
+        import torch
+
+        state = torch.get_rng_state()  # validation must not change the training run's random stream
+        torch.manual_seed(config["seed"])
+        texts, _, _ = generate_texts(
+            guide,
+            tokenizer,
+            prompts,
+            64,
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=config["val_max_new_tokens"],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.set_rng_state(state)
+        values = call_oracle(oracle, prompts, texts)
+        return sum(values) / len(values)
+
+    return validate
+
+
 def cmd_train(config: dict[str, Any]) -> None:
     """Train a guide (NADO or DiNADO) on labelled samples; checkpoints, resume, metrics, TensorBoard."""
     from .guide import Guide
@@ -391,17 +441,25 @@ def cmd_train(config: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run.path / "tensorboard"))
+        wandb_run = _start_wandb(config, run) if config["report_to"] == "wandb" else None
+        validate = _validator(config, guide, tokenizer)
 
         def on_step(step: int, values: dict[str, float]) -> None:
-            run.log({"step": step, **values})
-            for key, value in values.items():
-                writer.add_scalar(f"train/{key}", value, step)
+            record = {"step": step, **values}
+            if validate is not None and (step % config["val_every"] == 0 or step == 1):
+                record["val_success"] = validate()
+            run.log(record)
+            for key, value in record.items():
+                if key != "step":
+                    writer.add_scalar(f"train/{key}", value, step)
+            if wandb_run is not None:
+                wandb_run.log(record, step=step)
 
         report = train(
             guide,
             samples,
             max_steps=config["max_steps"],
-            epochs=config["epochs"],
+            epochs=config["epochs"] if config["epochs"] is not None or config["max_steps"] else 1.0,
             batch_size=config["batch_size"],
             learning_rate=config["learning_rate"],
             seed=config["seed"],
@@ -415,6 +473,8 @@ def cmd_train(config: dict[str, Any]) -> None:
             on_step=on_step,
         )
         writer.close()
+        if wandb_run is not None:
+            wandb_run.finish()
         guide.save_pretrained(run.path / "guide")
         atomic_write_text(run.path / "train_report.json", json.dumps(report.to_dict()))
     print(f"trained a {config['variant']} guide for {report.steps} steps; saved to {run.path / 'guide'}")

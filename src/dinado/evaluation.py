@@ -97,16 +97,17 @@ def evaluate_texts(
 
 
 def plot_training_curves(records: Sequence[dict[str, float]], path: str | os.PathLike) -> None:
-    """Loss and regulariser against step, from a training run's metrics.jsonl records (PNG, atomic)."""
+    """Loss, regulariser (and validation success when logged) against step, from metrics.jsonl (PNG, atomic)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in records if "step" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key in zip(axes, ("loss", "regularizer"), strict=True):
-        ax.plot(steps, [r[key] for r in records if "step" in r])
+    keys = ["loss", "regularizer"] + (["val_success"] if any("val_success" in r for r in records) else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2))
+    for ax, key in zip(axes, keys, strict=True):
+        points = [(r["step"], r[key]) for r in records if "step" in r and key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if key == "val_success" else None)
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
