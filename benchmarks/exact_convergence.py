@@ -224,6 +224,9 @@ def save_figure(
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it a normal file's mode
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -302,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"Command: `{shlex.join([sys.executable, *sys.argv])}`\n")
     print(
         f"dinado {dinado.__version__} (sources {source_fingerprint()}), torch {torch.__version__}, "
-        f"torch threads {torch.get_num_threads()}; steps {args.steps}, batch {args.batch_size}, seed {args.seed}\n"
+        f"torch threads {torch.get_num_threads()}; steps {args.steps}, batch {args.batch_size}, "
+        f"seed {args.seed}\n"
     )
     overall = time.perf_counter()
 

@@ -60,3 +60,9 @@ def test_sampling_is_reproducible_with_a_seed(toy_base):
     b = dinado.sample(toy_base, [[0], [0, 3]], 20, exact.toy_oracle, 5, seed=7)
     c = dinado.sample(toy_base, [[0], [0, 3]], 20, exact.toy_oracle, 5, seed=8)
     assert a.completions == b.completions and a.completions != c.completions
+
+
+def test_processors_from_the_generation_config_are_weighted_too(toy_base):
+    toy_base.generation_config.repetition_penalty = 3.0  # no longer samples from p, though T=1 and top_p=1
+    samples = dinado.sample(toy_base, [exact.TOY_PROMPT], 200, exact.toy_oracle, 6, seed=4)
+    assert samples.log_weights is not None and samples.log_weights.abs().max() > 0.1

@@ -137,9 +137,11 @@ def sample(
         labels.extend(
             call_oracle(oracle, rows[start : start + batch_size], completions[start : start + batch_size])
         )
-    log_weights = (
-        None if exact_p else [sum(a) - sum(b) for a, b in zip(token_log_p, token_log_pi, strict=True)]
-    )
+    log_weights = [sum(a) - sum(b) for a, b in zip(token_log_p, token_log_pi, strict=True)]
+    if exact_p and max(abs(w) for w in log_weights) < 1e-4:
+        # samples from p itself; a processor from the model's generation_config (e.g. a repetition penalty)
+        # shows up as non-zero weights, which are then kept
+        log_weights = None
     metadata = {
         "base_model": getattr(model.config, "_name_or_path", None) or None,
         "vocab_size": vocab,
