@@ -415,3 +415,27 @@ def test_train_tracks_validation_success_and_asks_for_wandb_when_missing(tmp_pat
             [*argv, "--report-to", "wandb", "--output", tmp_path / "run"],
             "--report-to wandb needs the wandb package",
         )
+
+
+def test_evaluate_report_puts_each_systems_output_in_its_column(tmp_path, capsys):
+    for run, words in (("a", ["one dog", "two"]), ("b", ["three", "four dogs"])):
+        (tmp_path / run).mkdir()
+        rows = [{"prompt": p, "completion": w} for p, w in zip(["P1", "P2"], words, strict=True)]
+        (tmp_path / run / "generations.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code, out, err = _run(
+        capsys,
+        "evaluate",
+        "--generations",
+        tmp_path / "b",
+        "--compare",
+        tmp_path / "a",
+        "--keywords",
+        "dog",
+        "--output",
+        tmp_path / "eval",
+    )
+    assert code == 0, err
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| P1 | one dog | three |" in report and "| P2 | two | four dogs |" in report
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["base"]["success"] == 0.5 and metrics["guide"]["success"] == 0.5

@@ -611,9 +611,13 @@ def cmd_evaluate(config: dict[str, Any]) -> None:
         atomic_write_text(run.path / "metrics.json", json.dumps(results, indent=2))
         if curves is not None:
             plot_training_curves(read_jsonl(curves), run.path / "training_curves.png")
-        examples = [
-            {"prompt": rows[0]["prompt"], **{name: rows[0]["completion"] for name in runs}}
-            for rows in zip(*(r for r, _ in runs.values()), strict=True)
+        names = list(runs)
+        examples = [  # one row per prompt: each system's completion of it
+            {
+                "prompt": same[0]["prompt"],
+                **{name: row["completion"] for name, row in zip(names, same, strict=True)},
+            }
+            for same in zip(*(rows for rows, _ in runs.values()), strict=True)
         ][:20]
         atomic_write_text(run.path / "report.md", markdown_report(results, examples, list(runs)))
     for name, values in results.items():
