@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from dinado.cli import main
@@ -439,3 +440,40 @@ def test_evaluate_report_puts_each_systems_output_in_its_column(tmp_path, capsys
     assert "| P1 | one dog | three |" in report and "| P2 | two | four dogs |" in report
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["base"]["success"] == 0.5 and metrics["guide"]["success"] == 0.5
+
+
+def test_train_resume_continues_to_the_same_weights_as_a_straight_run(tmp_path, base_dir, capsys):
+    from safetensors.torch import load_file
+
+    from dinado import SampleSet
+
+    SampleSet.from_token_ids(
+        [[464]] * 4, [[50256], [262, 50256], [11, 50256], [50256]], [1.0, 0.0, 1.0, 0.0]
+    ).save(tmp_path / "s.safetensors")
+    argv = [
+        "train",
+        "--base",
+        base_dir,
+        "--samples",
+        tmp_path / "s.safetensors",
+        "--variant",
+        "dinado-soft",
+        "--batch-size",
+        2,
+        "--checkpoint-every",
+        2,
+    ]
+    assert _run(capsys, *argv, "--max-steps", 8, "--output", tmp_path / "straight")[0] == 0
+    assert _run(capsys, *argv, "--max-steps", 4, "--output", tmp_path / "resumed")[0] == 0
+    code, out, err = _run(capsys, *argv, "--max-steps", 8, "--output", tmp_path / "resumed", "--resume")
+    assert code == 0, err
+    a = load_file(str(tmp_path / "straight" / "guide" / "guide.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "guide" / "guide.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+    # without --resume an existing run directory is refused
+    code, out, err = _run(capsys, *argv, "--max-steps", 8, "--output", tmp_path / "resumed")
+    assert code == 2 and "is not empty" in err

@@ -424,6 +424,9 @@ def cmd_train(config: dict[str, Any]) -> None:
         )
     with RunDir(config["output"], keep_existing=config["resume"]) as run:
         model, tokenizer = load_base(config)
+        import torch
+
+        torch.manual_seed(config["seed"])  # the guide's initialisation must follow --seed too
         try:
             guide = Guide.create(
                 model,
