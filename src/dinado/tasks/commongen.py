@@ -1,0 +1,133 @@
+"""CommonGen: loaders (paths as arguments), the `concepts =` prompt format, the coverage oracle and metrics.
+
+Files: parallel line files ``{split}_src.txt`` (space-separated concepts) and ``{split}_trg.txt`` (one reference
+per line), as in shared/data/commongen/v1.1_LHRYANG; a concept set with k references spans k lines.
+Metrics: concept coverage and all-concepts success (the inflection-aware keyword oracle), and pycocoevalcap's
+BLEU-4, CIDEr, METEOR and ROUGE-L (offline; METEOR needs Java). SPICE needs a model download and is reported
+as unavailable (None), never estimated.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..oracles import KeywordOracle
+
+PROMPT_MARKER = "="
+SPLITS = {"train": "train", "dev": "valid", "valid": "valid", "test": "test"}
+
+
+@dataclass
+class ConceptSet:
+    concepts: list[str]
+    references: list[str] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> str:
+        return format_prompt(self.concepts)
+
+
+def format_prompt(concepts: Sequence[str]) -> str:
+    """The prompt the base model is trained on: ``"dog frisbee catch ="``."""
+    return " ".join(concepts) + " " + PROMPT_MARKER
+
+
+def load_pairs(src_path: str | os.PathLike, tgt_path: str | os.PathLike) -> list[ConceptSet]:
+    """Group parallel src/trg lines into concept sets (same concepts in any order = one set), in file order."""
+    src, tgt = Path(src_path), Path(tgt_path)
+    for f in (src, tgt):
+        if not f.is_file():
+            raise FileNotFoundError(f"CommonGen file {f} not found")
+    sources = src.read_text(encoding="utf-8").splitlines()
+    targets = tgt.read_text(encoding="utf-8").splitlines()
+    if len(sources) != len(targets):
+        raise ValueError(
+            f"{src} has {len(sources)} lines but {tgt} has {len(targets)}: they must be parallel"
+        )
+    sets: dict[tuple[str, ...], ConceptSet] = {}
+    for i, (line, reference) in enumerate(zip(sources, targets, strict=True)):
+        concepts = line.split()
+        if not concepts:
+            raise ValueError(f"{src}:{i + 1} has no concepts")
+        key = tuple(sorted(concepts))
+        sets.setdefault(key, ConceptSet(concepts)).references.append(reference.strip())
+    return list(sets.values())
+
+
+def load_split(data_dir: str | os.PathLike, split: str) -> list[ConceptSet]:
+    """``split`` in train, dev (= valid), test from a directory holding ``{split}_src.txt``/``{split}_trg.txt``."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown CommonGen split {split!r}: choose one of {', '.join(SPLITS)}")
+    name = SPLITS[split]
+    root = Path(data_dir)
+    return load_pairs(root / f"{name}_src.txt", root / f"{name}_trg.txt")
+
+
+def coverage_oracle(soft: bool = False) -> KeywordOracle:
+    """Inflection-aware concept coverage read from the prompt: all-or-nothing, or the covered share."""
+    return KeywordOracle.commongen(marker=PROMPT_MARKER) if not soft else _soft_oracle()
+
+
+def _soft_oracle() -> KeywordOracle:
+    oracle = KeywordOracle.commongen(marker=PROMPT_MARKER)
+    oracle.soft = True
+    return oracle
+
+
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+
+
+def _tokenize(text: str) -> str:
+    """Lower-case word/punctuation tokens joined by spaces (what the COCO scorers expect)."""
+    return " ".join(_TOKEN.findall(text.lower()))
+
+
+def caption_metrics(outputs: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float | None]:
+    """Corpus BLEU-4, CIDEr, METEOR, ROUGE-L (pycocoevalcap) of one output per concept set; SPICE: None."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if len(outputs) != len(references):
+        raise ValueError(f"{len(outputs)} outputs for {len(references)} reference sets")
+    if any(len(r) == 0 for r in references):
+        raise ValueError("every output needs at least one reference")
+    gts = {str(i): [_tokenize(r) for r in refs] for i, refs in enumerate(references)}
+    res = {str(i): [_tokenize(o) or "."] for i, o in enumerate(outputs)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    rouge, _ = Rouge().compute_score(gts, res)
+    meteor_scorer = Meteor()  # a Java subprocess, stopped by the scorer's __del__
+    try:
+        meteor, _ = meteor_scorer.compute_score(gts, res)
+    finally:
+        del meteor_scorer
+    return {
+        "bleu4": float(bleu[3]),
+        "cider": float(cider),
+        "meteor": float(meteor),
+        "rouge_l": float(rouge),
+        "spice": None,
+    }
+
+
+def commongen_metrics(sets: Sequence[ConceptSet], outputs: Sequence[str]) -> dict[str, float | None]:
+    """Coverage, all-concepts success and the caption metrics for one output per concept set."""
+    if len(sets) != len(outputs):
+        raise ValueError(f"{len(outputs)} outputs for {len(sets)} concept sets")
+    prompts = [s.prompt for s in sets]
+    oracle = coverage_oracle()
+    cover = oracle.coverage(prompts, list(outputs))
+    flat = [c for row in cover for c in row]
+    metrics: dict[str, float | None] = {
+        "coverage": sum(flat) / len(flat),
+        "success": sum(all(row) for row in cover) / len(cover),
+        "mean_words": sum(len(o.split()) for o in outputs) / len(outputs),
+    }
+    metrics.update(caption_metrics(outputs, [s.references for s in sets]))
+    return metrics

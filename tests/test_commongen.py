@@ -1,0 +1,62 @@
+import pytest
+
+from dinado.tasks.commongen import caption_metrics, commongen_metrics, format_prompt, load_pairs, load_split
+
+from .conftest import SHARED_DATA
+
+DATA = SHARED_DATA / "commongen" / "v1.1_LHRYANG"
+
+
+@pytest.fixture(scope="module")
+def dev():
+    if not DATA.is_dir():
+        pytest.skip(f"{DATA} is not present")
+    return load_split(DATA, "dev")
+
+
+def test_splits_have_the_documented_sizes(dev):
+    assert len(dev) == 992 and sum(len(s.references) for s in dev) == 4018  # SOURCE.md
+    test = load_split(DATA, "test")
+    assert len(test) == 1497 and sum(len(s.references) for s in test) == 6042
+    assert {len(s.concepts) for s in test} == {4, 5}
+
+
+def test_prompt_format_and_grouping(tmp_path):
+    (tmp_path / "s.txt").write_text("dog frisbee catch\ncatch dog frisbee\nski mountain\n")
+    (tmp_path / "t.txt").write_text("A dog catches a frisbee.\nThe dog caught it.\nWe ski on the mountain.\n")
+    sets = load_pairs(tmp_path / "s.txt", tmp_path / "t.txt")
+    assert [s.prompt for s in sets] == ["dog frisbee catch =", "ski mountain ="]
+    assert sets[0].references == ["A dog catches a frisbee.", "The dog caught it."]
+    assert format_prompt(["a", "b"]) == "a b ="
+
+
+def test_bad_files_are_named(tmp_path):
+    (tmp_path / "s.txt").write_text("a b\nc d\n")
+    (tmp_path / "t.txt").write_text("x\n")
+    with pytest.raises(ValueError, match="has 2 lines but .*t.txt has 1"):
+        load_pairs(tmp_path / "s.txt", tmp_path / "t.txt")
+    with pytest.raises(FileNotFoundError, match="missing_src.txt not found"):
+        load_pairs(tmp_path / "missing_src.txt", tmp_path / "t.txt")
+    with pytest.raises(ValueError, match="unknown CommonGen split 'val'"):
+        load_split(tmp_path, "val")
+
+
+def test_caption_metrics_reward_the_references_and_report_spice_unavailable():
+    refs = [
+        ["A dog catches a frisbee in the park .", "The dog caught the frisbee ."],
+        ["A man is riding a horse on the beach ."],
+    ]
+    perfect = caption_metrics([r[0] for r in refs], refs)
+    poor = caption_metrics(["Birds fly south in winter .", "It is raining again today ."], refs)
+    assert perfect["bleu4"] > 0.99 and perfect["rouge_l"] > 0.99 and perfect["meteor"] > 0.9
+    for key in ("bleu4", "cider", "meteor", "rouge_l"):
+        assert poor[key] < perfect[key], key
+    assert perfect["spice"] is None and poor["spice"] is None
+
+
+def test_commongen_metrics_count_inflected_concepts(dev):
+    sets = dev[:2]
+    outputs = [sets[0].references[0], "nothing relevant here ."]
+    m = commongen_metrics(sets, outputs)
+    assert m["success"] == 0.5  # the reference covers its own concepts, the second output none
+    assert 0 < m["coverage"] < 1
