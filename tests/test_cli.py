@@ -251,15 +251,18 @@ def test_pretrain_sample_train_generate_evaluate_on_a_tiny_config(tmp_path, caps
     (tmp_path / "tgt.txt").write_text("\n".join(e.sentence for e in examples) + "\n")
     (tmp_path / "prompts.txt").write_text("dog run =\ncat ball see =\n")
     base = tmp_path / "base"
-    code, out, err = _run(
-        capsys,
-        "pretrain",
+    data = [
         "--data-format",
         "pairs",
         "--source-file",
         tmp_path / "src.txt",
         "--target-file",
         tmp_path / "tgt.txt",
+    ]
+    code, out, err = _run(
+        capsys,
+        "pretrain",
+        *data,
         "--vocab-size",
         300,
         "--n-layer",
@@ -359,12 +362,7 @@ def test_pretrain_sample_train_generate_evaluate_on_a_tiny_config(tmp_path, caps
     code, out, err = _run(
         capsys,
         "pretrain",
-        "--data-format",
-        "pairs",
-        "--source-file",
-        tmp_path / "src.txt",
-        "--target-file",
-        tmp_path / "tgt.txt",
+        *data,
         "--output",
         base,
     )

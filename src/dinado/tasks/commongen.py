@@ -69,13 +69,7 @@ def load_split(data_dir: str | os.PathLike, split: str) -> list[ConceptSet]:
 
 def coverage_oracle(soft: bool = False) -> KeywordOracle:
     """Inflection-aware concept coverage read from the prompt: all-or-nothing, or the covered share."""
-    return KeywordOracle.commongen(marker=PROMPT_MARKER) if not soft else _soft_oracle()
-
-
-def _soft_oracle() -> KeywordOracle:
-    oracle = KeywordOracle.commongen(marker=PROMPT_MARKER)
-    oracle.soft = True
-    return oracle
+    return KeywordOracle.commongen(marker=PROMPT_MARKER, soft=soft)
 
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
