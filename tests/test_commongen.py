@@ -60,3 +60,56 @@ def test_commongen_metrics_count_inflected_concepts(dev):
     m = commongen_metrics(sets, outputs)
     assert m["success"] == 0.5  # the reference covers its own concepts, the second output none
     assert 0 < m["coverage"] < 1
+
+
+class _FakeDatasets:
+    """Stands in for the `datasets` package: records the call and returns rows shaped like common_gen's."""
+
+    def __init__(self, rows=None, error=None):
+        self.rows, self.error, self.calls = rows, error, []
+
+    def load_dataset(self, name, split, **kwargs):
+        self.calls.append((name, split, kwargs))
+        if self.error is not None:
+            raise self.error
+        return self.rows
+
+
+def test_load_hf_groups_rows_and_maps_split_names(monkeypatch):
+    from dinado.tasks.commongen import load_hf
+
+    rows = [
+        {
+            "concept_set_idx": 0,
+            "concepts": ["ski", "mountain", "skier"],
+            "target": "Skier skis down the mountain",
+        },
+        {
+            "concept_set_idx": 0,
+            "concepts": ["ski", "mountain", "skier"],
+            "target": " A skier on a mountain. ",
+        },
+        {"concept_set_idx": 1, "concepts": ["dog", "wag", "tail"], "target": ""},
+    ]
+    fake = _FakeDatasets(rows)
+    monkeypatch.setitem(__import__("sys").modules, "datasets", fake)
+    sets = load_hf("dev", cache_dir="/tmp/cache")
+    assert fake.calls == [("allenai/common_gen", "validation", {"cache_dir": "/tmp/cache"})]
+    assert [s.prompt for s in sets] == ["ski mountain skier =", "dog wag tail ="]
+    assert sets[0].references == ["Skier skis down the mountain", "A skier on a mountain."]
+    assert sets[1].references == []  # the hub's test split has no targets
+
+
+def test_load_hf_offline_and_missing_package_errors(monkeypatch):
+    import sys
+
+    from dinado.tasks.commongen import load_hf
+
+    monkeypatch.setitem(sys.modules, "datasets", _FakeDatasets(error=ConnectionError("no network")))
+    with pytest.raises(RuntimeError, match="could not load .*allenai/common_gen.*no network.*load_split"):
+        load_hf("train")
+    with pytest.raises(ValueError, match="unknown CommonGen split 'val'"):
+        load_hf("val")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'dinado\[hf\]'"):
+        load_hf("dev")

@@ -2,6 +2,8 @@
 
 Files: parallel line files ``{split}_src.txt`` (space-separated concepts) and ``{split}_trg.txt`` (one reference
 per line), as in shared/data/commongen/v1.1_LHRYANG; a concept set with k references spans k lines.
+:func:`load_hf` reads the Hugging Face ``common_gen`` dataset instead (optional ``datasets`` dependency, needs
+the hub or its cache).
 Metrics: concept coverage and all-concepts success (the inflection-aware keyword oracle), and pycocoevalcap's
 BLEU-4, CIDEr, METEOR and ROUGE-L (offline; METEOR needs Java). SPICE needs a model download and is reported
 as unavailable (None), never estimated.
@@ -65,6 +67,51 @@ def load_split(data_dir: str | os.PathLike, split: str) -> list[ConceptSet]:
     name = SPLITS[split]
     root = Path(data_dir)
     return load_pairs(root / f"{name}_src.txt", root / f"{name}_trg.txt")
+
+
+HF_SPLITS = {
+    "train": "train",
+    "dev": "validation",
+    "valid": "validation",
+    "validation": "validation",
+    "test": "test",
+}
+
+
+def load_hf(split: str, name: str = "allenai/common_gen", **load_kwargs) -> list[ConceptSet]:
+    """The Hugging Face ``common_gen`` dataset (needs ``datasets`` and a reachable hub, or its cache).
+
+    Rows are grouped into concept sets like :func:`load_pairs`. The hub's ``test`` split has no references
+    (empty targets are dropped, leaving ``references == []``); use the v1.0 public test files with
+    :func:`load_split` for scored test numbers. ``load_kwargs`` go to ``datasets.load_dataset``
+    (e.g. ``cache_dir=``, ``revision=``).
+    """
+    if split not in HF_SPLITS:
+        raise ValueError(f"unknown CommonGen split {split!r}: choose one of {', '.join(HF_SPLITS)}")
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(
+            "load_hf needs the `datasets` package: pip install 'dinado[hf]' "
+            "(or use load_split(data_dir, split) with local CommonGen files)"
+        ) from err
+    try:
+        rows = datasets.load_dataset(name, split=HF_SPLITS[split], **load_kwargs)
+    except Exception as err:  # offline hubs raise several different error types
+        raise RuntimeError(
+            f"could not load the Hugging Face dataset {name!r} (split {HF_SPLITS[split]!r}): {err}. "
+            "Without a reachable hub or a local cache, use load_split(data_dir, split) with the CommonGen files"
+        ) from err
+    sets: dict[tuple[str, ...], ConceptSet] = {}
+    for i, row in enumerate(rows):
+        concepts = [str(c).strip() for c in row.get("concepts") or [] if str(c).strip()]
+        if not concepts:
+            raise ValueError(f"{name} {split} row {i} has no concepts")
+        entry = sets.setdefault(tuple(sorted(concepts)), ConceptSet(concepts))
+        target = (row.get("target") or "").strip()
+        if target:
+            entry.references.append(target)
+    return list(sets.values())
 
 
 def coverage_oracle(soft: bool = False) -> KeywordOracle:
