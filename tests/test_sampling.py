@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import dinado
@@ -66,3 +67,34 @@ def test_processors_from_the_generation_config_are_weighted_too(toy_base):
     toy_base.generation_config.repetition_penalty = 3.0  # no longer samples from p, though T=1 and top_p=1
     samples = dinado.sample(toy_base, [exact.TOY_PROMPT], 200, exact.toy_oracle, 6, seed=4)
     assert samples.log_weights is not None and samples.log_weights.abs().max() > 0.1
+
+
+def test_samples_from_another_model_as_proposal_are_weighted_by_exact_p_over_pi(toy_base):
+    other = exact.toy_base(11, init_scale=0.3)  # same vocabulary, different distribution
+    samples = dinado.sample(
+        toy_base, [[0], [0, 3]], 100, exact.toy_oracle, exact.TOY_MAX_NEW_TOKENS, seed=4, proposal=other
+    )
+    errors = []
+    for prompt in ([0], [0, 3]):
+        p_table = exact.evaluate(
+            Guide.create(toy_base, "nado"), prompt, exact.toy_oracle, exact.TOY_MAX_NEW_TOKENS, exact.TOY_EOS
+        )
+        pi_table = exact.evaluate(
+            Guide.create(other, "nado"), prompt, exact.toy_oracle, exact.TOY_MAX_NEW_TOKENS, exact.TOY_EOS
+        )
+        index = {tuple(c): i for i, c in enumerate(p_table.completions)}
+        for n, comp in enumerate(samples.completions):
+            if samples.prompts[n] != prompt:
+                continue
+            i = index[tuple(comp)]
+            errors.append(abs(sum(samples.token_log_p[n]) - float(p_table.log_p[i])))
+            errors.append(abs(sum(samples.token_log_proposal[n]) - float(pi_table.log_p[i])))
+            target = float(p_table.log_p[i] - pi_table.log_p[i])
+            errors.append(abs(float(samples.log_weights[n]) - target))
+    assert len(errors) == 3 * 200 and max(errors) < 1e-4
+    assert samples.log_weights.abs().max() > 0.1
+    assert samples.metadata["sampling"]["proposal"].startswith("model:")
+    with pytest.raises(ValueError, match="either a Guide as source or proposal="):
+        dinado.sample(Guide.create(toy_base, "nado"), [[0]], 2, exact.toy_oracle, 3, proposal=other)
+    with pytest.raises(ValueError, match="vocabulary .* differs"):
+        dinado.sample(toy_base, [[0]], 2, exact.toy_oracle, 3, proposal=exact.toy_base(1, vocab_size=9))

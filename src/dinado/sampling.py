@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from .decoding import check_length
 from .decoding import generate as guided_generate
-from .guide import Guide, base_vocab_size
+from .guide import Guide, base_vocab_size, position_ids_from_mask
 from .io import tokenizer_fingerprint
 from .oracles import call_oracle, describe
 from .samples import SampleSet
@@ -42,6 +42,14 @@ def _gather(step_scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.
     return torch.stack(out, dim=1)
 
 
+def _proposal_name(guide: Guide | None, proposal: PreTrainedModel | None) -> str:
+    if guide is not None:
+        return guide.config.variant
+    if proposal is not None:
+        return "model:" + (getattr(proposal.config, "_name_or_path", "") or "unnamed")
+    return "base"
+
+
 @torch.no_grad()
 def sample(
     source: PreTrainedModel | Guide,
@@ -57,6 +65,7 @@ def sample(
     pad_token_id: int | None = None,
     tokenizer: Any = None,
     progress: bool = False,
+    proposal: PreTrainedModel | None = None,
 ) -> SampleSet:
     """Draw ``num_samples`` completions per prompt from ``source`` and label them with ``oracle``.
 
@@ -64,6 +73,10 @@ def sample(
     The oracle is called as ``oracle(prompts, completions)`` on token-id lists; wrap a text oracle in
     :class:`dinado.oracles.TextOracle`. Log importance weights are stored unless the samples come from p
     exactly (the base at temperature 1 without top-p).
+
+    ``proposal``: another causal LM with the same tokenizer to draw from instead (e.g. a model fine-tuned on
+    references, which satisfies the oracle more often); ``source`` must then be the base model, and log p is
+    read from it by teacher forcing, so the stored weights are ``log p(x|c) - log proposal(x|c)``.
     """
     if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError("num_samples, max_new_tokens and batch_size must be at least 1")
@@ -71,6 +84,14 @@ def sample(
         raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     guide = source if isinstance(source, Guide) else None
     model = guide.base if guide is not None else source
+    if proposal is not None:
+        if guide is not None:
+            raise ValueError("give either a Guide as source or proposal=, not both")
+        if base_vocab_size(proposal) != base_vocab_size(model):
+            raise ValueError(
+                f"the proposal's vocabulary ({base_vocab_size(proposal)}) differs from the base's "
+                f"({base_vocab_size(model)}): it must share the base's tokenizer"
+            )
     cfg = model.generation_config
     eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
     if isinstance(eos, (list, tuple)):
@@ -87,7 +108,7 @@ def sample(
         raise ValueError("every prompt needs at least one token (GPT-2 style models: start with BOS/EOS)")
     vocab = base_vocab_size(model)
     check_length(model, max(len(p) for p in rows), max_new_tokens)
-    exact_p = guide is None and temperature == 1.0 and top_p == 1.0
+    exact_p = guide is None and proposal is None and temperature == 1.0 and top_p == 1.0
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     completions: list[list[int]] = []
@@ -111,7 +132,10 @@ def sample(
             output_scores=True,
             output_logits=True,
         )
-        out = guided_generate(guide, ids, **kwargs) if guide is not None else model.generate(ids, **kwargs)
+        if guide is not None:
+            out = guided_generate(guide, ids, **kwargs)
+        else:
+            out = (proposal if proposal is not None else model).generate(ids, **kwargs)
         gen = out.sequences[:, ids.shape[1] :]  # [N, T]
         steps = gen.shape[1]
         is_eos = gen == eos
@@ -123,6 +147,13 @@ def sample(
             full_mask = torch.cat([mask, torch.ones_like(gen)], 1)
             lp = guide(full, full_mask).log_p[:, ids.shape[1] - 1 : -1]
             log_p = lp.gather(-1, gen[..., None]).squeeze(-1)
+        elif proposal is not None:
+            full = torch.cat([ids, gen], 1)
+            full_mask = torch.cat([mask, torch.ones_like(gen)], 1)
+            logits = model(
+                input_ids=full, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask)
+            ).logits[:, ids.shape[1] - 1 : -1]
+            log_p = F.log_softmax(logits.float(), dim=-1).gather(-1, gen[..., None]).squeeze(-1)
         else:
             log_p = _gather(out.logits, gen)
         for r in range(len(chunk)):
@@ -148,7 +179,7 @@ def sample(
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
         "oracle": describe(oracle),
         "sampling": {
-            "proposal": guide.config.variant if guide is not None else "base",
+            "proposal": _proposal_name(guide, proposal),
             "temperature": temperature,
             "top_p": top_p,
             "max_new_tokens": max_new_tokens,
