@@ -11,6 +11,8 @@ as unavailable (None), never estimated.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -127,11 +129,27 @@ def _tokenize(text: str) -> str:
     return " ".join(_TOKEN.findall(text.lower()))
 
 
+@functools.lru_cache(maxsize=1)
+def _meteor():
+    """One METEOR scorer (a Java subprocess, ~6 s to start) shared by every call, stopped at exit."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()
+    atexit.register(_close_meteor, scorer)
+    return scorer
+
+
+def _close_meteor(scorer) -> None:
+    process = getattr(scorer, "meteor_p", None)
+    if process is not None and process.poll() is None:
+        process.kill()
+        process.wait()
+
+
 def caption_metrics(outputs: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float | None]:
     """Corpus BLEU-4, CIDEr, METEOR, ROUGE-L (pycocoevalcap) of one output per concept set; SPICE: None."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
     if len(outputs) != len(references):
@@ -143,11 +161,13 @@ def caption_metrics(outputs: Sequence[str], references: Sequence[Sequence[str]])
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
     rouge, _ = Rouge().compute_score(gts, res)
-    meteor_scorer = Meteor()  # a Java subprocess, stopped by the scorer's __del__
+    scorer = _meteor()
     try:
-        meteor, _ = meteor_scorer.compute_score(gts, res)
-    finally:
-        del meteor_scorer
+        meteor, _ = scorer.compute_score(gts, res)
+    except BaseException:  # a half-read reply leaves the subprocess (and its lock) unusable: start afresh
+        _close_meteor(scorer)
+        _meteor.cache_clear()
+        raise
     return {
         "bleu4": float(bleu[3]),
         "cider": float(cider),

@@ -1,0 +1,548 @@
+"""CommonGen end to end: every dinado variant side by side with baselines, on real data, in one command.
+
+    python benchmarks/commongen/run.py --quick --output runs/commongen-quick        # <= 15 min on 2 cores
+    python benchmarks/commongen/run.py --base runs/cg-base --output runs/commongen    # the full run
+
+Stages (each one's wall time is recorded):
+
+1. base: ``--base`` (a local directory or a hub id of any causal LM trained on ``concepts = sentence``; with
+   ``--base-finetune-steps N`` a raw LM such as gpt2-large is first LoRA-fine-tuned on the references and
+   merged), or, without ``--base``, a small GPT-2 pretrained here with ``dinado.pretrain``.
+2. sample: ``--samples-per-set`` completions from the base for each of ``--train-sets`` training concept sets
+   (a seeded random subset of CommonGen train), labelled by the inflection-aware coverage oracle.
+3. train: NADO, DiNADO-Hard, DiNADO-Soft and DiNADO-Merge (LoRA) on those samples; the baselines: supervised
+   LoRA fine-tuning and PEFT prompt tuning on the references of the same concept sets.
+4. decode dev (and test) with beam search and with sampling; best-of-N rejection sampling (N = 4, 16) from the
+   base; score coverage, all-concepts success, BLEU-4, CIDEr, METEOR, ROUGE-L (SPICE: unavailable).
+5. sample efficiency: dev success against labelled samples per concept set ({1, 2, 4, 8}) for NADO and
+   DiNADO-Soft, with samples from p and with importance-weighted samples from a proposal (the supervised
+   LoRA model, which satisfies the oracle more often).
+
+Writes ``results.json``, ``results.md`` (the tables) and ``efficiency.png`` to ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import random
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from dinado import Guide, sample, train
+from dinado.baselines import best_of_n, supervised_finetune
+from dinado.cli import encode_prompts, generate_texts
+from dinado.io import atomic_write_text
+from dinado.oracles import as_token_oracle
+from dinado.pretrain import PretrainConfig, pretrain
+from dinado.tasks.commongen import commongen_metrics, coverage_oracle, load_split
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "commongen" / "v1.1_LHRYANG"
+VARIANTS = ("nado", "dinado-hard", "dinado-soft", "dinado-merge")
+
+# full run / --quick; any flag given on the command line wins
+PRESETS = {
+    "full": dict(
+        train_sets=3000,
+        samples_per_set=8,
+        guide_steps=600,
+        sft_steps=600,
+        dev_sets=0,  # 0 = the whole split
+        test_sets=0,
+        efficiency_sets=1000,
+        efficiency_steps=300,
+        efficiency_dev_sets=300,
+        pretrain_examples=0,
+        pretrain_layers=4,
+        pretrain_embd=256,
+        pretrain_epochs=2.0,
+    ),
+    "quick": dict(
+        train_sets=300,
+        samples_per_set=8,
+        guide_steps=120,
+        sft_steps=120,
+        dev_sets=100,
+        test_sets=100,
+        efficiency_sets=150,
+        efficiency_steps=60,
+        efficiency_dev_sets=60,
+        pretrain_examples=12000,
+        pretrain_layers=2,
+        pretrain_embd=128,
+        pretrain_epochs=1.0,
+    ),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, help="run directory (created; results.json/results.md go here)")
+    p.add_argument("--quick", action="store_true", help="the small preset (at most ~15 min on 2 CPU cores)")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="CommonGen v1.1 files ({split}_src/trg.txt)")
+    p.add_argument("--base", default=None, help="causal LM directory or hub id (default: pretrain one here)")
+    p.add_argument(
+        "--base-finetune-steps", type=int, default=0, help="LoRA-fine-tune --base on references first"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on shared 2-core machines)"
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=64, help="decoding/sampling batch (prompts)")
+    p.add_argument("--train-batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--beams", type=int, default=4)
+    p.add_argument("--best-of", default="4,16", help="N for best-of-N rejection sampling, comma-separated")
+    p.add_argument("--budgets", default="1,2,4,8", help="samples per concept set in the efficiency study")
+    p.add_argument("--no-test", action="store_true", help="decode dev only")
+    p.add_argument("--no-efficiency", action="store_true", help="skip the sample-efficiency study")
+    for key, value in PRESETS["full"].items():
+        flag = "--" + key.replace("_", "-")
+        p.add_argument(
+            flag, type=type(value), default=None, help=f"full: {value}, quick: {PRESETS['quick'][key]}"
+        )
+    args = p.parse_args(argv)
+    preset = PRESETS["quick" if args.quick else "full"]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.best_of = [int(x) for x in args.best_of.split(",") if x.strip()]
+    args.budgets = sorted(int(x) for x in args.budgets.split(",") if x.strip())
+    if args.budgets and max(args.budgets) > args.samples_per_set:
+        p.error(f"--budgets up to {max(args.budgets)} need --samples-per-set >= {max(args.budgets)}")
+    return args
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        log(f"{name} ...")
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        log(f"{name}: {self.seconds[name]:.1f} s")
+
+
+def log(message: str) -> None:
+    print(f"[commongen] {message}", flush=True)
+
+
+def subset(items: list, n: int, seed: int) -> list:
+    """A seeded random subset of n items (all when n is 0 or at least the size), in a fixed order."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    return random.Random(seed).sample(items, n)
+
+
+def build_base(args, run: Path, train_sets, timer: Timer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.base is None:
+        base_dir = run / "base"
+        data = run / "base_data"
+        data.mkdir(parents=True, exist_ok=True)
+        pairs = [(s.concepts, r) for s in train_sets for r in s.references]
+        if args.pretrain_examples > 0:
+            pairs = pairs[: args.pretrain_examples]
+        atomic_write_text(data / "src.txt", "".join(" ".join(c) + "\n" for c, _ in pairs))
+        atomic_write_text(data / "trg.txt", "".join(r + "\n" for _, r in pairs))
+        config = PretrainConfig(
+            data_format="pairs",
+            source_file=str(data / "src.txt"),
+            target_file=str(data / "trg.txt"),
+            n_layer=args.pretrain_layers,
+            n_embd=args.pretrain_embd,
+            max_epochs=args.pretrain_epochs,
+            eval_every=200,
+            seed=args.seed,
+        )
+        with timer.stage("pretrain base"):
+            result = pretrain(config, base_dir, overwrite=True, progress=False)
+        log(f"base: {result.num_parameters:,} parameters, held-out loss {result.best_val_loss:.3f}")
+        source = str(base_dir)
+    else:
+        source = args.base
+    with timer.stage("load base"):
+        model = AutoModelForCausalLM.from_pretrained(source).to(args.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if args.base is not None and args.base_finetune_steps > 0:
+        with timer.stage("fine-tune base on references"):
+            prompts = [s.prompt for s in train_sets for _ in s.references]
+            targets = [r for s in train_sets for r in s.references]
+            model, _ = supervised_finetune(
+                model, tokenizer, prompts, targets, "lora", args.base_finetune_steps, seed=args.seed
+            )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval(), tokenizer, source
+
+
+def decode_kwargs(args, tokenizer, mode: str) -> dict:
+    common = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    if mode == "beam":
+        return dict(common, do_sample=False, num_beams=args.beams, early_stopping=True)
+    return dict(common, do_sample=True, top_k=0, temperature=1.0)
+
+
+def score(sets, texts) -> dict:
+    return commongen_metrics(sets, texts)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    run = Path(args.output)
+    run.mkdir(parents=True, exist_ok=True)
+    timer = Timer()
+    total_start = time.perf_counter()
+
+    with timer.stage("load data"):
+        all_train = load_split(args.data_dir, "train")
+        splits = {"dev": subset(load_split(args.data_dir, "dev"), args.dev_sets, args.seed)}
+        if not args.no_test:
+            splits["test"] = subset(load_split(args.data_dir, "test"), args.test_sets, args.seed)
+    model, tokenizer, base_source = build_base(args, run, all_train, timer)
+    train_sets = subset(all_train, args.train_sets, args.seed + 1)
+    prompts = [s.prompt for s in train_sets]
+    oracle = coverage_oracle()
+    soft_oracle = coverage_oracle(soft=True)
+    token_oracle = as_token_oracle(oracle, tokenizer)
+    k = args.samples_per_set
+
+    with timer.stage("sample from the base"):
+        samples = sample(
+            model,
+            encode_prompts(tokenizer, prompts),
+            k,
+            token_oracle,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=max(args.batch_size, 1) * 4,
+            seed=args.seed,
+            tokenizer=tokenizer,
+        )
+    samples.save(run / "samples.safetensors")
+    guide_oracle_calls = len(samples)
+    log(f"{len(samples)} samples from p, {samples.positive_rate:.1%} cover all their concepts")
+
+    def make_guide(variant: str) -> Guide:
+        base = copy.deepcopy(model) if variant == "dinado-merge" else model
+        return Guide.create(base, variant, tokenizer=tokenizer, num_layers=2, lora_r=8, lora_alpha=16)
+
+    def fit(guide: Guide, data, steps: int) -> dict:
+        return train(guide, data, max_steps=steps, batch_size=args.train_batch_size, seed=args.seed).to_dict()
+
+    systems: dict[str, object] = {"base": model}
+    train_info: dict[str, dict] = {}
+    trained: dict[str, Guide] = {}
+    for variant in VARIANTS:
+        guide = make_guide(variant)
+        with timer.stage(f"train {variant}"):
+            report = fit(guide, samples, args.guide_steps)
+        guide.save_pretrained(run / "guides" / variant)
+        trained[variant] = guide
+        train_info[variant] = {"final_loss": report["loss"][-1], "steps": report["steps"]}
+        systems[variant] = guide.merge() if variant == "dinado-merge" else guide
+
+    ref_prompts = [s.prompt for s in train_sets for _ in s.references]
+    ref_targets = [r for s in train_sets for r in s.references]
+    for name, method in (("sft-lora", "lora"), ("prompt-tuning", "prompt")):
+        with timer.stage(f"train {name}"):
+            tuned, info = supervised_finetune(
+                model,
+                tokenizer,
+                ref_prompts,
+                ref_targets,
+                method,
+                args.sft_steps,
+                batch_size=args.train_batch_size,
+                seed=args.seed,
+            )
+        systems[name] = tuned.eval()
+        train_info[name] = info
+
+    rows: list[dict] = []
+    outputs: dict[str, dict[str, list[str]]] = {}
+    for split, sets in splits.items():
+        split_prompts = [s.prompt for s in sets]
+        for mode in ("beam", "sample"):
+            for name, source in systems.items():
+                torch.manual_seed(args.seed)
+                key = f"decode {split} {mode} {name}"
+                with timer.stage(key):
+                    texts, _, _ = generate_texts(
+                        source,
+                        tokenizer,
+                        split_prompts,
+                        args.batch_size,
+                        **decode_kwargs(args, tokenizer, mode),
+                    )
+                calls = guide_oracle_calls if name in VARIANTS else 0
+                rows.append(
+                    {
+                        "split": split,
+                        "decoding": mode if mode == "sample" else f"beam {args.beams}",
+                        "system": name,
+                        "train_oracle_calls": calls,
+                        "test_oracle_calls": 0,
+                        "decode_seconds": timer.seconds[key],
+                        **score(sets, texts),
+                    }
+                )
+                outputs[f"{split}/{mode}/{name}"] = texts
+            if mode == "sample":
+                for n in args.best_of:
+                    key = f"decode {split} best-of-{n}"
+                    with timer.stage(key):
+                        texts, info = best_of_n(
+                            model,
+                            tokenizer,
+                            split_prompts,
+                            n,
+                            soft_oracle,
+                            args.max_new_tokens,
+                            batch_size=args.batch_size,
+                            seed=args.seed,
+                        )
+                    rows.append(
+                        {
+                            "split": split,
+                            "decoding": f"best of {n} samples",
+                            "system": "base",
+                            "train_oracle_calls": 0,
+                            "test_oracle_calls": info["oracle_calls"],
+                            "decode_seconds": timer.seconds[key],
+                            **score(sets, texts),
+                        }
+                    )
+                    outputs[f"{split}/best-of-{n}/base"] = texts
+        log_table(rows, split)
+
+    efficiency = None
+    if not args.no_efficiency and args.budgets:
+        efficiency = run_efficiency(args, model, tokenizer, systems["sft-lora"], all_train, splits, timer)
+
+    results = {
+        "command": " ".join(
+            ["python", "benchmarks/commongen/run.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "args": vars(args),
+        "base": base_source,
+        "base_parameters": sum(p.numel() for p in model.parameters()),
+        "train_sets": len(train_sets),
+        "samples": len(samples),
+        "samples_positive_rate": samples.positive_rate,
+        "split_sizes": {k_: len(v) for k_, v in splits.items()},
+        "train": train_info,
+        "rows": rows,
+        "efficiency": efficiency,
+        "seconds": timer.seconds,
+        "total_seconds": time.perf_counter() - total_start,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+    }
+    atomic_write_text(run / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(run / "outputs.json", json.dumps(outputs, indent=1))
+    markdown = results_markdown(results)
+    atomic_write_text(run / "results.md", markdown)
+    print(markdown)
+    log(f"total {results['total_seconds']:.0f} s; results in {run}")
+    return results
+
+
+def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, timer: Timer) -> dict:
+    """Dev success vs labelled samples per concept set, for NADO and DiNADO-Soft, from p and from a proposal."""
+    sets = subset(all_train, args.efficiency_sets, args.seed + 2)
+    prompt_ids = encode_prompts(tokenizer, [s.prompt for s in sets])
+    dev = splits["dev"][: args.efficiency_dev_sets] if args.efficiency_dev_sets > 0 else splits["dev"]
+    dev_prompts = [s.prompt for s in dev]
+    token_oracle = as_token_oracle(coverage_oracle(), tokenizer)
+    most = max(args.budgets)
+    common = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size * 4, tokenizer=tokenizer)
+    with timer.stage("efficiency: sample from p"):
+        from_p = sample(model, prompt_ids, most, token_oracle, seed=args.seed + 3, **common)
+    with timer.stage("efficiency: sample from the proposal"):
+        from_pi = sample(
+            model, prompt_ids, most, token_oracle, seed=args.seed + 4, proposal=proposal_model, **common
+        )
+    base_success = None
+    cells = []
+    for arm, pool in (("p", from_p), ("proposal+IS", from_pi)):
+        for budget in args.budgets:
+            indices = [i * most + j for i in range(len(sets)) for j in range(budget)]
+            data = pool.subset(indices)
+            ess = effective_sample_size(data)
+            for variant in ("nado", "dinado-soft"):
+                guide = Guide.create(model, variant, tokenizer=tokenizer, num_layers=2)
+                key = f"efficiency: {variant} {arm} {budget}"
+                with timer.stage(key):
+                    train(
+                        guide,
+                        data,
+                        max_steps=args.efficiency_steps,
+                        batch_size=args.train_batch_size,
+                        seed=args.seed,
+                    )
+                    torch.manual_seed(args.seed)
+                    texts, _, _ = generate_texts(
+                        guide,
+                        tokenizer,
+                        dev_prompts,
+                        args.batch_size,
+                        **decode_kwargs(args, tokenizer, "sample"),
+                    )
+                success = sum(coverage_oracle()(dev_prompts, texts)) / len(dev_prompts)
+                cells.append(
+                    {
+                        "variant": variant,
+                        "samples": arm,
+                        "per_set": budget,
+                        "oracle_calls": len(data),
+                        "positive_rate": data.positive_rate,
+                        "ess_per_set": ess,
+                        "dev_success": success,
+                        "seconds": timer.seconds[key],
+                    }
+                )
+                log(f"{key}: dev success {success:.3f}")
+    torch.manual_seed(args.seed)
+    texts, _, _ = generate_texts(
+        model, tokenizer, dev_prompts, args.batch_size, **decode_kwargs(args, tokenizer, "sample")
+    )
+    base_success = sum(coverage_oracle()(dev_prompts, texts)) / len(dev_prompts)
+    result = {
+        "train_sets": len(sets),
+        "dev_sets": len(dev),
+        "steps": args.efficiency_steps,
+        "proposal": "sft-lora (supervised LoRA fine-tune on references)",
+        "base_dev_success": base_success,
+        "cells": cells,
+    }
+    plot_efficiency(result, Path(args.output) / "efficiency.png")
+    return result
+
+
+def effective_sample_size(data) -> float:
+    """Mean over concept sets of the effective sample size (sum w)^2 / sum w^2 of the normalised weights."""
+    if data.log_weights is None:
+        groups = data.group_ids()
+        return len(data) / (int(groups.max()) + 1)
+    w = data.normalized_weights().double()
+    groups = data.group_ids()
+    count = int(groups.max()) + 1
+    s1 = torch.zeros(count, dtype=torch.float64).index_add_(0, groups, w)
+    s2 = torch.zeros(count, dtype=torch.float64).index_add_(0, groups, w * w)
+    return float((s1 * s1 / s2).mean())
+
+
+def plot_efficiency(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant in ("nado", "dinado-soft"):
+        for arm, style in (("p", "-o"), ("proposal+IS", "--s")):
+            cells = [c for c in result["cells"] if c["variant"] == variant and c["samples"] == arm]
+            ax.plot(
+                [c["per_set"] for c in cells],
+                [c["dev_success"] for c in cells],
+                style,
+                label=f"{variant}, {arm}",
+            )
+    ax.axhline(result["base_dev_success"], color="grey", lw=1, label="base")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("labelled samples per concept set")
+    ax.set_ylabel("all-concepts success (dev, sampling)")
+    ax.set_title(f"CommonGen sample efficiency ({result['train_sets']} concept sets)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def main_table(rows: list[dict], split: str | None = None) -> str:
+    head = (
+        "| split | decoding | system | success | coverage | BLEU-4 | CIDEr | METEOR | ROUGE-L | SPICE | words | "
+        "oracle calls (train / test) | decode s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        if split is not None and r["split"] != split:
+            continue
+        lines.append(
+            f"| {r['split']} | {r['decoding']} | {r['system']} | {_fmt(r['success'])} | {_fmt(r['coverage'])} | "
+            f"{_fmt(r['bleu4'])} | {_fmt(r['cider'])} | {_fmt(r['meteor'])} | {_fmt(r['rouge_l'])} | "
+            f"{_fmt(r['spice'])} | {_fmt(r['mean_words'], 1)} | {r['train_oracle_calls']:,} / "
+            f"{r['test_oracle_calls']:,} | {_fmt(r['decode_seconds'], 1)} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def log_table(rows: list[dict], split: str) -> None:
+    print(main_table(rows, split), flush=True)
+
+
+def results_markdown(results: dict) -> str:
+    out = [
+        f"Command: `{results['command']}`",
+        "",
+        f"Base: `{results['base']}` ({results['base_parameters']:,} parameters). Guides trained on "
+        f"{results['samples']:,} samples from the base ({results['train_sets']:,} train concept sets x "
+        f"{results['args']['samples_per_set']}; {results['samples_positive_rate']:.1%} cover all concepts). "
+        f"Evaluated concept sets: "
+        + ", ".join(f"{k} {v:,}" for k, v in results["split_sizes"].items())
+        + ". SPICE is unavailable offline (n/a).",
+        "",
+        main_table(results["rows"]),
+    ]
+    eff = results.get("efficiency")
+    if eff:
+        out += [
+            f"Sample efficiency: {eff['train_sets']:,} train concept sets, {eff['steps']} training steps per cell, "
+            f"all-concepts success on {eff['dev_sets']:,} dev concept sets with sampling (base: "
+            f"{eff['base_dev_success']:.3f}). Proposal: {eff['proposal']}; ESS = mean effective sample size "
+            "per concept set.",
+            "",
+            "| variant | samples | per set | oracle calls | positive rate | ESS per set | dev success | s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in eff["cells"]:
+            out.append(
+                f"| {c['variant']} | {c['samples']} | {c['per_set']} | {c['oracle_calls']:,} | "
+                f"{c['positive_rate']:.3f} | {c['ess_per_set']:.2f} | {c['dev_success']:.3f} | {c['seconds']:.0f} |"
+            )
+        out.append("")
+    out += ["| stage | seconds |", "|---|---|"]
+    out += [f"| {k} | {v:.1f} |" for k, v in results["seconds"].items()]
+    out += ["", f"Total: {results['total_seconds']:.0f} s on {results['machine']}.", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

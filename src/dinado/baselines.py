@@ -1,0 +1,424 @@
+"""Baselines that dinado's guides are compared against (e.g. on CommonGen).
+
+* :func:`supervised_finetune` -- supervised fine-tuning on (prompt, target) pairs, the standard way to adapt
+  a frozen LM without an oracle: either LoRA (low-rank updates of the linear layers, merged into a plain
+  model afterwards) or prompt tuning (a few trained "virtual token" embeddings prepended to every input;
+  the base weights stay as they are). The training text mirrors :mod:`dinado.pretrain`'s ``"pairs"``
+  format: ``prompt ids + ids of " " + target + EOS``, with the loss on the target and EOS only.
+* :func:`best_of_n` -- rejection sampling at test time: draw ``n`` samples per prompt and keep the one the
+  oracle scores highest. It needs no training but ``n`` oracle calls per prompt at decoding time.
+
+Both parameter-efficient methods come from PEFT, the well-maintained Hugging Face library that dinado
+already uses for its ``dinado-merge`` variant: its LoRA and prompt-tuning implementations are widely used
+reference implementations, so the guides are compared against them rather than against a home-made
+re-implementation that could be weaker by accident.
+
+One PEFT behaviour needs working around (checked with peft 0.21 and transformers 5.x): for prompt tuning,
+``PeftModelForCausalLM`` drops ``position_ids`` (it warns "Position ids are not supported ...") and GPT-2
+then numbers positions 0, 1, 2, ... across the padding, so a left-padded row is decoded differently from the
+same row unpadded. :func:`supervised_finetune` therefore returns prompt-tuned models wrapped in
+:class:`SoftPromptLM`, which feeds the soft prompt as input embeddings with positions taken from the
+attention mask, exactly as ``generate()`` does for a plain model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .guide import position_ids_from_mask
+from .pretrain import _batch_loss, _lr_factor
+from .sampling import _left_pad
+
+__all__ = ["METHODS", "SoftPromptLM", "best_of_n", "supervised_finetune"]
+
+METHODS = ("lora", "prompt")
+DEFAULT_LEARNING_RATES = {"lora": 1e-3, "prompt": 3e-2}
+WARMUP_FRACTION = 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompt tuning as a plain-looking model
+
+
+class SoftPromptLM(nn.Module):
+    """A causal LM with trained soft-prompt embeddings prepended to every input (from PEFT prompt tuning).
+
+    Behaves like the plain base model for what dinado's baselines need: ``forward(input_ids,
+    attention_mask)`` returns logits aligned with ``input_ids`` (the virtual positions are cut off), and
+    ``generate(input_ids, attention_mask=..., **kwargs)`` returns ``input_ids`` followed by the new tokens
+    (``sequences[:, input_ids.shape[1]:]`` are the new tokens), for left-padded batches too. Greedy,
+    sampling and beam search work. ``peft_model`` is the underlying PEFT model (``save_pretrained`` saves
+    the adapter). Caveat: logits processors that look at earlier tokens (e.g. a repetition penalty) see only
+    the generated tokens, not the prompt, since the prompt goes in as embeddings.
+    """
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        super().__init__()
+        config = peft_model.active_peft_config
+        if not config.is_prompt_learning or config.peft_type.value != "PROMPT_TUNING":
+            raise TypeError(f"SoftPromptLM needs a PEFT prompt-tuning model, got {config.peft_type}")
+        self.peft_model = peft_model
+        self.num_virtual_tokens = int(config.num_virtual_tokens)
+
+    @property
+    def base(self) -> nn.Module:
+        """The frozen transformers model inside."""
+        return self.peft_model.get_base_model()
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def generation_config(self):
+        return self.base.generation_config
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def max_positions(self) -> int | None:
+        """Positions left for real tokens (the model's limit less the virtual tokens); None if unknown."""
+        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        return None if limit is None else int(limit) - self.num_virtual_tokens
+
+    def _inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch = input_ids.shape[0]
+        embeds = self.peft_model.word_embeddings(input_ids)
+        prompt = self.peft_model.get_prompt(batch_size=batch).to(device=embeds.device, dtype=embeds.dtype)
+        ones = attention_mask.new_ones(batch, self.num_virtual_tokens)
+        return torch.cat([prompt, embeds], 1), torch.cat([ones, attention_mask], 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """The base model's output with the soft prompt in front; ``logits`` cover ``input_ids`` only."""
+        embeds, mask = self._inputs(input_ids, attention_mask)
+        out = self.base(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+        )
+        out.logits = out.logits[:, self.num_virtual_tokens :]
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        """``generate()`` of the base model with the soft prompt; returns what a plain model's would."""
+        if "inputs_embeds" in kwargs:
+            raise TypeError("SoftPromptLM.generate takes input_ids, not inputs_embeds")
+        limit, new = self.max_positions(), kwargs.get("max_new_tokens")
+        if limit is not None and new is not None and input_ids.shape[1] + new > limit:
+            raise ValueError(
+                f"prompt of {input_ids.shape[1]} tokens + max_new_tokens={new} exceeds the {limit} positions "
+                f"left after {self.num_virtual_tokens} virtual tokens: lower max_new_tokens or shorten the prompts"
+            )
+        embeds, mask = self._inputs(input_ids, attention_mask)
+        # given only embeddings, generate() returns only the new tokens: put the prompt ids back in front
+        out = self.base.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        per_row = sequences.shape[0] // input_ids.shape[0]  # num_return_sequences
+        full = torch.cat([input_ids.repeat_interleave(per_row, 0).to(sequences.device), sequences], 1)
+        if isinstance(out, torch.Tensor):
+            return full
+        out.sequences = full
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Supervised fine-tuning
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return None if limit is None else int(limit)
+
+
+def _training_rows(
+    tokenizer, prompts: Sequence[str], targets: Sequence[str], limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Right-padded ids, attention mask and labels (-100 on prompt and padding); the truncated-row count."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer([" " + t for t in targets], add_special_tokens=False)["input_ids"]
+    rows, learn, truncated = [], [], 0
+    for p, t in zip(prompt_ids, target_ids, strict=True):
+        row, keep = [*p, *t, eos], [False] * len(p) + [True] * (len(t) + 1)
+        if limit is not None and len(row) > limit:
+            row, keep = row[:limit], keep[:limit]
+            truncated += 1
+        if not any(keep[1:]):  # nothing left to predict (the first token has no context)
+            continue
+        rows.append(row)
+        learn.append(keep)
+    if not rows:
+        raise ValueError(f"no trainable rows: every prompt fills the model's {limit} positions")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (row, keep) in enumerate(zip(rows, learn, strict=True)):
+        n = len(row)
+        ids[i, :n] = torch.tensor(row)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.where(torch.tensor(keep), torch.tensor(row), torch.tensor(-100))
+    return ids, mask, labels, truncated
+
+
+def _check_finetune_args(method, prompts, targets, max_steps, batch_size, learning_rate, lora_r, vt) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(map(repr, METHODS))}")
+    if isinstance(prompts, str) or isinstance(targets, str):
+        raise TypeError("prompts and targets must be sequences of strings, not one string")
+    if len(prompts) != len(targets):
+        raise ValueError(
+            f"prompts and targets must have the same length, got {len(prompts)} and {len(targets)}"
+        )
+    if len(prompts) == 0:
+        raise ValueError("no training data: prompts and targets are empty")
+    for name, value in (("max_steps", max_steps), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if learning_rate is not None and not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    if method == "lora" and lora_r < 1:
+        raise ValueError(f"lora_r must be at least 1, got {lora_r}")
+    if method == "prompt" and vt < 1:
+        raise ValueError(f"num_virtual_tokens must be at least 1, got {vt}")
+
+
+def supervised_finetune(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    method: str = "lora",
+    max_steps: int = 200,
+    batch_size: int = 32,
+    learning_rate: float | None = None,
+    seed: int = 0,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_target_modules: str | list[str] = "all-linear",
+    num_virtual_tokens: int = 8,
+    progress: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune a copy of ``model`` on ``(prompt, target)`` pairs with LoRA or prompt tuning.
+
+    Each example is ``tokenizer(prompt) + tokenizer(" " + target) + [EOS]`` (no special tokens added), the
+    loss taken on the target and EOS tokens only; batches are right-padded. ``model`` itself is never
+    changed: a deep copy is trained (so memory holds two models).
+
+    ``method="lora"`` (default learning rate 1e-3) trains LoRA adapters (``lora_r``, ``lora_alpha``, on
+    ``lora_target_modules``), merges them and returns the plain merged model. ``method="prompt"`` (default
+    learning rate 3e-2) trains ``num_virtual_tokens`` randomly initialised soft-prompt embeddings and returns
+    a :class:`SoftPromptLM`. Either way the returned model is in eval mode and ``generate(input_ids,
+    attention_mask=..., ...)`` returns the prompt ids followed by the new tokens, as for the base model.
+
+    Optimisation: ``max_steps`` AdamW steps (no weight decay) over batches of ``batch_size`` rows drawn epoch
+    by epoch in a seeded random order, gradient norm clipped to 1.0, learning rate warmed up linearly over
+    the first 5% of the steps and then decayed to zero on a cosine. Dropout of the base model is active while
+    training. The same ``seed`` gives the same result. Rows longer than the model's positions (less the
+    virtual tokens) are cut from the right and counted in ``info["truncated"]``; a row left with nothing to
+    predict is dropped.
+
+    Returns ``(model, info)`` with ``info`` keys ``method``, ``steps``, ``train_loss_first`` and
+    ``train_loss_last`` (the loss of the first and of the last step's batch), ``wall_seconds``,
+    ``trainable_parameters``, ``examples`` (rows trained on) and ``truncated``.
+    """
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    _check_finetune_args(
+        method, prompts, targets, max_steps, batch_size, learning_rate, lora_r, num_virtual_tokens
+    )
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id: set one (GPT-2 style: pad = eos)")
+    lr = DEFAULT_LEARNING_RATES[method] if learning_rate is None else float(learning_rate)
+    start_time = time.perf_counter()
+
+    limit = _max_positions(model)
+    if method == "prompt" and limit is not None:
+        limit -= num_virtual_tokens
+        if limit < 2:
+            raise ValueError(
+                f"num_virtual_tokens={num_virtual_tokens} leaves no room in the model's positions"
+            )
+    ids, mask, labels, truncated = _training_rows(tokenizer, prompts, targets, limit)
+
+    torch.manual_seed(seed)
+    work = copy.deepcopy(model)
+    if method == "lora":
+        peft_config = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=0.0,
+            target_modules=lora_target_modules,
+            bias="none",
+            # GPT-2 style Conv1D layers store weights transposed; tell PEFT instead of letting it guess
+            fan_in_fan_out=any(isinstance(m, Conv1D) for m in work.modules()),
+        )
+        trained = get_peft_model(work, peft_config)
+    else:
+        peft_config = PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, prompt_tuning_init="RANDOM"
+        )
+        trained = SoftPromptLM(get_peft_model(work, peft_config))
+    params = [p for p in trained.parameters() if p.requires_grad]
+    device = next(trained.parameters()).device
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = int(WARMUP_FRACTION * max_steps)
+    generator = torch.Generator().manual_seed(seed)
+
+    losses: list[float] = []
+    trained.train()
+    bar = tqdm(total=max_steps, desc=f"finetune ({method})", disable=not progress)
+    try:
+        while len(losses) < max_steps:
+            order = torch.randperm(len(ids), generator=generator)
+            for start in range(0, len(order), batch_size):
+                if len(losses) >= max_steps:
+                    break
+                index = order[start : start + batch_size]
+                width = int(mask[index].sum(1).max())
+                batch = (t[index, :width].to(device) for t in (ids, mask, labels))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * _lr_factor(len(losses), max_steps, warmup, "cosine")
+                loss = _batch_loss(trained, *batch)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"the training loss is {loss.item()} at step {len(losses)}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        bar.close()
+
+    if method == "lora":
+        result = trained.merge_and_unload()
+    else:
+        result = trained
+        result.requires_grad_(False)
+    result.eval()
+    info = {
+        "method": method,
+        "steps": len(losses),
+        "train_loss_first": losses[0],
+        "train_loss_last": losses[-1],
+        "wall_seconds": time.perf_counter() - start_time,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "examples": len(ids),
+        "truncated": truncated,
+    }
+    return result, info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Best-of-n (rejection sampling against the oracle)
+
+
+@torch.no_grad()
+def best_of_n(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    n: int,
+    score: Callable[[list[str], list[str]], Sequence[float]],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    seed: int = 0,
+    temperature: float = 1.0,
+) -> tuple[list[str], dict[str, Any]]:
+    """For each prompt, draw ``n`` samples and return the one ``score`` rates highest.
+
+    Samples come from ``model.generate`` (pure ancestral sampling: ``top_k=0``, ``top_p=1``, the given
+    ``temperature``) on left-padded batches of ``batch_size`` rows, each prompt's ``n`` rows next to each
+    other; ``torch.manual_seed(seed)`` is set once at the start. A completion is the text of the new tokens
+    up to the first EOS, decoded with ``skip_special_tokens=True`` and stripped. ``score(prompts_repeated,
+    completions)`` is called once on all ``n * len(prompts)`` completions (higher is better); among ties the
+    earliest sample wins.
+
+    Returns ``(chosen, info)`` with ``info["oracle_calls"] = n * len(prompts)``, ``info["accepted"]`` (the
+    share of prompts whose chosen completion scores at least 1.0, i.e. fully satisfies a [0, 1] oracle) and
+    ``info["wall_seconds"]``.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of strings, not one string")
+    for name, value in (("n", n), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id: set one (GPT-2 style: pad = eos)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    start_time = time.perf_counter()
+
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    for prompt, ids in zip(prompts, encoded, strict=True):
+        if not ids:
+            raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+    rows = [ids for ids in encoded for _ in range(n)]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    completions: list[str] = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            ids, mask = _left_pad(rows[start : start + batch_size], pad)
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+            for new in out[:, ids.shape[1] :].tolist():
+                if eos in new:
+                    new = new[: new.index(eos)]
+                completions.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    finally:
+        model.train(was_training)
+
+    repeated = [p for p in prompts for _ in range(n)]
+    scores = [float(s) for s in score(repeated, completions)]
+    if len(scores) != len(completions):
+        raise ValueError(f"score returned {len(scores)} values for {len(completions)} completions")
+    if any(math.isnan(s) for s in scores):
+        raise ValueError("score returned NaN")
+    chosen, accepted = [], 0
+    for i in range(len(prompts)):
+        group = scores[i * n : (i + 1) * n]
+        best = max(range(n), key=lambda j: (group[j], -j))  # first among ties
+        chosen.append(completions[i * n + best])
+        accepted += group[best] >= 1.0
+    info = {
+        "oracle_calls": n * len(prompts),
+        "accepted": accepted / len(prompts),
+        "wall_seconds": time.perf_counter() - start_time,
+    }
+    return chosen, info

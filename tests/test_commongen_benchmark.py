@@ -1,0 +1,77 @@
+"""Smoke test of benchmarks/commongen/run.py on a small slice of CommonGen (the whole pipeline, tiny sizes)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import SHARED_DATA
+
+DATA = SHARED_DATA / "commongen" / "v1.1_LHRYANG"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "commongen" / "run.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("commongen_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    if not DATA.is_dir():
+        pytest.skip(f"{DATA} is not present")
+    out = tmp_path_factory.mktemp("commongen") / "run"
+    argv = [
+        "--quick", "--output", str(out), "--data-dir", str(DATA),
+        "--train-sets", "10", "--samples-per-set", "2", "--budgets", "1,2",
+        "--guide-steps", "2", "--sft-steps", "2", "--dev-sets", "5", "--test-sets", "4",
+        "--efficiency-sets", "6", "--efficiency-steps", "2", "--efficiency-dev-sets", "3",
+        "--pretrain-examples", "400", "--pretrain-layers", "1", "--pretrain-embd", "32", "--pretrain-epochs", "1",
+        "--max-new-tokens", "6", "--beams", "2", "--best-of", "2,3", "--batch-size", "8",
+    ]  # fmt: skip
+    results = _load_script().main(argv)
+    return out, results
+
+
+def test_the_benchmark_writes_every_system_split_and_decoding(smoke):
+    out, results = smoke
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == results["rows"]
+    systems = {"base", "nado", "dinado-hard", "dinado-soft", "dinado-merge", "sft-lora", "prompt-tuning"}
+    for split, size in (("dev", 5), ("test", 4)):
+        assert results["split_sizes"][split] == size
+        rows = [r for r in results["rows"] if r["split"] == split]
+        for decoding in ("beam 2", "sample"):
+            assert {r["system"] for r in rows if r["decoding"] == decoding} == systems
+        best = {r["decoding"]: r for r in rows if r["decoding"].startswith("best of")}
+        assert set(best) == {"best of 2 samples", "best of 3 samples"}
+        assert best["best of 3 samples"]["test_oracle_calls"] == 3 * size
+    for r in results["rows"]:
+        assert 0.0 <= r["success"] <= r["coverage"] + 1e-9 <= 1.0 + 1e-9
+        assert r["spice"] is None and r["bleu4"] is not None
+        expected = 10 * 2 if r["system"] in systems - {"base", "sft-lora", "prompt-tuning"} else 0
+        assert r["train_oracle_calls"] == expected
+    table = (out / "results.md").read_text()
+    assert "| dev | beam 2 | dinado-merge |" in table and "n/a" in table  # SPICE reported unavailable
+    assert {"pretrain base", "sample from the base", "train dinado-merge", "train prompt-tuning"} <= set(
+        results["seconds"]
+    )
+
+
+def test_the_efficiency_study_covers_both_variants_arms_and_budgets(smoke):
+    out, results = smoke
+    cells = results["efficiency"]["cells"]
+    keys = {(c["variant"], c["samples"], c["per_set"]) for c in cells}
+    assert keys == {(v, a, b) for v in ("nado", "dinado-soft") for a in ("p", "proposal+IS") for b in (1, 2)}
+    for c in cells:
+        assert c["oracle_calls"] == 6 * c["per_set"]
+        assert 0.0 <= c["dev_success"] <= 1.0
+        # from p every sample counts fully; proposal samples are importance weighted (ESS <= samples per set)
+        if c["samples"] == "p":
+            assert c["ess_per_set"] == pytest.approx(c["per_set"])
+        else:
+            assert 1.0 - 1e-6 <= c["ess_per_set"] <= c["per_set"] + 1e-6
+    assert (out / "efficiency.png").stat().st_size > 1000
