@@ -29,7 +29,7 @@ def smoke(tmp_path_factory):
         "--train-sets", "10", "--samples-per-set", "2", "--budgets", "1,2",
         "--guide-steps", "2", "--sft-steps", "2", "--dev-sets", "5", "--test-sets", "4",
         "--efficiency-sets", "6", "--efficiency-steps", "2", "--efficiency-dev-sets", "3",
-        "--pretrain-examples", "400", "--pretrain-layers", "1", "--pretrain-embd", "32", "--pretrain-epochs", "1",
+        "--pretrain-examples", "400", "--pretrain-layers", "1", "--pretrain-embd", "32", "--pretrain-steps", "5",
         "--max-new-tokens", "6", "--beams", "2", "--best-of", "2,3", "--batch-size", "8",
     ]  # fmt: skip
     results = _load_script().main(argv)
@@ -75,3 +75,44 @@ def test_the_efficiency_study_covers_both_variants_arms_and_budgets(smoke):
         else:
             assert 1.0 - 1e-6 <= c["ess_per_set"] <= c["per_set"] + 1e-6
     assert (out / "efficiency.png").stat().st_size > 1000
+
+
+def test_the_same_pipeline_takes_any_causal_lm_by_path_and_fine_tunes_it_first(tmp_path, gpt2_tokenizer):
+    """--base with a GPT-2-tokenizer model (as gpt2-large would be), no pad token, --base-finetune-steps."""
+    if not DATA.is_dir():
+        pytest.skip(f"{DATA} is not present")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(gpt2_tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    base_dir = tmp_path / "raw-lm"
+    GPT2LMHeadModel(config).save_pretrained(base_dir)
+    gpt2_tokenizer.save_pretrained(base_dir)
+    assert gpt2_tokenizer.pad_token_id is None
+    argv = [
+        "--quick", "--output", str(tmp_path / "run"), "--data-dir", str(DATA), "--base", str(base_dir),
+        "--base-finetune-steps", "2", "--train-sets", "6", "--samples-per-set", "2", "--guide-steps", "1",
+        "--sft-steps", "1", "--dev-sets", "3", "--no-test", "--no-efficiency", "--max-new-tokens", "4",
+        "--beams", "2", "--best-of", "2", "--batch-size", "4",
+    ]  # fmt: skip
+    results = _load_script().main(argv)
+    assert results["base"] == str(base_dir) and "pretrain base" not in results["seconds"]
+    assert "fine-tune base on references" in results["seconds"]
+    assert results["split_sizes"] == {"dev": 3} and results["efficiency"] is None
+    assert len([r for r in results["rows"] if r["decoding"] == "beam 2"]) == 7
+
+
+def test_efficiency_only_runs_the_study_alone(tmp_path):
+    if not DATA.is_dir():
+        pytest.skip(f"{DATA} is not present")
+    argv = [
+        "--quick", "--output", str(tmp_path / "run"), "--data-dir", str(DATA), "--efficiency-only",
+        "--train-sets", "6", "--sft-steps", "1", "--budgets", "1", "--efficiency-sets", "4",
+        "--efficiency-steps", "1", "--efficiency-dev-sets", "2", "--dev-sets", "2", "--no-test",
+        "--pretrain-examples", "300", "--pretrain-layers", "1", "--pretrain-embd", "32", "--pretrain-steps", "3",
+        "--max-new-tokens", "4", "--batch-size", "4",
+    ]  # fmt: skip
+    results = _load_script().main(argv)
+    assert results["rows"] == [] and results["samples"] == 0
+    assert "train sft-lora" in results["seconds"] and "train nado" not in results["seconds"]
+    assert len(results["efficiency"]["cells"]) == 4
+    assert "Sample efficiency" in (tmp_path / "run" / "results.md").read_text()

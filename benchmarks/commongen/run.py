@@ -63,7 +63,9 @@ PRESETS = {
         pretrain_examples=0,
         pretrain_layers=4,
         pretrain_embd=256,
-        pretrain_epochs=2.0,
+        pretrain_vocab=8000,
+        pretrain_steps=4000,
+        pretrain_lr=1e-3,
     ),
     "quick": dict(
         train_sets=300,
@@ -75,10 +77,12 @@ PRESETS = {
         efficiency_sets=150,
         efficiency_steps=60,
         efficiency_dev_sets=60,
-        pretrain_examples=12000,
+        pretrain_examples=0,
         pretrain_layers=2,
         pretrain_embd=128,
-        pretrain_epochs=1.0,
+        pretrain_vocab=4000,
+        pretrain_steps=1500,
+        pretrain_lr=2e-3,
     ),
 }
 
@@ -105,6 +109,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budgets", default="1,2,4,8", help="samples per concept set in the efficiency study")
     p.add_argument("--no-test", action="store_true", help="decode dev only")
     p.add_argument("--no-efficiency", action="store_true", help="skip the sample-efficiency study")
+    p.add_argument(
+        "--efficiency-only",
+        action="store_true",
+        help="run only the sample-efficiency study (e.g. in a second process beside --no-efficiency)",
+    )
     for key, value in PRESETS["full"].items():
         flag = "--" + key.replace("_", "-")
         p.add_argument(
@@ -117,8 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     args.best_of = [int(x) for x in args.best_of.split(",") if x.strip()]
     args.budgets = sorted(int(x) for x in args.budgets.split(",") if x.strip())
-    if args.budgets and max(args.budgets) > args.samples_per_set:
-        p.error(f"--budgets up to {max(args.budgets)} need --samples-per-set >= {max(args.budgets)}")
+    if any(b < 1 for b in args.budgets):
+        p.error(f"--budgets must be positive integers, got {args.budgets}")
     return args
 
 
@@ -164,8 +173,11 @@ def build_base(args, run: Path, train_sets, timer: Timer):
             target_file=str(data / "trg.txt"),
             n_layer=args.pretrain_layers,
             n_embd=args.pretrain_embd,
-            max_epochs=args.pretrain_epochs,
-            eval_every=200,
+            vocab_size=args.pretrain_vocab,
+            max_steps=args.pretrain_steps,
+            max_epochs=None,
+            learning_rate=args.pretrain_lr,
+            eval_every=250,
             seed=args.seed,
         )
         with timer.stage("pretrain base"):
@@ -202,28 +214,15 @@ def score(sets, texts) -> dict:
     return commongen_metrics(sets, texts)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    run = Path(args.output)
-    run.mkdir(parents=True, exist_ok=True)
-    timer = Timer()
-    total_start = time.perf_counter()
-
-    with timer.stage("load data"):
-        all_train = load_split(args.data_dir, "train")
-        splits = {"dev": subset(load_split(args.data_dir, "dev"), args.dev_sets, args.seed)}
-        if not args.no_test:
-            splits["test"] = subset(load_split(args.data_dir, "test"), args.test_sets, args.seed)
-    model, tokenizer, base_source = build_base(args, run, all_train, timer)
-    train_sets = subset(all_train, args.train_sets, args.seed + 1)
-    prompts = [s.prompt for s in train_sets]
+def run_systems(
+    args, run: Path, model, tokenizer, train_sets, splits, timer: Timer, systems: dict, train_info: dict
+):
+    """Sample, train the guides and baselines, decode every split both ways: (rows, outputs, samples)."""
     oracle = coverage_oracle()
     soft_oracle = coverage_oracle(soft=True)
     token_oracle = as_token_oracle(oracle, tokenizer)
+    prompts = [s.prompt for s in train_sets]
     k = args.samples_per_set
-
     with timer.stage("sample from the base"):
         samples = sample(
             model,
@@ -246,8 +245,6 @@ def main(argv: list[str] | None = None) -> dict:
     def fit(guide: Guide, data, steps: int) -> dict:
         return train(guide, data, max_steps=steps, batch_size=args.train_batch_size, seed=args.seed).to_dict()
 
-    systems: dict[str, object] = {"base": model}
-    train_info: dict[str, dict] = {}
     trained: dict[str, Guide] = {}
     for variant in VARIANTS:
         guide = make_guide(variant)
@@ -258,22 +255,10 @@ def main(argv: list[str] | None = None) -> dict:
         train_info[variant] = {"final_loss": report["loss"][-1], "steps": report["steps"]}
         systems[variant] = guide.merge() if variant == "dinado-merge" else guide
 
-    ref_prompts = [s.prompt for s in train_sets for _ in s.references]
-    ref_targets = [r for s in train_sets for r in s.references]
     for name, method in (("sft-lora", "lora"), ("prompt-tuning", "prompt")):
-        with timer.stage(f"train {name}"):
-            tuned, info = supervised_finetune(
-                model,
-                tokenizer,
-                ref_prompts,
-                ref_targets,
-                method,
-                args.sft_steps,
-                batch_size=args.train_batch_size,
-                seed=args.seed,
-            )
-        systems[name] = tuned.eval()
-        train_info[name] = info
+        systems[name], train_info[name] = fine_tune_on_references(
+            args, model, tokenizer, train_sets, method, name, timer
+        )
 
     rows: list[dict] = []
     outputs: dict[str, dict[str, list[str]]] = {}
@@ -332,6 +317,55 @@ def main(argv: list[str] | None = None) -> dict:
                     outputs[f"{split}/best-of-{n}/base"] = texts
         log_table(rows, split)
 
+    return rows, outputs, samples
+
+
+def fine_tune_on_references(args, model, tokenizer, train_sets, method: str, name: str, timer: Timer):
+    """A supervised baseline on the references of the training concept sets: (model, info)."""
+    prompts = [s.prompt for s in train_sets for _ in s.references]
+    targets = [r for s in train_sets for r in s.references]
+    with timer.stage(f"train {name}"):
+        tuned, info = supervised_finetune(
+            model,
+            tokenizer,
+            prompts,
+            targets,
+            method,
+            args.sft_steps,
+            batch_size=args.train_batch_size,
+            seed=args.seed,
+        )
+    return tuned.eval(), info
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    run = Path(args.output)
+    run.mkdir(parents=True, exist_ok=True)
+    timer = Timer()
+    total_start = time.perf_counter()
+
+    with timer.stage("load data"):
+        all_train = load_split(args.data_dir, "train")
+        splits = {"dev": subset(load_split(args.data_dir, "dev"), args.dev_sets, args.seed)}
+        if not args.no_test:
+            splits["test"] = subset(load_split(args.data_dir, "test"), args.test_sets, args.seed)
+    model, tokenizer, base_source = build_base(args, run, all_train, timer)
+    train_sets = subset(all_train, args.train_sets, args.seed + 1)
+    systems: dict[str, object] = {"base": model}
+    train_info: dict[str, dict] = {}
+    rows, outputs, samples = [], {}, None
+    if args.efficiency_only:
+        systems["sft-lora"], train_info["sft-lora"] = fine_tune_on_references(
+            args, model, tokenizer, train_sets, "lora", "sft-lora", timer
+        )
+    else:
+        rows, outputs, samples = run_systems(
+            args, run, model, tokenizer, train_sets, splits, timer, systems, train_info
+        )
+
     efficiency = None
     if not args.no_efficiency and args.budgets:
         efficiency = run_efficiency(args, model, tokenizer, systems["sft-lora"], all_train, splits, timer)
@@ -344,8 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
         "base": base_source,
         "base_parameters": sum(p.numel() for p in model.parameters()),
         "train_sets": len(train_sets),
-        "samples": len(samples),
-        "samples_positive_rate": samples.positive_rate,
+        "samples": len(samples) if samples is not None else 0,
+        "samples_positive_rate": samples.positive_rate if samples is not None else None,
         "split_sizes": {k_: len(v) for k_, v in splits.items()},
         "train": train_info,
         "rows": rows,
@@ -512,15 +546,19 @@ def results_markdown(results: dict) -> str:
     out = [
         f"Command: `{results['command']}`",
         "",
-        f"Base: `{results['base']}` ({results['base_parameters']:,} parameters). Guides trained on "
-        f"{results['samples']:,} samples from the base ({results['train_sets']:,} train concept sets x "
-        f"{results['args']['samples_per_set']}; {results['samples_positive_rate']:.1%} cover all concepts). "
-        f"Evaluated concept sets: "
-        + ", ".join(f"{k} {v:,}" for k, v in results["split_sizes"].items())
-        + ". SPICE is unavailable offline (n/a).",
-        "",
-        main_table(results["rows"]),
+        f"Base: `{results['base']}` ({results['base_parameters']:,} parameters).",
     ]
+    if results["rows"]:
+        out[-1] += (
+            f" Guides trained on {results['samples']:,} samples from the base ({results['train_sets']:,} train "
+            f"concept sets x {results['args']['samples_per_set']}; {results['samples_positive_rate']:.1%} cover "
+            "all concepts). Evaluated concept sets: "
+            + ", ".join(f"{k} {v:,}" for k, v in results["split_sizes"].items())
+            + ". SPICE is unavailable offline (n/a)."
+        )
+        out += ["", main_table(results["rows"])]
+    else:
+        out.append("")
     eff = results.get("efficiency")
     if eff:
         out += [
