@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-exact lint bench-exact bench-decode clean
+.PHONY: test demo demo-exact lint bench-exact bench-decode bench-commongen-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ bench-exact: $(STAMP)
 
 bench-decode: $(STAMP)
 	$(PY) benchmarks/decode_overhead.py
+
+bench-commongen-quick: $(STAMP)
+	$(PY) benchmarks/commongen/run.py --quick --output runs/commongen-quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

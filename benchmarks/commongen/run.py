@@ -53,12 +53,13 @@ PRESETS = {
     "full": dict(
         train_sets=3000,
         samples_per_set=8,
-        guide_steps=600,
-        sft_steps=600,
+        train_batch_size=64,
+        guide_steps=400,
+        sft_steps=400,
         dev_sets=0,  # 0 = the whole split
         test_sets=0,
         efficiency_sets=1000,
-        efficiency_steps=300,
+        efficiency_steps=150,
         efficiency_dev_sets=300,
         pretrain_examples=0,
         pretrain_layers=4,
@@ -70,6 +71,7 @@ PRESETS = {
     "quick": dict(
         train_sets=300,
         samples_per_set=8,
+        train_batch_size=32,
         guide_steps=120,
         sft_steps=120,
         dev_sets=100,
@@ -102,7 +104,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64, help="decoding/sampling batch (prompts)")
-    p.add_argument("--train-batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--beams", type=int, default=4)
     p.add_argument("--best-of", default="4,16", help="N for best-of-N rejection sampling, comma-separated")
