@@ -260,6 +260,13 @@ def test_oracle_conventions_and_bad_arguments():
     assert TVOracle.level == "text" and oracle.level == "text"
     assert repr(oracle) == "TVOracle(lang='es', target='informal', neutral=0.5)"
     assert oracle.to_config() == {"type": "tv", "lang": "es", "target": "informal", "neutral": 0.5}
+    from dinado.oracles import oracle_from_config
+
+    rebuilt = oracle_from_config(oracle.to_config())
+    assert isinstance(rebuilt, TVOracle) and repr(rebuilt) == repr(oracle)
+    assert oracle_from_config({"type": "tv", "lang": "de"})([""], ["Kannst du das?"]) == [0.0]
+    with pytest.raises(ValueError, match=r"oracle config: target must be 'formal' or 'informal'"):
+        oracle_from_config({"type": "tv", "lang": "de", "target": "polite"})
     with pytest.raises(ValueError, match="target must be 'formal' or 'informal', got 'polite'"):
         TVOracle("de", target="polite")
     with pytest.raises(ValueError, match="unsupported language 'it'"):

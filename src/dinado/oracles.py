@@ -1036,6 +1036,16 @@ def _build_weighted_product(c: Mapping, where: str) -> WeightedProduct:
     return WeightedProduct(terms)
 
 
+def _build_tv(c: Mapping, where: str) -> OracleBase:
+    from .tasks.formality import TVOracle  # the task module imports this one
+
+    _check_keys(c, {"lang"}, {"target", "neutral"}, where)
+    try:
+        return TVOracle(c["lang"], target=c.get("target", "formal"), neutral=c.get("neutral", 0.0))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
 _BUILDERS: dict[str, Callable[[Mapping, str], OracleBase]] = {
     "keywords": _build_keywords,
     "regex": _build_regex,
@@ -1045,6 +1055,7 @@ _BUILDERS: dict[str, Callable[[Mapping, str], OracleBase]] = {
     "any_of": _build_any_of,
     "not": _build_not,
     "weighted_product": _build_weighted_product,
+    "tv": _build_tv,
 }
 
 
@@ -1062,7 +1073,8 @@ def _from_config(config: Any, where: str) -> OracleBase:
 def oracle_from_config(config: Mapping[str, Any]) -> OracleBase:
     """Build an oracle from a plain dict (e.g. parsed YAML): ``{"type": "keywords", "keywords": [...]}``.
 
-    Types: keywords, regex, callable, classifier, all_of, any_of, not, weighted_product; see docs/oracles.md.
+    Types: keywords, regex, callable, classifier, all_of, any_of, not, weighted_product, tv (German/Spanish
+    formal or informal address, :class:`dinado.tasks.formality.TVOracle`); see docs/oracles.md.
     The oracles read text; ``as_token_oracle(oracle, tokenizer)`` makes one that reads token ids.
     """
     return _from_config(config, "oracle config")

@@ -380,8 +380,8 @@ class TVOracle(OracleBase):
     """1.0 when the completion addresses the reader in the ``target`` register ("formal"/"informal"), 0.0
     when in the other one, ``neutral`` when :func:`tv_register` cannot tell (no address, or both).
 
-    ``to_config()`` gives ``{"type": "tv", "lang": ..., "target": ..., "neutral": ...}``; note that
-    :func:`dinado.oracles.oracle_from_config` has no "tv" builder (yet).
+    ``to_config()`` gives ``{"type": "tv", "lang": ..., "target": ..., "neutral": ...}``, which
+    :func:`dinado.oracles.oracle_from_config` (and the CLI's ``--oracle``) builds back.
     """
 
     level = "text"
