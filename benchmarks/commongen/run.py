@@ -211,10 +211,6 @@ def decode_kwargs(args, tokenizer, mode: str) -> dict:
     return dict(common, do_sample=True, top_k=0, temperature=1.0)
 
 
-def score(sets, texts) -> dict:
-    return commongen_metrics(sets, texts)
-
-
 def run_systems(
     args, run: Path, model, tokenizer, train_sets, splits, timer: Timer, systems: dict, train_info: dict
 ):
@@ -246,13 +242,11 @@ def run_systems(
     def fit(guide: Guide, data, steps: int) -> dict:
         return train(guide, data, max_steps=steps, batch_size=args.train_batch_size, seed=args.seed).to_dict()
 
-    trained: dict[str, Guide] = {}
     for variant in VARIANTS:
         guide = make_guide(variant)
         with timer.stage(f"train {variant}"):
             report = fit(guide, samples, args.guide_steps)
         guide.save_pretrained(run / "guides" / variant)
-        trained[variant] = guide
         train_info[variant] = {"final_loss": report["loss"][-1], "steps": report["steps"]}
         systems[variant] = guide.merge() if variant == "dinado-merge" else guide
 
@@ -286,7 +280,7 @@ def run_systems(
                         "train_oracle_calls": calls,
                         "test_oracle_calls": 0,
                         "decode_seconds": timer.seconds[key],
-                        **score(sets, texts),
+                        **commongen_metrics(sets, texts),
                     }
                 )
                 outputs[f"{split}/{mode}/{name}"] = texts
@@ -312,11 +306,11 @@ def run_systems(
                             "train_oracle_calls": 0,
                             "test_oracle_calls": info["oracle_calls"],
                             "decode_seconds": timer.seconds[key],
-                            **score(sets, texts),
+                            **commongen_metrics(sets, texts),
                         }
                     )
                     outputs[f"{split}/best-of-{n}/base"] = texts
-        log_table(rows, split)
+        print(main_table(rows, split), flush=True)
 
     return rows, outputs, samples
 
@@ -404,7 +398,8 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
     prompt_ids = encode_prompts(tokenizer, [s.prompt for s in sets])
     dev = splits["dev"][: args.efficiency_dev_sets] if args.efficiency_dev_sets > 0 else splits["dev"]
     dev_prompts = [s.prompt for s in dev]
-    token_oracle = as_token_oracle(coverage_oracle(), tokenizer)
+    oracle = coverage_oracle()
+    token_oracle = as_token_oracle(oracle, tokenizer)
     most = max(args.budgets)
     common = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size * 4, tokenizer=tokenizer)
     with timer.stage("efficiency: sample from p"):
@@ -413,7 +408,6 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
         from_pi = sample(
             model, prompt_ids, most, token_oracle, seed=args.seed + 4, proposal=proposal_model, **common
         )
-    base_success = None
     cells = []
     for arm, pool in (("p", from_p), ("proposal+IS", from_pi)):
         for budget in args.budgets:
@@ -439,7 +433,7 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
                         args.batch_size,
                         **decode_kwargs(args, tokenizer, "sample"),
                     )
-                success = sum(coverage_oracle()(dev_prompts, texts)) / len(dev_prompts)
+                success = sum(oracle(dev_prompts, texts)) / len(dev_prompts)
                 cells.append(
                     {
                         "variant": variant,
@@ -457,7 +451,7 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
     texts, _, _ = generate_texts(
         model, tokenizer, dev_prompts, args.batch_size, **decode_kwargs(args, tokenizer, "sample")
     )
-    base_success = sum(coverage_oracle()(dev_prompts, texts)) / len(dev_prompts)
+    base_success = sum(oracle(dev_prompts, texts)) / len(dev_prompts)
     result = {
         "train_sets": len(sets),
         "dev_sets": len(dev),
@@ -471,10 +465,7 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
 
 
 def effective_sample_size(data) -> float:
-    """Mean over concept sets of the effective sample size (sum w)^2 / sum w^2 of the normalised weights."""
-    if data.log_weights is None:
-        groups = data.group_ids()
-        return len(data) / (int(groups.max()) + 1)
+    """Mean over concept sets of the effective sample size (sum w)^2 / sum w^2 (samples from p: all w = 1)."""
     w = data.normalized_weights().double()
     groups = data.group_ids()
     count = int(groups.max()) + 1
@@ -537,10 +528,6 @@ def main_table(rows: list[dict], split: str | None = None) -> str:
             f"{r['test_oracle_calls']:,} | {_fmt(r['decode_seconds'], 1)} |"
         )
     return head + "\n".join(lines) + "\n"
-
-
-def log_table(rows: list[dict], split: str) -> None:
-    print(main_table(rows, split), flush=True)
 
 
 def results_markdown(results: dict) -> str:
