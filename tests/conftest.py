@@ -62,3 +62,46 @@ def gpt2_tokenizer():
     tokenizer = GPT2Tokenizer(vocab=str(files / "encoder.json"), merges=str(files / "vocab.bpe"))
     assert len(tokenizer) == 50257  # a wrong keyword silently gives a one-token vocabulary
     return tokenizer
+
+
+SEQ2SEQ_KINDS = ("t5", "bart", "marian")
+
+
+def tiny_seq2seq(kind: str, seed: int = 0, vocab_size: int = 24, width: int = 32):
+    """A small random encoder-decoder (from a config, no download): EOS = 1, pad = decoder start = 0."""
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        MarianConfig,
+        MarianMTModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    ids = dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    if kind == "t5":
+        config = T5Config(
+            vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            initializer_factor=3.0, dropout_rate=0.1, **ids,
+        )  # fmt: skip
+        model = T5ForConditionalGeneration(config)
+    elif kind in ("bart", "marian"):
+        cls_config, cls_model = (
+            (BartConfig, BartForConditionalGeneration) if kind == "bart" else (MarianConfig, MarianMTModel)
+        )
+        config = cls_config(
+            vocab_size=vocab_size, d_model=width, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+            max_position_embeddings=64, init_std=0.3, dropout=0.1, bos_token_id=0, forced_eos_token_id=None,
+            **ids,
+        )  # fmt: skip
+        model = cls_model(config)
+    else:
+        raise ValueError(kind)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 1
+    model.generation_config.decoder_start_token_id = 0
+    model.generation_config.forced_eos_token_id = None
+    model.generation_config.forced_bos_token_id = None
+    return model.eval()

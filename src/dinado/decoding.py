@@ -21,6 +21,8 @@ class GuideLogitsProcessor(LogitsProcessor):
 
     Scores may be logits (greedy, sampling) or log-probabilities (beam search): both are renormalised.
     Use inside ``with processor:`` (which installs the hidden-state hook), or through :func:`generate`.
+    ``attention_mask`` is the mask of the prompts given to ``generate()``; for an encoder-decoder base that
+    is the encoder's, of which only the batch size is used (the decoder starts from its start token).
     ``use_cache=False`` re-runs the guide's module over the whole prefix at each step (a reference path).
     """
 
@@ -39,6 +41,9 @@ class GuideLogitsProcessor(LogitsProcessor):
         self.guide = guide
         self.alpha = float(alpha)
         self.use_cache = use_cache
+        if guide.encoder_decoder and attention_mask is not None:
+            # the mask generate() gets is the encoder's; the decoder runs from one start token per row
+            attention_mask = attention_mask.new_ones((attention_mask.shape[0], 1))
         self.initial_mask = attention_mask
         self._capture: HiddenCapture | None = None
         self._handle = None
@@ -141,7 +146,16 @@ def check_length(model, prompt_length: int, max_new_tokens: int | None) -> None:
     """Refuse a generation that would run past the model's position embeddings (an opaque IndexError)."""
     config = getattr(unwrap_peft(model), "config", None)
     limit = getattr(config.get_text_config(), "max_position_embeddings", None) if config is not None else None
-    if limit is not None and max_new_tokens is not None and prompt_length + max_new_tokens > limit:
+    if limit is None or max_new_tokens is None:
+        return
+    if getattr(config, "is_encoder_decoder", False):
+        if prompt_length > limit or 1 + max_new_tokens > limit:
+            raise ValueError(
+                f"a source of {prompt_length} tokens or 1 + max_new_tokens={max_new_tokens} decoder tokens "
+                f"exceeds the model's {limit} positions: lower max_new_tokens or shorten the sources"
+            )
+        return
+    if prompt_length + max_new_tokens > limit:
         raise ValueError(
             f"prompt of {prompt_length} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
             f"{limit} positions: lower max_new_tokens or shorten the prompts"
@@ -159,7 +173,8 @@ def generate(
     """The base model's ``generate()`` with the guide applied; returns what ``generate()`` returns.
 
     Greedy, sampling and beam search all work; pass ``top_k=0`` to sample from q_theta itself
-    (transformers applies top_k=50 by default when sampling).
+    (transformers applies top_k=50 by default when sampling). For an encoder-decoder base, ``input_ids`` and
+    ``attention_mask`` are the source (pad it on the right) and the output starts with the decoder start token.
     """
     check_length(guide.base, input_ids.shape[1], generate_kwargs.get("max_new_tokens"))
     if attention_mask is None:

@@ -49,9 +49,39 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def base_body(model: nn.Module) -> nn.Module:
-    """The module whose first output is the last hidden state (GPT2Model inside GPT2LMHeadModel, ...)."""
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """True for sequence-to-sequence bases (Marian, T5, BART, ...), whose output is the decoder's."""
+    return bool(getattr(unwrap_peft(model).config, "is_encoder_decoder", False))
+
+
+def decoder_start_token_id(model: nn.Module) -> int:
+    """The token an encoder-decoder base's decoder starts from (generation config first, then config)."""
     inner = unwrap_peft(model)
+    for cfg in (getattr(inner, "generation_config", None), inner.config):
+        start = getattr(cfg, "decoder_start_token_id", None) if cfg is not None else None
+        if start is not None:
+            return int(start)
+    raise ValueError(
+        f"{type(inner).__name__} has no decoder_start_token_id in its config or generation config: "
+        "set model.generation_config.decoder_start_token_id"
+    )
+
+
+def base_body(model: nn.Module) -> nn.Module:
+    """The module whose first output is the last hidden state the LM head reads.
+
+    GPT2Model inside GPT2LMHeadModel, ...; for an encoder-decoder base, its decoder (the guide conditions on
+    the source through the decoder's cross-attention, as the LM head does).
+    """
+    inner = unwrap_peft(model)
+    if is_encoder_decoder(inner):
+        decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+        if decoder is None:
+            raise TypeError(
+                f"{type(inner).__name__} is an encoder-decoder model without get_decoder(); dinado reads "
+                "the decoder's hidden states and cannot find them"
+            )
+        return decoder
     body = getattr(inner, "base_model", None)
     if body is None or body is inner:
         raise TypeError(
@@ -128,6 +158,9 @@ class Guide(nn.Module):
         base_model.eval()
         hidden = base_hidden_size(base_model)
         vocab = base_vocab_size(base_model)
+        self.encoder_decoder = is_encoder_decoder(base_model)
+        if self.encoder_decoder:
+            decoder_start_token_id(base_model)  # fail now, not at the first batch
         if config.uses_lora:
             lora = LoraConfig(
                 r=config.lora_r,
@@ -135,7 +168,7 @@ class Guide(nn.Module):
                 lora_dropout=config.lora_dropout,
                 target_modules=config.lora_target_modules,
                 bias="none",
-                task_type="CAUSAL_LM",
+                task_type="SEQ_2_SEQ_LM" if self.encoder_decoder else "CAUSAL_LM",
                 # GPT-2 style Conv1D layers store weights transposed; tell PEFT instead of letting it guess
                 fan_in_fan_out=any(isinstance(m, Conv1D) for m in base_model.modules()),
             )
@@ -155,7 +188,7 @@ class Guide(nn.Module):
                 with_norm=config.variant != "nado",
             )
             self.norm_head = None
-        self._pass_positions = _accepts(self.base, "position_ids")
+        self._pass_positions = not self.encoder_decoder and _accepts(self.base, "position_ids")
         self.base.eval()
 
     # ------------------------------------------------------------------ construction
@@ -200,7 +233,33 @@ class Guide(nn.Module):
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
     # ------------------------------------------------------------------ forward passes
-    def _base_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+    def _base_kwargs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        encoder_input_ids: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None,
+    ) -> dict[str, Any]:
+        if self.encoder_decoder:
+            if encoder_input_ids is None:
+                raise ValueError(
+                    "this guide's base is an encoder-decoder model: pass the source as encoder_input_ids "
+                    "(input_ids are the decoder tokens, starting with the decoder start token)"
+                )
+            if encoder_attention_mask is None:
+                encoder_attention_mask = torch.ones_like(encoder_input_ids)
+            return {
+                "input_ids": encoder_input_ids,
+                "attention_mask": encoder_attention_mask,
+                "decoder_input_ids": input_ids,
+                "decoder_attention_mask": attention_mask,
+                "use_cache": False,
+            }
+        if encoder_input_ids is not None:
+            raise ValueError(
+                "encoder_input_ids given, but this guide's base is a decoder-only model: put the prompt "
+                "at the start of input_ids instead"
+            )
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -210,11 +269,21 @@ class Guide(nn.Module):
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
         return kwargs
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> GuideOutputs:
-        """Raw outputs at every position of a (right- or left-) padded batch."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_input_ids: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+    ) -> GuideOutputs:
+        """Raw outputs at every position of a (right- or left-) padded batch.
+
+        Encoder-decoder bases: ``input_ids`` are the decoder tokens (decoder start token first, right-padded)
+        and ``encoder_input_ids``/``encoder_attention_mask`` the source; every output is per decoder position.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        kwargs = self._base_kwargs(input_ids, attention_mask)
+        kwargs = self._base_kwargs(input_ids, attention_mask, encoder_input_ids, encoder_attention_mask)
         if self.module is not None:
             with torch.no_grad(), capture_hidden(self.base) as cap:
                 log_p = F.log_softmax(self.base(**kwargs).logits.float(), dim=-1)
@@ -234,10 +303,15 @@ class Guide(nn.Module):
         return GuideOutputs(log_p=log_p, direction=direction, norm=norm)
 
     def next_token_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, alpha: float = 1.0
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        alpha: float = 1.0,
+        encoder_input_ids: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """log q_theta of the next token after every position, [B, L, V]: what decoding samples from."""
-        out = self(input_ids, attention_mask)
+        out = self(input_ids, attention_mask, encoder_input_ids, encoder_attention_mask)
         return self.parameterization.log_q(out.log_p, out.direction, alpha)
 
     # ------------------------------------------------------------------ persistence

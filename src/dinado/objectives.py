@@ -2,7 +2,8 @@
 
 Indexing: position t has read x_<=t. The value of the prefix x_<=t (t a completion position) is
 log R(x_<=t) = log_values[t - 1, x_t], where log_values[t, v] = log R(x_<=t + v) comes from the
-parameterisation. A batch is right-padded [prompt | completion | pad]; masks, not token ids, say where
+parameterisation. A batch is right-padded [prompt | completion | pad] (for an encoder-decoder base,
+[decoder start | completion | pad] with the prompt in the encoder fields); masks, not token ids, say where
 the completion and its terminal token are, so an EOS inside the prompt or an EOS used as pad is harmless.
 """
 
@@ -23,9 +24,12 @@ class Batch:
     terminal_mask: torch.Tensor  # [B, L] 1 on the terminal completion token (EOS or last at the cap)
     labels: torch.Tensor  # [B] oracle values in [0, 1]
     weights: torch.Tensor  # [B] importance weights (1 for samples from p)
+    # encoder-decoder bases: the source, right-padded; input_ids are then the decoder rows [start | completion]
+    encoder_input_ids: torch.Tensor | None = None
+    encoder_attention_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
+        return Batch(**{k: v.to(device) if v is not None else None for k, v in self.__dict__.items()})
 
 
 @dataclass
@@ -49,7 +53,7 @@ def guide_loss(
     cfg = guide.config
     weight = cfg.effective_regularizer_weight if regularizer_weight is None else regularizer_weight
     positions = ce_positions or cfg.ce_positions
-    out = guide(batch.input_ids, batch.attention_mask)
+    out = guide(batch.input_ids, batch.attention_mask, batch.encoder_input_ids, batch.encoder_attention_mask)
     log_values, log_root = guide.parameterization.log_values(
         out.log_p, out.direction, out.norm, batch.input_ids, batch.completion_mask
     )

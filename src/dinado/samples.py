@@ -32,6 +32,17 @@ def _check_id_lists(name: str, rows: Sequence[Sequence[int]], allow_empty: bool)
     return out
 
 
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, max length] ids padded on the right with ``pad_id``, and the attention mask."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[r, : len(row)] = 1
+    return ids, mask
+
+
 def _flatten(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
@@ -174,9 +185,27 @@ class SampleSet:
             pick(self.token_log_proposal),
         )
 
+    @property
+    def decoder_start_token_id(self) -> int | None:
+        """Set for samples from an encoder-decoder base: prompts are then encoder inputs."""
+        start = self.metadata.get("decoder_start_token_id")
+        return int(start) if start is not None else None
+
     def collate(self, indices: Sequence[int], weights: torch.Tensor | None = None, pad_id: int = 0) -> Batch:
-        """Right-padded tensors for ``indices`` with masks that keep padding, EOS and the prompt apart."""
-        rows = [self.prompts[i] + self.completions[i] for i in indices]
+        """Right-padded tensors for ``indices`` with masks that keep padding, EOS and the prompt apart.
+
+        Samples from an encoder-decoder base (``decoder_start_token_id`` set) give decoder rows
+        ``[start | completion]`` and the prompts as right-padded encoder inputs.
+        """
+        start = self.decoder_start_token_id
+        if start is not None:
+            encoder_ids, encoder_mask = right_pad([self.prompts[i] for i in indices], pad_id)
+            rows = [[start] + self.completions[i] for i in indices]
+            prompt_lengths = [1] * len(rows)
+        else:
+            encoder_ids = encoder_mask = None
+            rows = [self.prompts[i] + self.completions[i] for i in indices]
+            prompt_lengths = [len(self.prompts[i]) for i in indices]
         length = max(len(r) for r in rows)
         b = len(rows)
         input_ids = torch.full((b, length), pad_id, dtype=torch.long)
@@ -184,13 +213,22 @@ class SampleSet:
         completion = torch.zeros((b, length), dtype=torch.long)
         terminal = torch.zeros((b, length), dtype=torch.long)
         for r, i in enumerate(indices):
-            p, c = len(self.prompts[i]), len(self.completions[i])
+            p, c = prompt_lengths[r], len(self.completions[i])
             input_ids[r, : p + c] = torch.tensor(rows[r])
             attention[r, : p + c] = 1
             completion[r, p : p + c] = 1
             terminal[r, p + c - 1] = 1
         w = weights[list(indices)] if weights is not None else torch.ones(b)
-        return Batch(input_ids, attention, completion, terminal, self.labels[list(indices)], w)
+        return Batch(
+            input_ids,
+            attention,
+            completion,
+            terminal,
+            self.labels[list(indices)],
+            w,
+            encoder_input_ids=encoder_ids,
+            encoder_attention_mask=encoder_mask,
+        )
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:

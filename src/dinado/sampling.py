@@ -17,10 +17,16 @@ from transformers import PreTrainedModel
 
 from .decoding import check_length
 from .decoding import generate as guided_generate
-from .guide import Guide, base_vocab_size, position_ids_from_mask
+from .guide import (
+    Guide,
+    base_vocab_size,
+    decoder_start_token_id,
+    is_encoder_decoder,
+    position_ids_from_mask,
+)
 from .io import tokenizer_fingerprint
 from .oracles import call_oracle, describe
-from .samples import SampleSet
+from .samples import SampleSet, right_pad
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +56,36 @@ def _proposal_name(guide: Guide | None, proposal: PreTrainedModel | None) -> str
     return "base"
 
 
+def _base_logits(model, input_ids, attention_mask, encoder_input_ids=None, encoder_attention_mask=None):
+    if encoder_input_ids is not None:
+        return model(
+            input_ids=encoder_input_ids,
+            attention_mask=encoder_attention_mask,
+            decoder_input_ids=input_ids,
+            decoder_attention_mask=attention_mask,
+        ).logits
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+    ).logits
+
+
+def _teacher_forced(log_probs: Callable, ids, mask, gen, start: int | None) -> torch.Tensor:
+    """log-probabilities [N, T] of the generated tokens ``gen`` after the prompts ``ids``, in one pass.
+
+    ``log_probs(input_ids, attention_mask[, encoder_input_ids, encoder_attention_mask])`` -> [N, L, V].
+    """
+    if start is not None:  # encoder-decoder: the decoder reads [start | gen], the encoder the prompt
+        dec = torch.cat([gen.new_full((gen.shape[0], 1), start), gen], 1)
+        lp = log_probs(dec, torch.ones_like(dec), ids, mask)[:, :-1]
+    else:
+        full = torch.cat([ids, gen], 1)
+        full_mask = torch.cat([mask, torch.ones_like(gen)], 1)
+        lp = log_probs(full, full_mask)[:, ids.shape[1] - 1 : -1]
+    return lp.gather(-1, gen[..., None]).squeeze(-1)
+
+
 @torch.no_grad()
 def sample(
     source: PreTrainedModel | Guide,
@@ -73,6 +109,10 @@ def sample(
     The oracle is called as ``oracle(prompts, completions)`` on token-id lists; wrap a text oracle in
     :class:`dinado.oracles.TextOracle`. Log importance weights are stored unless the samples come from p
     exactly (the base at temperature 1 without top-p).
+
+    Encoder-decoder bases (Marian, T5, BART): prompts are the encoder inputs (sources, ending as the model
+    expects, e.g. with EOS), completions the decoder tokens after the decoder start token, which the sample
+    set's metadata records as ``decoder_start_token_id``.
 
     ``proposal``: another causal LM with the same tokenizer to draw from instead (e.g. a model fine-tuned on
     references, which satisfies the oracle more often); ``source`` must then be the base model, and log p is
@@ -107,6 +147,8 @@ def sample(
     if any(len(p) == 0 for p in rows):
         raise ValueError("every prompt needs at least one token (GPT-2 style models: start with BOS/EOS)")
     vocab = base_vocab_size(model)
+    # encoder-decoder bases: prompts are encoder inputs (padded on the right), completions decoder tokens
+    decoder_start = decoder_start_token_id(model) if is_encoder_decoder(model) else None
     check_length(model, max(len(p) for p in rows), max_new_tokens)
     exact_p = guide is None and proposal is None and temperature == 1.0 and top_p == 1.0
     torch.manual_seed(seed)
@@ -117,7 +159,7 @@ def sample(
     bar = tqdm(total=len(rows), desc="sample", disable=not progress)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        ids, mask = _left_pad(chunk, pad)
+        ids, mask = (right_pad if decoder_start is not None else _left_pad)(chunk, pad)
         ids, mask = ids.to(device), mask.to(device)
         kwargs = dict(
             attention_mask=mask,
@@ -136,24 +178,22 @@ def sample(
             out = guided_generate(guide, ids, **kwargs)
         else:
             out = (proposal if proposal is not None else model).generate(ids, **kwargs)
-        gen = out.sequences[:, ids.shape[1] :]  # [N, T]
-        steps = gen.shape[1]
+        steps = len(out.scores)
+        gen = out.sequences[:, out.sequences.shape[1] - steps :]  # [N, T], after the prompt / decoder start
         is_eos = gen == eos
         lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(gen[:, 0], steps))
         log_pi = _gather(out.scores, gen)
         if guide is not None and guide.module is None:
             # dinado-merge generates with the adapted model: read p from the frozen base by teacher forcing
-            full = torch.cat([ids, gen], 1)
-            full_mask = torch.cat([mask, torch.ones_like(gen)], 1)
-            lp = guide(full, full_mask).log_p[:, ids.shape[1] - 1 : -1]
-            log_p = lp.gather(-1, gen[..., None]).squeeze(-1)
+            log_p = _teacher_forced(lambda *a: guide(*a).log_p, ids, mask, gen, decoder_start)
         elif proposal is not None:
-            full = torch.cat([ids, gen], 1)
-            full_mask = torch.cat([mask, torch.ones_like(gen)], 1)
-            logits = model(
-                input_ids=full, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask)
-            ).logits[:, ids.shape[1] - 1 : -1]
-            log_p = F.log_softmax(logits.float(), dim=-1).gather(-1, gen[..., None]).squeeze(-1)
+            log_p = _teacher_forced(
+                lambda *a: F.log_softmax(_base_logits(model, *a).float(), dim=-1),
+                ids,
+                mask,
+                gen,
+                decoder_start,
+            )
         else:
             log_p = _gather(out.logits, gen)
         for r in range(len(chunk)):
@@ -188,6 +228,8 @@ def sample(
             "eos_token_id": eos,
         },
     }
+    if decoder_start is not None:
+        metadata["decoder_start_token_id"] = decoder_start
     return SampleSet.from_token_ids(
         rows, completions, labels, log_weights, metadata, token_log_p, token_log_pi
     )

@@ -180,6 +180,14 @@ def train(
             f"sample {too_big[0]} has a token id >= the base vocabulary size {vocab}: "
             "the samples were made with another tokenizer or model"
         )
+    from_seq2seq = samples.decoder_start_token_id is not None
+    if from_seq2seq != guide.encoder_decoder:
+        kind = lambda yes: "an encoder-decoder" if yes else "a decoder-only"
+        raise ValueError(
+            f"the samples come from {kind(from_seq2seq)} base (metadata decoder_start_token_id="
+            f"{samples.decoder_start_token_id}) but the guide's base is {kind(guide.encoder_decoder)} model: "
+            "sample with the guide's own base"
+        )
     steps_per_epoch = math.ceil(len(samples) / batch_size)
     total = min(
         max_steps if max_steps is not None else math.inf,
