@@ -475,3 +475,60 @@ def test_train_resume_continues_to_the_same_weights_as_a_straight_run(tmp_path, 
     # without --resume an existing run directory is refused
     code, out, err = _run(capsys, *argv, "--max-steps", 8, "--output", tmp_path / "resumed")
     assert code == 2 and "is not empty" in err
+
+
+def test_an_encoder_decoder_base_runs_sample_train_generate_evaluate_merge(tmp_path, capsys):
+    """A saved Marian base: the CLI loads it as a seq2seq model and its prompts are the sources."""
+    from transformers import MarianConfig, MarianMTModel
+
+    from dinado.pretrain import build_tokenizer
+
+    texts = ["the cat sat", "Sie sind nett", "du bist nett", "you are kind"]
+    tokenizer = build_tokenizer(texts * 3, vocab_size=280, min_frequency=1)
+    torch.manual_seed(0)
+    config = MarianConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+        pad_token_id=0, eos_token_id=0, decoder_start_token_id=0, forced_eos_token_id=None, init_std=0.3,
+    )  # fmt: skip
+    base = tmp_path / "marian"
+    MarianMTModel(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    prompts = tmp_path / "sources.txt"
+    prompts.write_text("the cat sat\nyou are kind\n")
+    oracle = "{type: regex, pattern: '[aeiou]'}"
+    common = ["--base", base, "--prompts", prompts, "--max-new-tokens", 5]
+    code, _, err = _run(
+        capsys, "sample", *common, "--oracle", oracle, "--num-samples", 8, "--output", tmp_path / "s"
+    )
+    assert code == 0, err
+    from dinado import SampleSet
+
+    samples = SampleSet.load(tmp_path / "s" / "samples.safetensors")
+    assert samples.decoder_start_token_id == 0 and samples.prompts[0][-1] == 0  # sources end with EOS
+    (tmp_path / "t.yaml").write_text(
+        yaml.safe_dump({"variant": "dinado-merge", "max_steps": 2, "batch_size": 8})
+    )
+    code, _, err = _run(
+        capsys, "train", "--config", tmp_path / "t.yaml", "--base", base, "--samples", tmp_path / "s",
+        "--output", tmp_path / "g", "--allow-no-positives",
+    )  # fmt: skip
+    assert code == 0, err
+    code, _, err = _run(
+        capsys, "generate", *common, "--guide", tmp_path / "g" / "guide", "--output", tmp_path / "o"
+    )
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "o" / "generations.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["the cat sat", "you are kind"]
+    code, _, err = _run(
+        capsys, "evaluate", "--generations", tmp_path / "o", "--base", base, "--oracle", oracle,
+        "--output", tmp_path / "e",
+    )  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert next(iter(metrics.values()))["base_perplexity"] > 1
+    code, _, err = _run(
+        capsys, "merge", "--base", base, "--guide", tmp_path / "g" / "guide", "--output", tmp_path / "m"
+    )
+    assert code == 0, err
+    assert json.loads((tmp_path / "m" / "model" / "config.json").read_text())["is_encoder_decoder"] is True

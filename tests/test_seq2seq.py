@@ -224,3 +224,96 @@ def test_forward_names_the_missing_or_misplaced_source():
     causal = Guide.create(tiny_gpt2(vocab_size=24), "nado")
     with pytest.raises(ValueError, match="decoder-only model"):
         causal(torch.tensor([[0, 3]]), None, SOURCES)
+
+
+# ------------------------------------------------------------------ text helpers and baselines
+
+
+@pytest.fixture(scope="module")
+def seq2seq_with_tokenizer():
+    """A tiny Marian over a byte-level BPE trained here (EOS = pad = decoder start = 0)."""
+    from transformers import MarianConfig, MarianMTModel
+
+    from dinado.pretrain import build_tokenizer
+
+    texts = ["the cat sat on the mat", "der Hund schläft", "el gato duerme", "you are kind", "Sie sind nett"]
+    tokenizer = build_tokenizer(texts * 4, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    config = MarianConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=0, decoder_start_token_id=0, forced_eos_token_id=None, init_std=0.3,
+    )  # fmt: skip
+    model = MarianMTModel(config).eval()
+    model.generation_config.update(pad_token_id=0, eos_token_id=0, decoder_start_token_id=0)
+    return model, tokenizer
+
+
+def test_encode_prompts_ends_every_source_with_eos(seq2seq_with_tokenizer):
+    from dinado.text import encode_prompts
+
+    _, tokenizer = seq2seq_with_tokenizer
+    rows = encode_prompts(tokenizer, ["the cat", ""], encoder_decoder=True)
+    assert rows[0][-1] == tokenizer.eos_token_id and rows[0][:-1] == tokenizer("the cat")["input_ids"]
+    assert rows[1] == [tokenizer.eos_token_id]
+    assert encode_prompts(tokenizer, ["the cat"])[0] == tokenizer("the cat")["input_ids"]
+
+
+def test_generate_texts_on_a_seq2seq_guide_equals_token_level_generate(seq2seq_with_tokenizer):
+    from dinado.text import encode_prompts, generate_texts, pad_prompts
+
+    model, tokenizer = seq2seq_with_tokenizer
+    guide = Guide.create(model, "dinado-soft")
+    randomize_guide(guide)
+    sources = ["the cat sat", "you are kind to me"]
+    texts, count, _ = generate_texts(guide, tokenizer, sources, max_new_tokens=6, do_sample=False)
+    ids, mask = pad_prompts(encode_prompts(tokenizer, sources, True), 0, True)
+    assert mask[1].all() and not mask[0].all() and mask[0, 0] == 1  # right-padded
+    out = dinado.generate(guide, ids, mask, max_new_tokens=6, do_sample=False)
+    expected = [t.strip() for t in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)]
+    assert texts == expected and count == int((out[:, 1:] != 0).sum())
+
+
+def test_supervised_lora_finetune_of_a_seq2seq_base_learns_its_targets(seq2seq_with_tokenizer):
+    from dinado.baselines import _seq2seq_rows, supervised_finetune
+
+    model, tokenizer = seq2seq_with_tokenizer
+    sources, targets = ["the cat sat", "you are kind"], ["der Hund schläft", "Sie sind nett"]
+    tuned, info = supervised_finetune(
+        model, tokenizer, sources, targets, max_steps=150, batch_size=2, learning_rate=1e-2, seed=0
+    )
+    assert type(tuned) is type(model) and info["train_loss_last"] < 0.5 * info["train_loss_first"]
+    ids, mask, labels, _ = _seq2seq_rows(tokenizer, sources, targets, None)
+    assert labels[0, -1] == tokenizer.eos_token_id and (mask.sum(1) == torch.tensor([4, 5])).all()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        after = tuned(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert after < 0.5 * before  # the merged model, not only the training loop, learned the targets
+    with pytest.raises(ValueError, match="fine-tune an encoder-decoder base with method='lora'"):
+        supervised_finetune(model, tokenizer, sources, targets, method="prompt", max_steps=1)
+
+
+def test_best_of_n_on_a_seq2seq_base(seq2seq_with_tokenizer):
+    from dinado.baselines import best_of_n
+
+    model, tokenizer = seq2seq_with_tokenizer
+    chosen, info = best_of_n(
+        model, tokenizer, ["the cat", "you are"], 4, lambda p, c: [float(len(x)) for x in c], 5, seed=0
+    )
+    assert len(chosen) == 2 and info["oracle_calls"] == 8
+    assert all(isinstance(c, str) for c in chosen)
+
+
+def test_base_perplexity_of_a_seq2seq_model_scores_the_completion_given_the_source(seq2seq_with_tokenizer):
+    from dinado.evaluation import base_perplexity
+
+    model, tokenizer = seq2seq_with_tokenizer
+    src = tokenizer("the cat sat")["input_ids"] + [0]
+    tgt = tokenizer("der Hund")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([src]), decoder_input_ids=torch.tensor([[0, *tgt]])).logits
+    lp = torch.log_softmax(logits[0, :-1], -1).gather(-1, torch.tensor(tgt)[:, None])
+    expected = float(torch.exp(-lp.mean()))
+    got = base_perplexity(model, tokenizer, ["the cat sat", "you are kind to me"], ["der Hund", "der Hund"])
+    other = base_perplexity(model, tokenizer, ["the cat sat"], ["der Hund"])
+    assert abs(other - expected) < 1e-3 * expected and abs(got - expected) > 1e-3  # the source matters

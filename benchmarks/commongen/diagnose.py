@@ -19,10 +19,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dinado import Guide, SampleSet, sample
-from dinado.cli import encode_prompts
 from dinado.objectives import prefix_log_values
 from dinado.oracles import as_token_oracle
 from dinado.tasks.commongen import coverage_oracle, load_split
+from dinado.text import encode_prompts
 
 
 def auc(scores: list[float], labels: list[float]) -> float | None:

@@ -38,11 +38,11 @@ import torch
 
 from dinado import Guide, sample, train
 from dinado.baselines import best_of_n, supervised_finetune
-from dinado.cli import encode_prompts, generate_texts
 from dinado.io import atomic_write_text
 from dinado.oracles import as_token_oracle
 from dinado.pretrain import PretrainConfig, pretrain
 from dinado.tasks.commongen import commongen_metrics, coverage_oracle, load_split
+from dinado.text import encode_prompts, generate_texts
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "commongen" / "v1.1_LHRYANG"

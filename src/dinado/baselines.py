@@ -33,9 +33,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .guide import position_ids_from_mask
+from .guide import is_encoder_decoder, position_ids_from_mask
 from .pretrain import _batch_loss, _lr_factor
-from .sampling import _left_pad
+from .samples import right_pad
+from .text import encode_prompts, new_tokens, pad_prompts
 
 __all__ = ["METHODS", "SoftPromptLM", "best_of_n", "supervised_finetune"]
 
@@ -177,6 +178,23 @@ def _training_rows(
     return ids, mask, labels, truncated
 
 
+def _seq2seq_rows(
+    tokenizer, prompts: Sequence[str], targets: Sequence[str], limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Encoder ids and mask (right-padded sources) and decoder labels (target + EOS, -100 on padding)."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    sources = encode_prompts(tokenizer, prompts, encoder_decoder=True)
+    labels = [[*t, eos] for t in tokenizer(list(targets), add_special_tokens=False)["input_ids"]]
+    truncated = 0
+    if limit is not None:
+        truncated = sum(len(s) > limit or len(t) > limit for s, t in zip(sources, labels, strict=True))
+        sources, labels = [s[:limit] for s in sources], [t[:limit] for t in labels]
+    ids, mask = right_pad(sources, pad)
+    label_ids, label_mask = right_pad(labels, pad)
+    return ids, mask, label_ids.masked_fill(label_mask == 0, -100), truncated
+
+
 def _check_finetune_args(method, prompts, targets, max_steps, batch_size, learning_rate, lora_r, vt) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(map(repr, METHODS))}")
@@ -218,8 +236,10 @@ def supervised_finetune(
     """Fine-tune a copy of ``model`` on ``(prompt, target)`` pairs with LoRA or prompt tuning.
 
     Each example is ``tokenizer(prompt) + tokenizer(" " + target) + [EOS]`` (no special tokens added), the
-    loss taken on the target and EOS tokens only; batches are right-padded. ``model`` itself is never
-    changed: a deep copy is trained (so memory holds two models).
+    loss taken on the target and EOS tokens only; batches are right-padded. An encoder-decoder ``model``
+    (Marian, T5, BART) reads the prompt as its source (:func:`dinado.text.encode_prompts`) and learns
+    ``tokenizer(target) + [EOS]`` as its decoder labels; only ``method="lora"`` applies to it. ``model``
+    itself is never changed: a deep copy is trained (so memory holds two models).
 
     ``method="lora"`` (default learning rate 1e-3) trains LoRA adapters (``lora_r``, ``lora_alpha``, on
     ``lora_target_modules``), merges them and returns the plain merged model. ``method="prompt"`` (default
@@ -249,6 +269,11 @@ def supervised_finetune(
     lr = DEFAULT_LEARNING_RATES[method] if learning_rate is None else float(learning_rate)
     start_time = time.perf_counter()
 
+    seq2seq = is_encoder_decoder(model)
+    if seq2seq and method != "lora":
+        raise ValueError(
+            f"method={method!r} is for decoder-only models; fine-tune an encoder-decoder base with method='lora'"
+        )
     limit = _max_positions(model)
     if method == "prompt" and limit is not None:
         limit -= num_virtual_tokens
@@ -256,13 +281,14 @@ def supervised_finetune(
             raise ValueError(
                 f"num_virtual_tokens={num_virtual_tokens} leaves no room in the model's positions"
             )
-    ids, mask, labels, truncated = _training_rows(tokenizer, prompts, targets, limit)
+    rows = _seq2seq_rows if seq2seq else _training_rows
+    ids, mask, labels, truncated = rows(tokenizer, prompts, targets, limit)
 
     torch.manual_seed(seed)
     work = copy.deepcopy(model)
     if method == "lora":
         peft_config = LoraConfig(
-            task_type="CAUSAL_LM",
+            task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
             r=lora_r,
             lora_alpha=lora_alpha,
             lora_dropout=0.0,
@@ -293,11 +319,20 @@ def supervised_finetune(
                 if len(losses) >= max_steps:
                     break
                 index = order[start : start + batch_size]
-                width = int(mask[index].sum(1).max())
-                batch = (t[index, :width].to(device) for t in (ids, mask, labels))
                 for group in optimizer.param_groups:
                     group["lr"] = lr * _lr_factor(len(losses), max_steps, warmup, "cosine")
-                loss = _batch_loss(trained, *batch)
+                if seq2seq:
+                    width = int(mask[index].sum(1).max())
+                    target_width = int((labels[index] != -100).sum(1).max())
+                    loss = trained(
+                        input_ids=ids[index, :width].to(device),
+                        attention_mask=mask[index, :width].to(device),
+                        labels=labels[index, :target_width].to(device),
+                    ).loss
+                else:
+                    width = int(mask[index].sum(1).max())
+                    batch = (t[index, :width].to(device) for t in (ids, mask, labels))
+                    loss = _batch_loss(trained, *batch)
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"the training loss is {loss.item()} at step {len(losses)}")
                 optimizer.zero_grad(set_to_none=True)
@@ -373,10 +408,14 @@ def best_of_n(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     start_time = time.perf_counter()
 
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    for prompt, ids in zip(prompts, encoded, strict=True):
-        if not ids:
-            raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+    seq2seq = is_encoder_decoder(model)
+    if seq2seq:
+        encoded = encode_prompts(tokenizer, prompts, encoder_decoder=True)
+    else:
+        encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        for prompt, ids in zip(prompts, encoded, strict=True):
+            if not ids:
+                raise ValueError(f"prompt {prompt!r} encodes to no tokens")
     rows = [ids for ids in encoded for _ in range(n)]
     was_training = model.training
     model.eval()
@@ -385,7 +424,7 @@ def best_of_n(
     completions: list[str] = []
     try:
         for start in range(0, len(rows), batch_size):
-            ids, mask = _left_pad(rows[start : start + batch_size], pad)
+            ids, mask = pad_prompts(rows[start : start + batch_size], pad, seq2seq)
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -397,7 +436,7 @@ def best_of_n(
                 eos_token_id=eos,
                 pad_token_id=pad,
             )
-            for new in out[:, ids.shape[1] :].tolist():
+            for new in new_tokens(out, ids.shape[1], seq2seq).tolist():
                 if eos in new:
                     new = new[: new.index(eos)]
                 completions.append(tokenizer.decode(new, skip_special_tokens=True).strip())

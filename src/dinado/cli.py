@@ -219,11 +219,13 @@ class RunDir:
 
 # ---------------------------------------------------------------------- loading
 def load_base(config: dict[str, Any]):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     name = config["base"]
     try:
-        model = AutoModelForCausalLM.from_pretrained(name)
+        # a causal LM, or an encoder-decoder (Marian, T5, BART) whose prompts are its sources
+        seq2seq = getattr(AutoConfig.from_pretrained(name), "is_encoder_decoder", False)
+        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(name)
         tokenizer = AutoTokenizer.from_pretrained(config.get("tokenizer") or name)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -256,13 +258,6 @@ def read_prompts(path: str) -> list[str]:
     if not prompts:
         raise CLIError(f"prompts file {file} holds no prompts (one per line)")
     return prompts
-
-
-def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Plain tokenisation; an empty prompt becomes the BOS token (GPT-2 style models start there)."""
-    rows = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return [row if row else [bos] for row in rows]
 
 
 def text_oracle(config: dict[str, Any]):
@@ -318,7 +313,9 @@ def read_generations(path: str) -> tuple[list[dict[str, Any]], list[dict[str, An
 # ---------------------------------------------------------------------- subcommands
 def cmd_sample(config: dict[str, Any]) -> None:
     """Sample completions from a base (or a guide as proposal) and label them with an oracle."""
+    from .guide import is_encoder_decoder
     from .sampling import sample
+    from .text import encode_prompts
 
     _require(config, "output", "base", "prompts")
     prompts = read_prompts(config["prompts"])
@@ -330,7 +327,7 @@ def cmd_sample(config: dict[str, Any]) -> None:
         start = time.perf_counter()
         samples = sample(
             source,
-            encode_prompts(tokenizer, prompts),
+            encode_prompts(tokenizer, prompts, is_encoder_decoder(model)),
             config["num_samples"],
             oracle,
             config["max_new_tokens"],
@@ -388,6 +385,8 @@ def _validator(config: dict[str, Any], guide, tokenizer) -> Callable[[], float] 
 
     def validate() -> float:
         import torch
+
+        from .text import generate_texts
 
         state = torch.get_rng_state()  # validation must not change the training run's random stream
         torch.manual_seed(config["seed"])
@@ -483,37 +482,11 @@ def cmd_train(config: dict[str, Any]) -> None:
     print(f"trained a {config['variant']} guide for {report.steps} steps; saved to {run.path / 'guide'}")
 
 
-def generate_texts(
-    source, tokenizer, prompts: list[str], batch_size: int = 32, alpha: float = 1.0, **generate_kwargs: Any
-) -> tuple[list[str], int, float]:
-    """Decode ``prompts`` with a base model or a Guide: (completions, new tokens, seconds)."""
-    from .decoding import check_length
-    from .decoding import generate as guided_generate
-    from .guide import Guide
-    from .sampling import _left_pad
-
-    rows = encode_prompts(tokenizer, prompts)
-    check_length(
-        source.base if isinstance(source, Guide) else source,
-        max(map(len, rows)),
-        generate_kwargs.get("max_new_tokens"),
-    )
-    outputs, new_tokens, start = [], 0, time.perf_counter()
-    for i in range(0, len(rows), batch_size):
-        ids, mask = _left_pad(rows[i : i + batch_size], tokenizer.pad_token_id)
-        if isinstance(source, Guide):
-            seqs = guided_generate(source, ids, mask, alpha=alpha, **generate_kwargs)
-        else:
-            seqs = source.generate(ids, attention_mask=mask, **generate_kwargs)
-        gen = seqs[:, ids.shape[1] :]
-        new_tokens += int((gen != tokenizer.pad_token_id).sum())
-        outputs.extend(t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True))
-    return outputs, new_tokens, time.perf_counter() - start
-
-
 def cmd_generate(config: dict[str, Any]) -> None:
     """Decode prompts with the base alone or with a guide (greedy, sampling or beam search)."""
     import torch
+
+    from .text import generate_texts
 
     _require(config, "output", "base", "prompts")
     prompts = read_prompts(config["prompts"])

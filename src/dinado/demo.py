@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from .cli import generate_texts
 from .evaluation import evaluate_texts, markdown_report, plot_training_curves
 from .guide import Guide
 from .io import atomic_write_text
@@ -25,6 +24,7 @@ from .oracles import KeywordOracle, as_token_oracle
 from .pretrain import PretrainConfig, pretrain
 from .sampling import sample
 from .tasks.toy import ToyLanguage
+from .text import generate_texts
 from .training import train
 
 BASE_CONFIG = dict(

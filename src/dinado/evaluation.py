@@ -12,7 +12,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .guide import decoder_start_token_id, is_encoder_decoder
 from .oracles import call_oracle
+from .samples import right_pad
+from .text import encode_prompts
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -29,7 +32,10 @@ def base_perplexity(
 ) -> float:
     """exp(mean negative log-likelihood per completion token) under the base model, given each prompt.
 
-    Only tokens inside the model's position window are scored."""
+    Only tokens inside the model's position window are scored. An encoder-decoder model reads each prompt
+    as its source and the completion after the decoder start token."""
+    if is_encoder_decoder(model):
+        return _seq2seq_perplexity(model, tokenizer, prompts, completions, batch_size)
     total_nll, total_tokens = 0.0, 0
     device = next(model.parameters()).device
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -60,6 +66,34 @@ def base_perplexity(
             if b > a:
                 total_nll -= float(token_lp[r, a - 1 : b - 1].sum())
                 total_tokens += b - a
+    return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
+
+
+def _seq2seq_perplexity(model, tokenizer, prompts, completions, batch_size: int) -> float:
+    total_nll, total_tokens = 0.0, 0
+    device = next(model.parameters()).device
+    start_id = decoder_start_token_id(model)
+    pad = tokenizer.pad_token_id or 0
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 10**9
+    sources = [row[:limit] for row in encode_prompts(tokenizer, prompts, encoder_decoder=True)]
+    targets = [
+        [start_id, *tokenizer(c.strip(), add_special_tokens=False)["input_ids"]][:limit] for c in completions
+    ]
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = right_pad(sources[start : start + batch_size], pad)
+        dec, dec_mask = right_pad(targets[start : start + batch_size], pad)
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            decoder_input_ids=dec.to(device),
+            decoder_attention_mask=dec_mask.to(device),
+        ).logits
+        token_lp = (
+            F.log_softmax(logits.float(), -1)[:, :-1].gather(-1, dec[:, 1:, None].to(device)).squeeze(-1)
+        )
+        scored = dec_mask[:, 1:].to(device).bool()
+        total_nll -= float(token_lp[scored].sum())
+        total_tokens += int(scored.sum())
     return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
 
 

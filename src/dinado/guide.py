@@ -51,7 +51,7 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 
 def is_encoder_decoder(model: nn.Module) -> bool:
     """True for sequence-to-sequence bases (Marian, T5, BART, ...), whose output is the decoder's."""
-    return bool(getattr(unwrap_peft(model).config, "is_encoder_decoder", False))
+    return bool(getattr(getattr(unwrap_peft(model), "config", None), "is_encoder_decoder", False))
 
 
 def decoder_start_token_id(model: nn.Module) -> int:

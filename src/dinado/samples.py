@@ -32,6 +32,18 @@ def _check_id_lists(name: str, rows: Sequence[Sequence[int]], allow_empty: bool)
     return out
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, max length] ids padded on the left with ``pad_id`` (decoder-only prompts), and the mask."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        if len(row):
+            ids[r, length - len(row) :] = torch.as_tensor(list(row), dtype=torch.long)
+            mask[r, length - len(row) :] = 1
+    return ids, mask
+
+
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, max length] ids padded on the right with ``pad_id``, and the attention mask."""
     length = max(len(r) for r in rows)

@@ -26,17 +26,7 @@ from .guide import (
 )
 from .io import tokenizer_fingerprint
 from .oracles import call_oracle, describe
-from .samples import SampleSet, right_pad
-
-
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, length - len(p) :] = torch.tensor(p)
-        mask[r, length - len(p) :] = 1
-    return ids, mask
+from .samples import SampleSet, left_pad, right_pad
 
 
 def _gather(step_scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
@@ -159,7 +149,7 @@ def sample(
     bar = tqdm(total=len(rows), desc="sample", disable=not progress)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        ids, mask = (right_pad if decoder_start is not None else _left_pad)(chunk, pad)
+        ids, mask = (right_pad if decoder_start is not None else left_pad)(chunk, pad)
         ids, mask = ids.to(device), mask.to(device)
         kwargs = dict(
             attention_mask=mask,

@@ -1,0 +1,73 @@
+"""Text in, text out: tokenise prompts and decode them in batches with a base model or a guide.
+
+Decoder-only bases read ``prompt + completion`` in one left-padded sequence; encoder-decoder bases read the
+prompt (the source) in the encoder, right-padded, and write the completion after the decoder start token.
+These helpers hide that difference from the CLI, the baselines and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .guide import Guide, is_encoder_decoder
+from .samples import left_pad, right_pad
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], encoder_decoder: bool = False) -> list[list[int]]:
+    """Token ids of each prompt.
+
+    Decoder-only: plain tokenisation without special tokens; an empty prompt becomes the BOS token (GPT-2
+    style models start there). Encoder-decoder: the tokenizer's own special tokens are added (Marian and T5
+    end a source with EOS, BART wraps it in BOS/EOS), and EOS is appended when the tokenizer adds none.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of strings, not one string")
+    if encoder_decoder:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the tokenizer has no eos_token_id, which ends every encoder input: set one")
+        rows = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        return [list(row) if row and row[-1] == eos else [*row, eos] for row in rows]
+    rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [list(row) if row else [bos] for row in rows]
+
+
+def pad_prompts(
+    rows: Sequence[Sequence[int]], pad_id: int, encoder_decoder: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt ids and mask as ``generate()`` wants them: left-padded, or right-padded for an encoder."""
+    return (right_pad if encoder_decoder else left_pad)(rows, pad_id)
+
+
+def new_tokens(sequences: torch.Tensor, prompt_width: int, encoder_decoder: bool) -> torch.Tensor:
+    """The generated part of ``generate()``'s output: after the prompt, or after the decoder start token."""
+    return sequences[:, 1:] if encoder_decoder else sequences[:, prompt_width:]
+
+
+def generate_texts(
+    source, tokenizer, prompts: list[str], batch_size: int = 32, alpha: float = 1.0, **generate_kwargs: Any
+) -> tuple[list[str], int, float]:
+    """Decode ``prompts`` with a base model or a Guide: (completions, new tokens, seconds)."""
+    from .decoding import check_length
+    from .decoding import generate as guided_generate
+
+    model = source.base if isinstance(source, Guide) else source
+    seq2seq = is_encoder_decoder(model)
+    rows = encode_prompts(tokenizer, prompts, seq2seq)
+    check_length(model, max(map(len, rows)), generate_kwargs.get("max_new_tokens"))
+    outputs, count, start = [], 0, time.perf_counter()
+    for i in range(0, len(rows), batch_size):
+        ids, mask = pad_prompts(rows[i : i + batch_size], tokenizer.pad_token_id, seq2seq)
+        if isinstance(source, Guide):
+            seqs = guided_generate(source, ids, mask, alpha=alpha, **generate_kwargs)
+        else:
+            seqs = source.generate(ids, attention_mask=mask, **generate_kwargs)
+        gen = new_tokens(seqs, ids.shape[1], seq2seq)
+        count += int((gen != tokenizer.pad_token_id).sum())
+        outputs.extend(t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True))
+    return outputs, count, time.perf_counter() - start
