@@ -105,3 +105,23 @@ def tiny_seq2seq(kind: str, seed: int = 0, vocab_size: int = 24, width: int = 32
     model.generation_config.forced_eos_token_id = None
     model.generation_config.forced_bos_token_id = None
     return model.eval()
+
+
+def tiny_marian_with_tokenizer(
+    texts: list[str], vocab_size: int = 300, max_positions: int = 64, seed: int = 0
+):
+    """A tiny Marian over a byte-level BPE trained on ``texts`` (EOS = pad = decoder start = 0)."""
+    from transformers import MarianConfig, MarianMTModel
+
+    from dinado.pretrain import build_tokenizer
+
+    tokenizer = build_tokenizer(texts, vocab_size=vocab_size, min_frequency=1)
+    torch.manual_seed(seed)
+    config = MarianConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=max_positions,
+        pad_token_id=0, eos_token_id=0, decoder_start_token_id=0, forced_eos_token_id=None, init_std=0.3,
+    )  # fmt: skip
+    model = MarianMTModel(config).eval()
+    model.generation_config.update(pad_token_id=0, eos_token_id=0, decoder_start_token_id=0)
+    return model, tokenizer

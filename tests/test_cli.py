@@ -8,7 +8,7 @@ import yaml
 
 from dinado.cli import main
 
-from .conftest import tiny_gpt2
+from .conftest import tiny_gpt2, tiny_marian_with_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -479,20 +479,10 @@ def test_train_resume_continues_to_the_same_weights_as_a_straight_run(tmp_path, 
 
 def test_an_encoder_decoder_base_runs_sample_train_generate_evaluate_merge(tmp_path, capsys):
     """A saved Marian base: the CLI loads it as a seq2seq model and its prompts are the sources."""
-    from transformers import MarianConfig, MarianMTModel
-
-    from dinado.pretrain import build_tokenizer
-
     texts = ["the cat sat", "Sie sind nett", "du bist nett", "you are kind"]
-    tokenizer = build_tokenizer(texts * 3, vocab_size=280, min_frequency=1)
-    torch.manual_seed(0)
-    config = MarianConfig(
-        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
-        pad_token_id=0, eos_token_id=0, decoder_start_token_id=0, forced_eos_token_id=None, init_std=0.3,
-    )  # fmt: skip
+    model, tokenizer = tiny_marian_with_tokenizer(texts * 3, vocab_size=280, max_positions=32)
     base = tmp_path / "marian"
-    MarianMTModel(config).save_pretrained(base)
+    model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     prompts = tmp_path / "sources.txt"
     prompts.write_text("the cat sat\nyou are kind\n")

@@ -8,7 +8,7 @@ from dinado import VARIANTS, Guide, SampleSet
 from dinado.guide import base_body, unwrap_peft
 from dinado.objectives import guide_loss
 
-from .conftest import SEQ2SEQ_KINDS, randomize_guide, tiny_gpt2, tiny_seq2seq
+from .conftest import SEQ2SEQ_KINDS, randomize_guide, tiny_gpt2, tiny_marian_with_tokenizer, tiny_seq2seq
 from .test_decoding import Recorder
 
 SOURCES = torch.tensor([[5, 6, 7, 8, 1], [9, 4, 1, 0, 0]])  # right-padded sources ending in EOS (1)
@@ -231,22 +231,8 @@ def test_forward_names_the_missing_or_misplaced_source():
 
 @pytest.fixture(scope="module")
 def seq2seq_with_tokenizer():
-    """A tiny Marian over a byte-level BPE trained here (EOS = pad = decoder start = 0)."""
-    from transformers import MarianConfig, MarianMTModel
-
-    from dinado.pretrain import build_tokenizer
-
     texts = ["the cat sat on the mat", "der Hund schläft", "el gato duerme", "you are kind", "Sie sind nett"]
-    tokenizer = build_tokenizer(texts * 4, vocab_size=300, min_frequency=1)
-    torch.manual_seed(0)
-    config = MarianConfig(
-        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=0, decoder_start_token_id=0, forced_eos_token_id=None, init_std=0.3,
-    )  # fmt: skip
-    model = MarianMTModel(config).eval()
-    model.generation_config.update(pad_token_id=0, eos_token_id=0, decoder_start_token_id=0)
-    return model, tokenizer
+    return tiny_marian_with_tokenizer(texts * 4)
 
 
 def test_encode_prompts_ends_every_source_with_eos(seq2seq_with_tokenizer):
