@@ -413,3 +413,66 @@ class TVOracle(OracleBase):
 
     def to_config(self) -> dict[str, Any]:
         return {"type": "tv", "lang": self.lang, "target": self.target, "neutral": self.neutral}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a trained formality classifier
+
+
+def train_formality_classifier(
+    root: str | os.PathLike,
+    pair: str,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    validation_fraction: float = 0.0,
+    domains: str | Iterable[str] | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+):
+    """Train a formal/informal classifier on the CoCoA-MT train split of ``pair`` (e.g. "en-de").
+
+    Every formal reference is a "formal" text and every informal one an "informal" text
+    (``label_names=("informal", "formal")``); segments whose two references are identical (no address) are
+    left out. ``validation_fraction`` of the segments (both references of a segment on the same side, drawn
+    with ``seed``) are held out of training and scored as validation; the test split is never read.
+    ``root`` is the ``CoCoA-MT`` folder (as for :func:`load_cocoa`); ``output_dir``, ``seed`` and ``kwargs``
+    go to :func:`dinado.classifier.train_classifier`, whose :class:`~dinado.classifier.ClassifierResult` is
+    returned. Use it as an oracle with ``result.oracle("formal", soft=True)`` or
+    ``ClassifierOracle.from_pretrained(output_dir, "formal", ...)``; measured accuracy: docs/oracles.md.
+    """
+    import random
+
+    from ..classifier import train_classifier
+
+    if isinstance(validation_fraction, bool) or not isinstance(validation_fraction, (int, float)):
+        raise TypeError(f"validation_fraction must be a number in [0, 1), got {validation_fraction!r}")
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
+    for key in ("label_names", "validation"):
+        if key in kwargs:
+            raise TypeError(f"train_formality_classifier sets {key} itself")
+    examples = [e for e in load_cocoa(root, pair, "train", domains=domains) if e.formal != e.informal]
+    if not examples:
+        raise ValueError(f"no CoCoA-MT {pair} train segment has distinct formal and informal references")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = round(validation_fraction * len(examples))
+    if validation_fraction > 0 and not 1 <= n_val < len(examples):
+        raise ValueError(
+            f"validation_fraction={validation_fraction} holds out {n_val} of {len(examples)} segments; "
+            "choose a fraction that leaves segments on both sides"
+        )
+    held_out = set(order[:n_val])
+
+    def labelled(indices: list[int]) -> tuple[list[str], list[str]]:
+        texts, labels = [], []
+        for i in indices:
+            texts += [examples[i].formal, examples[i].informal]
+            labels += ["formal", "informal"]
+        return texts, labels
+
+    train = labelled([i for i in range(len(examples)) if i not in held_out])
+    validation = labelled(sorted(held_out)) if held_out else None
+    return train_classifier(
+        *train, output_dir, label_names=("informal", "formal"), validation=validation, seed=seed, **kwargs
+    )
