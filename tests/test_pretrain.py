@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from dinado import pretrain as pt
 from dinado.pretrain import (
@@ -466,3 +466,252 @@ def test_failure_during_training_leaves_nothing(tmp_path, monkeypatch):
         pretrain(config, out / "a" / "b" / "model", progress=False)
     assert len(calls) == 2
     assert_empty(out)  # neither the temporary directory nor the parents it created remain
+
+
+# --------------------------------------------------------------------------------------------------------
+# architecture="marian": an encoder-decoder on parallel source/target files
+
+EN_WORDS = "the cat dog sees eats a big small red fish bird house".split()
+DE_WORDS = "der katze hund sieht frisst ein grosser kleiner roter fisch vogel haus".split()
+EN_DE = dict(zip(EN_WORDS, DE_WORDS, strict=True))
+
+# Two layers of width 64: the word-for-word "translation" below is learned in about 6 s on one thread.
+MARIAN = dict(
+    architecture="marian",
+    data_format="pairs",
+    vocab_size=300,
+    n_layer=2,
+    n_embd=64,
+    n_head=4,
+    context=32,
+    batch_size=16,
+    learning_rate=3e-3,
+    max_epochs=None,
+    eval_every=50,
+)
+
+
+def translation_pairs(n, seed):
+    """English-like word sequences and their word-for-word German-like translations."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        words = rng.choices(EN_WORDS, k=rng.randint(3, 6))
+        pairs.append((" ".join(words), " ".join(EN_DE[w] for w in words)))
+    return pairs
+
+
+def write_pairs(directory, name, pairs):
+    return (
+        write_lines(Path(directory) / f"{name}.src", [s for s, _ in pairs]),
+        write_lines(Path(directory) / f"{name}.tgt", [t for _, t in pairs]),
+    )
+
+
+@pytest.fixture(scope="module")
+def marian_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("marian")
+    src, tgt = write_pairs(d, "train", translation_pairs(400, seed=0))
+    val_pairs = translation_pairs(40, seed=1)
+    val_src, val_tgt = write_pairs(d, "val", val_pairs)
+    config = PretrainConfig(
+        source_file=src,
+        target_file=tgt,
+        validation_source_file=val_src,
+        validation_target_file=val_tgt,
+        max_steps=300,
+        dropout=0.0,
+        patience=None,
+        **MARIAN,
+    )
+    out = d / "marian-model"
+    result = pretrain(config, out, progress=False)
+    return config, result, out, val_pairs
+
+
+def test_marian_learns_to_translate(marian_run):
+    config, result, out, val_pairs = marian_run
+    assert result.steps == 300 and result.eval_steps == [0, 50, 100, 150, 200, 250, 300]
+    assert result.num_val_examples == 40 and result.num_train_examples == 400
+    assert result.truncated_examples == 0
+    # per target token: from about log(vocab) to well under a nat
+    assert result.val_loss[0] > 5.0
+    assert result.best_val_loss == min(result.val_loss) < 0.6
+    assert result.val_loss[-1] < result.val_loss[0] - 4.0
+
+    # the model reads the source: the same targets after mismatched sources score far worse
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    rows = pt._seq2seq_rows(val_pairs, tok, config.context)
+    matched = pt._evaluate(model, rows, 16, torch.device("cpu"))
+    assert matched == pytest.approx(result.best_val_loss, abs=1e-5)  # the saved weights are the best ones
+    shuffled = [(val_pairs[(i + 1) % 40][0], t) for i, (_, t) in enumerate(val_pairs)]
+    mismatched = pt._evaluate(model, pt._seq2seq_rows(shuffled, tok, config.context), 16, torch.device("cpu"))
+    assert mismatched > matched + 1.0
+
+    # greedy translations of the held-out sources, decoded with the tokenizer: mostly word-perfect
+    batch = tok([s for s, _ in val_pairs], return_tensors="pt", padding=True)
+    generated = model.generate(**batch, do_sample=False, max_new_tokens=24)
+    assert (generated[:, 0] == tok.eos_token_id).all()  # the decoder start token
+    texts = tok.batch_decode(generated, skip_special_tokens=True)
+    words = sum(
+        a == b
+        for text, (_, ref) in zip(texts, val_pairs, strict=True)
+        for a, b in zip(text.split(), ref.split(), strict=False)
+    )
+    assert words / sum(len(ref.split()) for _, ref in val_pairs) > 0.6
+
+
+def test_marian_saved_directory(marian_run):
+    config, result, out, _ = marian_run
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "pretrain_config.json",
+        "pretrain_metrics.jsonl",
+    } <= set(os.listdir(out))
+    assert not [n for n in os.listdir(out.parent) if n.startswith(".")]
+    assert PretrainConfig.from_dict(json.loads((out / "pretrain_config.json").read_text())) == config
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    assert model.config.model_type == "marian" and model.config.is_encoder_decoder
+    eos = tok.eos_token_id
+    assert eos == 0 and tok(EOS_TOKEN, add_special_tokens=False)["input_ids"] == [eos]
+    # the tokenizer appends EOS, as the encoder saw it in training (and as Marian's tokenizers do)
+    plain = tok("der katze frisst", add_special_tokens=False)["input_ids"]
+    assert tok("der katze frisst")["input_ids"] == [*plain, eos]
+    assert tok("a cat", text_target="der katze frisst")["labels"] == [*plain, eos]
+    assert tok.decode(tok("der katze frisst")["input_ids"], skip_special_tokens=True) == "der katze frisst"
+    assert tok.decode(plain) == "der katze frisst"
+    for name in ("eos_token_id", "pad_token_id", "decoder_start_token_id"):
+        assert getattr(model.config, name) == getattr(model.generation_config, name) == eos, name
+    c = model.config
+    assert (c.d_model, c.encoder_layers, c.decoder_layers) == (64, 2, 2)
+    assert (c.encoder_attention_heads, c.decoder_attention_heads) == (4, 4)
+    assert (c.encoder_ffn_dim, c.decoder_ffn_dim) == (256, 256)
+    assert c.max_position_embeddings == config.context and c.vocab_size == len(tok) <= config.vocab_size
+    # one embedding matrix for encoder, decoder and output layer
+    shared = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is shared
+    assert (
+        model.get_encoder().embed_tokens.weight is shared
+        and model.get_decoder().embed_tokens.weight is shared
+    )
+    # parameters trained: all but the fixed sinusoidal position tables (which reload as requires_grad=True)
+    trained = sum(p.numel() for n, p in model.named_parameters() if "embed_positions" not in n)
+    assert result.num_parameters == trained
+    # the tokenizer learned merges from the targets as well as the sources
+    for word in (" katze", " sees"):
+        assert len(tok(word, add_special_tokens=False)["input_ids"]) < len(word)
+
+
+def test_marian_rows_and_truncation(tmp_path):
+    texts = [s for p in translation_pairs(100, 0) for s in p]
+    tok = build_tokenizer(texts, vocab_size=300, append_eos=True)
+    eos = tok.eos_token_id
+    pairs = [("the cat sees a fish", "der katze sieht ein fisch"), ("a dog", "ein hund")]
+    rows = pt._seq2seq_rows(pairs, tok, context=32)
+    src, tgt = tok(pairs[0][0])["input_ids"], tok(pairs[0][1])["input_ids"]  # both end in EOS
+    assert src[-1] == tgt[-1] == eos and eos not in src[:-1] + tgt[:-1]
+    assert rows.input_ids[0, : len(src)].tolist() == src
+    assert rows.labels[0, : len(tgt)].tolist() == tgt
+    assert rows.decoder_input_ids[0, : len(tgt)].tolist() == [eos, *tgt[:-1]]  # labels shifted right
+    assert (rows.labels[0, len(tgt) :] == -100).all()
+    # the loss is per target token: the target ids and their EOS
+    assert int((rows.labels != -100).sum()) == sum(len(tok(t)["input_ids"]) for _, t in pairs)
+    assert rows.truncated == 0
+    batch = rows.batch([1])
+    assert batch["input_ids"].shape[1] == len(tok("a dog")["input_ids"])
+    # the same rows from a tokenizer that appends nothing (the GPT-2 one): EOS is added by the rows
+    plain = build_tokenizer(texts, vocab_size=300)
+    assert plain("a dog")["input_ids"][-1] != eos
+    assert torch.equal(pt._seq2seq_rows(pairs, plain, context=32).input_ids, rows.input_ids)
+    assert batch["labels"].shape == batch["decoder_input_ids"].shape == batch["decoder_attention_mask"].shape
+
+    # longer than the context: the source keeps its EOS, the target is cut; each example counted once
+    long_src, long_tgt = " ".join(EN_WORDS * 3), " ".join(DE_WORDS * 3)
+    rows = pt._seq2seq_rows([(long_src, long_tgt), (long_src, "ein hund"), ("a dog", "ein hund")], tok, 8)
+    assert rows.truncated == 2
+    assert rows.input_ids[0].tolist() == [*tok(long_src)["input_ids"][:7], eos]
+    assert rows.labels[0].tolist() == tok(long_tgt)["input_ids"][:8]
+    assert eos not in rows.labels[0].tolist()  # the cut target lost its EOS
+    assert rows.input_ids.shape == rows.labels.shape == (3, 8)
+
+    # and training on them works (positions stay within the model's `context`)
+    short = list(EN_DE.items())  # one word each: no truncation
+    src_file, tgt_file = write_pairs(tmp_path, "long", [(long_src, long_tgt)] * 10 + short)
+    config = PretrainConfig(
+        source_file=src_file, target_file=tgt_file, **{**MARIAN, "context": 8, "max_steps": 2}
+    )
+    result = pretrain(config, tmp_path / "m", progress=False)
+    # the repeated long pair is one prompt: all 10 copies land on the same side of the split
+    assert result.truncated_examples == 10
+    assert result.num_train_examples + result.num_val_examples == 10 + len(short)
+
+
+def test_marian_same_seed_same_weights(tmp_path):
+    src, tgt = write_pairs(tmp_path, "train", translation_pairs(100, seed=3))
+    runs = {}
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        config = PretrainConfig(
+            source_file=src, target_file=tgt, seed=seed, dropout=0.1, **{**MARIAN, "max_steps": 6}
+        )
+        runs[name] = pretrain(config, tmp_path / name, progress=False)
+    a, b, c = (state_dict_of(tmp_path / n) for n in "abc")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert runs["a"].train_loss == runs["b"].train_loss
+    assert runs["a"].val_loss == runs["b"].val_loss
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_marian_eos_embedding_is_trained():
+    """EOS is also PAD and the decoder start token; Marian would make its embedding a frozen zero row."""
+    pairs = translation_pairs(8, seed=4)
+    tok = build_tokenizer([s for p in pairs for s in p], vocab_size=300, append_eos=True)
+    config = PretrainConfig(source_file="s", target_file="t", max_steps=1, **MARIAN)
+    torch.manual_seed(0)
+    model = pt._build_model(config, tok).eval()  # no dropout: the two backward passes below are comparable
+    shared = model.get_input_embeddings().weight
+    assert shared[tok.eos_token_id].abs().sum() > 0
+    loss, count = pt._rows_loss(model, pt._seq2seq_rows(pairs, tok, 32), range(8), torch.device("cpu"))
+    assert count == sum(len(tok(t)["input_ids"]) for _, t in pairs)
+    loss.backward()
+    grad = shared.grad[tok.eos_token_id].clone()
+    # Marian's padding_idx would drop the input-side part of that gradient (the tied output layer's remains)
+    model.zero_grad()
+    modules = [model.model.shared, model.get_encoder().embed_tokens, model.get_decoder().embed_tokens]
+    assert [m.padding_idx for m in modules] == [None] * 3
+    for module in modules:
+        module.padding_idx = tok.eos_token_id
+    pt._rows_loss(model, pt._seq2seq_rows(pairs, tok, 32), range(8), torch.device("cpu"))[0].backward()
+    assert (grad - shared.grad[tok.eos_token_id]).abs().sum() > 1e-3 * grad.abs().sum() > 0
+    assert model.generation_config.decoder_start_token_id == tok.eos_token_id
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"architecture": "marian", "text_file": "x.txt"},
+            r"architecture='marian' \(encoder-decoder\) needs data_format='pairs'.*got data_format='text'",
+        ),
+        ({"architecture": "t5", "text_file": "x.txt"}, r"architecture must be one of \('gpt2', 'marian'\)"),
+        (
+            {"architecture": "marian", "data_format": "pairs", "prompt_loss": True},
+            "prompt_loss=True is for architecture='gpt2' only",
+        ),
+    ],
+)
+def test_marian_config_errors(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        PretrainConfig(**kwargs)
+    config = PretrainConfig(text_file="x.txt")
+    config.architecture = "marian"  # changed after construction: pretrain() checks again, before any work
+    with pytest.raises(ValueError, match="needs data_format='pairs'"):
+        pretrain(config, tmp_path / "m", progress=False)
+    assert not (tmp_path / "m").exists()

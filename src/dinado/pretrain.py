@@ -1,9 +1,12 @@
-"""Train a small base model from scratch: a byte-level BPE tokenizer and a GPT-2-architecture causal LM.
+"""Train a small base model from scratch: a byte-level BPE tokenizer and a GPT-2 causal LM or a Marian
+encoder-decoder.
 
-For users without a pretrained model (and for the demo and a CommonGen base model). The data is a plain text
-file (one document or sentence per line) or parallel prompt/target line files (CommonGen's
-``train_src.txt``/``train_trg.txt``). :func:`pretrain` writes a directory that loads with
-``AutoTokenizer.from_pretrained`` and ``AutoModelForCausalLM.from_pretrained``; see ``docs/pretrain.md``.
+For users without a pretrained model (and for the demo, a CommonGen base model and small translation bases).
+The data is a plain text file (one document or sentence per line) or parallel prompt/target line files
+(CommonGen's ``train_src.txt``/``train_trg.txt``, or source/translation files). :func:`pretrain` writes a
+directory that loads with ``AutoTokenizer.from_pretrained`` and ``AutoModelForCausalLM.from_pretrained``
+(``architecture="gpt2"``) or ``AutoModelForSeq2SeqLM.from_pretrained`` (``architecture="marian"``); see
+``docs/pretrain.md``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ EOS_TOKEN = "<|endoftext|>"
 """The one special token: BOS = EOS = PAD = UNK, as in GPT-2."""
 
 DATA_FORMATS = ("text", "pairs")
+ARCHITECTURES = ("gpt2", "marian")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 METRICS_FILE = "pretrain_metrics.jsonl"
 CONFIG_FILE = "pretrain_config.json"
@@ -59,15 +63,28 @@ class PretrainConfig:
       on the same side, so the held-out loss measures prompts never seen in training).
     - ``max_examples``: use only the first N training examples (after reading; None = all).
     - ``prompt_loss``: pairs only; also train on the prompt tokens (default: the loss is on the target and
-      EOS only, which is what a conditional base model needs).
+      EOS only, which is what a conditional base model needs). GPT-2 only.
     - ``pack``: text only; concatenate ``EOS line EOS line ...`` and cut it into rows of ``context`` tokens
       instead of one right-padded line per row (faster on long documents, lines may be split across rows).
 
     Tokenizer: byte-level BPE with ``vocab_size`` entries in all (256 bytes + ``<|endoftext|>`` + merges) and
     merges seen at least ``min_frequency`` times, trained on the training split only.
 
-    Model: GPT-2 with ``n_layer`` blocks of width ``n_embd`` and ``n_head`` heads, ``context`` positions,
-    ``dropout`` on embeddings, attention and residuals. Input and output embeddings are tied.
+    Model (``architecture``):
+
+    - ``"gpt2"``: a GPT-2 causal LM with ``n_layer`` blocks of width ``n_embd`` and ``n_head`` heads,
+      ``context`` positions, ``dropout`` on embeddings, attention and residuals. Input and output embeddings
+      are tied.
+    - ``"marian"``: a Marian encoder-decoder (``MarianMTModel``) for ``data_format="pairs"``, e.g. a small
+      translation base. ``n_layer`` encoder and ``n_layer`` decoder layers of width ``n_embd``, ``n_head``
+      heads, feed-forward width ``4 * n_embd``, sinusoidal positions for ``context`` tokens per side,
+      ``dropout`` on embeddings, attention and residuals; one embedding matrix shared by encoder, decoder and
+      output layer. The encoder reads ``source ids + EOS``, the decoder starts from EOS (the
+      ``decoder_start_token_id``) and learns ``target ids + EOS``; the saved tokenizer appends the EOS
+      itself, as Marian's does (``tokenizer(source)`` ends in EOS). ``prompt_suffix`` and ``prompt_loss``
+      are not used. A source longer than ``context - 1`` tokens keeps its first ``context - 1`` and the EOS; a
+      target (with EOS) longer than ``context`` is cut (its EOS is then lost); both are counted in
+      ``truncated_examples``.
 
     Optimisation: AdamW (``learning_rate``, ``weight_decay`` on matrices only, gradients clipped to
     ``grad_clip``), linear warm-up over ``warmup_fraction`` of the steps, then ``lr_schedule`` decay to zero
@@ -99,6 +116,7 @@ class PretrainConfig:
     vocab_size: int = 8000
     min_frequency: int = 2
     # model
+    architecture: str = "gpt2"
     n_layer: int = 4
     n_embd: int = 256
     n_head: int = 4
@@ -169,6 +187,21 @@ class PretrainConfig:
                 "give both validation_source_file and validation_target_file, or neither",
             )
             need(not self.pack, "pack=True is for data_format='text' only")
+        need(
+            self.architecture in ARCHITECTURES,
+            f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}",
+        )
+        if self.architecture == "marian":
+            need(
+                self.data_format == "pairs",
+                "architecture='marian' (encoder-decoder) needs data_format='pairs' "
+                f"(source_file/target_file), got data_format={self.data_format!r}",
+            )
+            need(
+                not self.prompt_loss,
+                "prompt_loss=True is for architecture='gpt2' only: a marian model reads the source with its "
+                "encoder and learns only the target",
+            )
         need(
             isinstance(self.validation_fraction, (int, float)) and 0.0 < self.validation_fraction < 1.0,
             f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}",
@@ -276,7 +309,7 @@ class PretrainResult:
     steps: int = 0
     stopped_early: bool = False
     wall_seconds: float = 0.0
-    num_parameters: int = 0
+    num_parameters: int = 0  # trainable parameters (tied embeddings counted once)
     num_train_examples: int = 0
     num_val_examples: int = 0
     truncated_examples: int = 0  # training + validation examples cut at `context` tokens
@@ -340,12 +373,18 @@ def read_pairs(src_path: str | os.PathLike, tgt_path: str | os.PathLike) -> list
 
 
 def build_tokenizer(
-    texts: Sequence[str], vocab_size: int, min_frequency: int = 2, model_max_length: int | None = None
+    texts: Sequence[str],
+    vocab_size: int,
+    min_frequency: int = 2,
+    model_max_length: int | None = None,
+    append_eos: bool = False,
 ):
     """Train a byte-level BPE tokenizer on ``texts``; return it as a ``transformers`` fast tokenizer.
 
-    ``<|endoftext|>`` is the only special token (id 0) and serves as BOS, EOS, PAD and UNK like GPT-2. No
-    token is added when encoding, and decoding gives back the encoded text exactly.
+    ``<|endoftext|>`` is the only special token (id 0) and serves as BOS, EOS, PAD and UNK like GPT-2. By
+    default no token is added when encoding, and decoding gives back the encoded text exactly. With
+    ``append_eos=True`` (the encoder-decoder tokenizer, like Marian's) encoding appends EOS (unless
+    ``add_special_tokens=False``); ``decode(..., skip_special_tokens=True)`` then gives back the text.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -362,6 +401,18 @@ def build_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    if append_eos:
+        eos_id = tokenizer.token_to_id(EOS_TOKEN)
+        tokenizer.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"$A {EOS_TOKEN}",
+                    pair=f"$A {EOS_TOKEN} $B {EOS_TOKEN}",
+                    special_tokens=[(EOS_TOKEN, eos_id)],
+                ),
+            ]
+        )
     kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -462,6 +513,71 @@ def _pair_rows(
             continue
         rows.append((row, learn))
     return _pad_rows(rows, context, eos, truncated)
+
+
+@dataclass
+class _Seq2SeqRows:
+    """Encoder-decoder rows, right-padded: encoder ids (source + EOS), decoder inputs (start + target) and
+    labels (target + EOS, -100 on padding); the decoder inputs are the labels shifted right by one."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    decoder_input_ids: torch.Tensor
+    decoder_attention_mask: torch.Tensor
+    labels: torch.Tensor
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, index: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows ``index``, each side cut to its longest row in the batch."""
+        mask, dec_mask = self.attention_mask[index], self.decoder_attention_mask[index]
+        width, dec_width = int(mask.sum(1).max()), int(dec_mask.sum(1).max())
+        return {
+            "input_ids": self.input_ids[index, :width],
+            "attention_mask": mask[:, :width],
+            "decoder_input_ids": self.decoder_input_ids[index, :dec_width],
+            "decoder_attention_mask": dec_mask[:, :dec_width],
+            "labels": self.labels[index, :dec_width],
+        }
+
+
+def _pad(seqs: list[list[int]], width: int, value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)  # row-major order = the flat order
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    out[mask] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    return out, mask.long()
+
+
+def _seq2seq_rows(pairs: Sequence[tuple[str, str]], tokenizer, context: int) -> _Seq2SeqRows:
+    """One example per row: the encoder reads ``source ids + EOS``, the decoder reads ``EOS + target ids``
+    (EOS is the decoder start token) and predicts ``target ids + EOS``.
+
+    Source and target are each encoded on their own, without a leading space: ``source ids + EOS`` is what
+    the marian tokenizer's ``tokenizer(source)`` gives, and ``target ids + EOS`` what
+    ``tokenizer(text_target=target)`` gives as labels. At most ``context`` tokens per side: a longer source
+    keeps its first ``context - 1`` tokens and its EOS, a longer target is cut (losing its EOS)."""
+    eos = tokenizer.eos_token_id
+    backend = tokenizer.backend_tokenizer
+    sources = [e.ids for e in backend.encode_batch([s for s, _ in pairs], add_special_tokens=False)]
+    targets = [e.ids for e in backend.encode_batch([t for _, t in pairs], add_special_tokens=False)]
+    encoder, decoder, labels = [], [], []
+    truncated = 0
+    for src, tgt in zip(sources, targets, strict=True):
+        cut = len(src) + 1 > context or len(tgt) + 1 > context
+        truncated += cut
+        encoder.append([*src[: context - 1], eos])
+        label = [*tgt, eos][:context]
+        labels.append(label)
+        decoder.append([eos, *label[:-1]])
+    input_ids, attention_mask = _pad(encoder, context, eos)
+    decoder_input_ids, decoder_attention_mask = _pad(decoder, context, eos)
+    label_ids, _ = _pad(labels, context, -100)
+    return _Seq2SeqRows(
+        input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, label_ids, truncated
+    )
 
 
 def _split(
@@ -569,22 +685,96 @@ def _batch_loss(model, input_ids, attention_mask, labels, reduction: str = "mean
     )
 
 
+def _seq2seq_batch_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=batch["decoder_input_ids"],
+        decoder_attention_mask=batch["decoder_attention_mask"],
+        use_cache=False,
+    ).logits
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        batch["labels"].reshape(-1),
+        ignore_index=-100,
+        reduction=reduction,
+    )
+
+
+def _rows_loss(
+    model, rows: _Rows | _Seq2SeqRows, index, device: torch.device, reduction: str = "mean"
+) -> tuple[torch.Tensor, int]:
+    """The loss on ``rows[index]`` and the number of target tokens it is taken over."""
+    if isinstance(rows, _Seq2SeqRows):
+        batch = {k: v.to(device) for k, v in rows.batch(index).items()}
+        return _seq2seq_batch_loss(model, batch, reduction), int((batch["labels"] != -100).sum())
+    ids, mask, labels = (t.to(device) for t in rows.batch(index))
+    return _batch_loss(model, ids, mask, labels, reduction), int((labels[:, 1:] != -100).sum())
+
+
 @torch.no_grad()
-def _evaluate(model, rows: _Rows, batch_size: int, device: torch.device) -> float:
+def _evaluate(model, rows: _Rows | _Seq2SeqRows, batch_size: int, device: torch.device) -> float:
+    """Mean cross-entropy per target token over ``rows``."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        ids, mask, labels = (
-            t.to(device) for t in rows.batch(range(start, min(start + batch_size, len(rows))))
-        )
-        total += _batch_loss(model, ids, mask, labels, reduction="sum").item()
-        count += int((labels[:, 1:] != -100).sum())
+        index = range(start, min(start + batch_size, len(rows)))
+        loss, n = _rows_loss(model, rows, index, device, reduction="sum")
+        total += loss.item()
+        count += n
     model.train(was_training)
     return total / max(count, 1)
 
 
+def _build_marian(config: PretrainConfig, tokenizer):
+    from transformers import MarianConfig, MarianMTModel
+
+    eos = tokenizer.eos_token_id
+    marian_config = MarianConfig(
+        vocab_size=len(tokenizer),
+        d_model=config.n_embd,
+        encoder_layers=config.n_layer,
+        decoder_layers=config.n_layer,
+        encoder_attention_heads=config.n_head,
+        decoder_attention_heads=config.n_head,
+        encoder_ffn_dim=4 * config.n_embd,
+        decoder_ffn_dim=4 * config.n_embd,
+        max_position_embeddings=config.context,
+        dropout=config.dropout,
+        attention_dropout=config.dropout,
+        activation_dropout=0.0,
+        scale_embedding=True,  # as in the OPUS-MT Marian models: token embeddings on the sinusoids' scale
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        decoder_start_token_id=eos,
+        forced_eos_token_id=None,
+        share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True,
+    )
+    model = MarianMTModel(marian_config)
+    # Marian's embeddings treat pad_token_id as a padding index: a row initialised to zero that gets no
+    # gradient from its uses as an input (only through the tied output layer). Here that id is also EOS and
+    # the decoder start token (the tokenizer's one special token), which ends every source and starts every
+    # decoder input, so it gets an ordinary trainable row. padding_idx only affects initialisation and
+    # gradients, so the saved weights compute the same after from_pretrained.
+    embeddings = model.model.shared  # tied: the same weight as the encoder's, decoder's and output layer's
+    for module in (embeddings, model.get_encoder().embed_tokens, model.get_decoder().embed_tokens):
+        module.padding_idx = None
+    with torch.no_grad():
+        embeddings.weight[eos].normal_(0.0, marian_config.init_std)
+    generation = model.generation_config
+    generation.bos_token_id = eos
+    generation.eos_token_id = eos
+    generation.pad_token_id = eos
+    generation.decoder_start_token_id = eos
+    return model
+
+
 def _build_model(config: PretrainConfig, tokenizer):
+    if config.architecture == "marian":
+        return _build_marian(config, tokenizer)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     eos = tokenizer.eos_token_id
@@ -616,7 +806,8 @@ def pretrain(
     overwrite: bool = False,
     device: str | torch.device = "cpu",
 ) -> PretrainResult:
-    """Train a tokenizer and a GPT-2 model as ``config`` says; save the best weights to ``output_dir``.
+    """Train a tokenizer and a GPT-2 or Marian model as ``config`` says; save the best weights to
+    ``output_dir``.
 
     ``output_dir`` ends up holding ``config.json``, ``generation_config.json``, ``model.safetensors``,
     ``tokenizer.json``, ``tokenizer_config.json``, ``pretrain_config.json`` and ``pretrain_metrics.jsonl``
@@ -635,12 +826,23 @@ def pretrain(
     generator = torch.Generator().manual_seed(config.seed)
     train_examples, val_examples = _load_examples(config, generator)
 
-    if config.data_format == "pairs":
+    if config.architecture == "marian":
+        tokenizer_texts = [p for p, _ in train_examples] + [t for _, t in train_examples]
+    elif config.data_format == "pairs":
         tokenizer_texts = [_prompt_text(p, config.prompt_suffix) + " " + t for p, t in train_examples]
     else:
         tokenizer_texts = list(train_examples)
-    tokenizer = build_tokenizer(tokenizer_texts, config.vocab_size, config.min_frequency, config.context)
-    if config.data_format == "pairs":
+    tokenizer = build_tokenizer(
+        tokenizer_texts,
+        config.vocab_size,
+        config.min_frequency,
+        config.context,
+        append_eos=config.architecture == "marian",  # tokenizer(source) = what the encoder was trained on
+    )
+    if config.architecture == "marian":
+        train_rows = _seq2seq_rows(train_examples, tokenizer, config.context)
+        val_rows = _seq2seq_rows(val_examples, tokenizer, config.context)
+    elif config.data_format == "pairs":
         train_rows = _pair_rows(
             train_examples, tokenizer, config.context, config.prompt_suffix, config.prompt_loss
         )
@@ -661,7 +863,7 @@ def pretrain(
     model.train()
     result = PretrainResult(
         output_dir=os.fspath(output_dir),
-        num_parameters=sum(p.numel() for p in model.parameters()),
+        num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
         num_train_examples=len(train_examples),
         num_val_examples=len(val_examples),
         truncated_examples=train_rows.truncated + val_rows.truncated,
@@ -674,8 +876,9 @@ def pretrain(
     )
     total = max(1, int(total))
     warmup = int(config.warmup_fraction * total)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # Marian's sinusoidal positions are fixed
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.learning_rate,
@@ -734,14 +937,11 @@ def pretrain(
                         group["lr"] = config.learning_rate * _lr_factor(
                             step, total, warmup, config.lr_schedule
                         )
-                    ids, mask, labels = (
-                        t.to(device) for t in train_rows.batch(perm[start : start + config.batch_size])
-                    )
-                    loss = _batch_loss(model, ids, mask, labels)
+                    loss, _ = _rows_loss(model, train_rows, perm[start : start + config.batch_size], device)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if config.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
                     optimizer.step()
                     step += 1
                     result.train_loss.append(loss.item())
