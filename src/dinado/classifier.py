@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from .oracles import ClassifierOracle
 from .pretrain import (
     EOS_TOKEN,
     _check_output_dir,
+    _discard_partial,
     _lr_factor,
     _make_parents,
     _move_into_place,
@@ -403,12 +403,7 @@ def train_classifier(
             f.write("\n")
         _move_into_place(tmp, output_dir, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for p in created_parents:  # deepest first; only while still empty
-            try:
-                p.rmdir()
-            except OSError:
-                break
+        _discard_partial(tmp, created_parents)
         raise
     result.output_dir = os.fspath(output_dir)
     return result

@@ -645,6 +645,16 @@ def _make_parents(path: Path) -> list[Path]:
     return created
 
 
+def _discard_partial(tmp: Path, created_parents: list[Path]) -> None:
+    """After a failure: remove the half-built directory and the parents made for it (while still empty)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    for p in created_parents:  # deepest first
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
 def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
     _check_output_dir(output_dir, overwrite)
     old = None
@@ -970,11 +980,6 @@ def pretrain(
         result.wall_seconds = time.perf_counter() - start_time
         _move_into_place(tmp, output_dir, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for p in created_parents:  # deepest first; only while still empty
-            try:
-                p.rmdir()
-            except OSError:
-                break
+        _discard_partial(tmp, created_parents)
         raise
     return result
