@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-exact lint bench-exact bench-decode bench-commongen-quick clean
+.PHONY: test demo demo-exact lint bench-exact bench-decode bench-commongen-quick bench-formality clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench-decode: $(STAMP)
 
 bench-commongen-quick: $(STAMP)
 	$(PY) benchmarks/commongen/run.py --quick --output runs/commongen-quick
+
+bench-formality: $(STAMP)
+	$(PY) benchmarks/formality/run.py --pair en-de --output runs/formality-de
+	$(PY) benchmarks/formality/run.py --pair en-es --output runs/formality-es
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

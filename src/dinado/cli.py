@@ -602,7 +602,7 @@ def cmd_evaluate(config: dict[str, Any]) -> None:
 
 
 def cmd_pretrain(config: dict[str, Any]) -> None:
-    """Train a byte-level BPE tokenizer and a small GPT-2 base on a text file or prompt/target pairs."""
+    """Train a byte-level BPE tokenizer and a small base (GPT-2, or Marian with --architecture marian) on a text file or pairs."""
     from .pretrain import PretrainConfig, pretrain
 
     _require(config, "output")
