@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         for variant in args.variants:
             name = f"{variant} -> {direction}"
             base = copy.deepcopy(model) if variant == "dinado-merge" else model
+            torch.manual_seed(args.seed)  # each guide's initialisation independent of the stages before it
             guide = Guide.create(base, variant, tokenizer=tokenizer, num_layers=2, lora_r=8, lora_alpha=16)
             report = timed(
                 seconds,
