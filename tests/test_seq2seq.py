@@ -246,7 +246,7 @@ def test_encode_prompts_ends_every_source_with_eos(seq2seq_with_tokenizer):
 
 
 def test_generate_texts_on_a_seq2seq_guide_equals_token_level_generate(seq2seq_with_tokenizer):
-    from dinado.text import encode_prompts, generate_texts, pad_prompts
+    from dinado.text import encode_prompts, generate_texts, new_tokens, pad_prompts
 
     model, tokenizer = seq2seq_with_tokenizer
     guide = Guide.create(model, "dinado-soft")
@@ -258,6 +258,8 @@ def test_generate_texts_on_a_seq2seq_guide_equals_token_level_generate(seq2seq_w
     out = dinado.generate(guide, ids, mask, max_new_tokens=6, do_sample=False)
     expected = [t.strip() for t in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)]
     assert texts == expected and count == int((out[:, 1:] != 0).sum())
+    assert torch.equal(new_tokens(out, ids.shape[1], True), out[:, 1:])  # the decoder start is not output
+    assert torch.equal(new_tokens(out, 2, False), out[:, 2:])
 
 
 def test_supervised_lora_finetune_of_a_seq2seq_base_learns_its_targets(seq2seq_with_tokenizer):
