@@ -125,3 +125,14 @@ def tiny_marian_with_tokenizer(
     model = MarianMTModel(config).eval()
     model.generation_config.update(pad_token_id=0, eos_token_id=0, decoder_start_token_id=0)
     return model, tokenizer
+
+
+def load_benchmark(*parts: str):
+    """Import a benchmark script (benchmarks/<parts>) as a module, for its main()."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1].joinpath("benchmarks", *parts)
+    spec = importlib.util.spec_from_file_location(path.stem + "_" + path.parent.name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

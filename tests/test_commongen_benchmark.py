@@ -1,22 +1,12 @@
 """Smoke test of benchmarks/commongen/run.py on a small slice of CommonGen (the whole pipeline, tiny sizes)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-from .conftest import SHARED_DATA
+from .conftest import SHARED_DATA, load_benchmark
 
 DATA = SHARED_DATA / "commongen" / "v1.1_LHRYANG"
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "commongen" / "run.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("commongen_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +22,7 @@ def smoke(tmp_path_factory):
         "--pretrain-examples", "400", "--pretrain-layers", "1", "--pretrain-embd", "32", "--pretrain-steps", "5",
         "--max-new-tokens", "6", "--beams", "2", "--best-of", "2,3", "--batch-size", "8",
     ]  # fmt: skip
-    results = _load_script().main(argv)
+    results = load_benchmark("commongen", "run.py").main(argv)
     return out, results
 
 
@@ -94,7 +84,7 @@ def test_the_same_pipeline_takes_any_causal_lm_by_path_and_fine_tunes_it_first(t
         "--sft-steps", "1", "--dev-sets", "3", "--no-test", "--no-efficiency", "--max-new-tokens", "4",
         "--beams", "2", "--best-of", "2", "--batch-size", "4",
     ]  # fmt: skip
-    results = _load_script().main(argv)
+    results = load_benchmark("commongen", "run.py").main(argv)
     assert results["base"] == str(base_dir) and "pretrain base" not in results["seconds"]
     assert "fine-tune base on references" in results["seconds"]
     assert results["split_sizes"] == {"dev": 3} and results["efficiency"] is None
@@ -111,7 +101,7 @@ def test_efficiency_only_runs_the_study_alone(tmp_path):
         "--pretrain-examples", "300", "--pretrain-layers", "1", "--pretrain-embd", "32", "--pretrain-steps", "3",
         "--max-new-tokens", "4", "--batch-size", "4",
     ]  # fmt: skip
-    results = _load_script().main(argv)
+    results = load_benchmark("commongen", "run.py").main(argv)
     assert results["rows"] == [] and results["samples"] == 0
     assert "train sft-lora" in results["seconds"] and "train nado" not in results["seconds"]
     assert len(results["efficiency"]["cells"]) == 4

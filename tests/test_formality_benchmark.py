@@ -1,22 +1,13 @@
 """Smoke test of benchmarks/formality/run.py on a slice of CoCoA-MT en-de (the whole pipeline, tiny sizes)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from .conftest import SHARED_DATA
+from .conftest import SHARED_DATA, load_benchmark
 
 ROOT = SHARED_DATA / "cocoa-mt" / "CoCoA-MT"
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "formality" / "run.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("formality_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +21,7 @@ def smoke(tmp_path_factory):
         "--classifier-epochs", "1", "--train-sources", "8", "--test-sources", "6", "--samples-per-source", "2",
         "--guide-steps", "2", "--sft-steps", "2", "--max-new-tokens", "8", "--batch-size", "4",
     ]  # fmt: skip
-    return out, _load_script().main(argv)
+    return out, load_benchmark("formality", "run.py").main(argv)
 
 
 def test_every_system_in_both_directions_is_scored_on_the_test_sources(smoke):
@@ -119,7 +110,7 @@ def test_a_hub_style_marian_with_its_sentencepiece_tokenizer_runs_the_same_pipel
         "--directions", "formal", "--train-sources", "6", "--test-sources", "4", "--samples-per-source", "2",
         "--guide-steps", "2", "--sft-steps", "2", "--max-new-tokens", "8", "--batch-size", "4",
     ]  # fmt: skip
-    results = _load_script().main(argv)
+    results = load_benchmark("formality", "run.py").main(argv)
     assert {r["system"] for r in results["rows"]} == {
         "base", "dinado-soft -> formal", "dinado-merge -> formal", "sft-lora -> formal",
     }  # fmt: skip

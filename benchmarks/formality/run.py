@@ -39,11 +39,12 @@ import torch
 
 from dinado import Guide, SampleSet, sample, train
 from dinado.baselines import supervised_finetune
+from dinado.classifier import evaluate_classifier
 from dinado.guide import is_encoder_decoder
 from dinado.io import atomic_write_text
 from dinado.oracles import ClassifierOracle, as_token_oracle
 from dinado.tasks.formality import load_cocoa, train_formality_classifier, tv_register
-from dinado.text import encode_prompts, generate_texts
+from dinado.text import encode_prompts, generate_texts, load_model
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "cocoa-mt" / "CoCoA-MT"
@@ -114,8 +115,6 @@ def first(items: list, n: int) -> list:
 
 def build_base(args, run: Path, train, seconds: dict):
     """(model, tokenizer, where): the given base, or a small Marian pretrained on both registers here."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
     path = args.base
     if path is None:
         from dinado.pretrain import PretrainConfig, pretrain
@@ -145,13 +144,7 @@ def build_base(args, run: Path, train, seconds: dict):
         )
         path = str(run / "base")
         timed(seconds, "pretrain base", pretrain, config, path, progress=False, overwrite=True)
-    seq2seq = getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False)
-    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer = load_model(path)
     return model, tokenizer, path
 
 
@@ -211,16 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer, base_path = build_base(args, run, train_set, seconds)
     seq2seq = is_encoder_decoder(model)
     classifier_path = build_classifier(args, run, seconds)
-    classifier = {
-        d: ClassifierOracle.from_pretrained(classifier_path, d, soft=True, batch_size=64) for d in DIRECTIONS
-    }
     judge = ClassifierOracle.from_pretrained(classifier_path, "formal", threshold=0.5, batch_size=64)
-    refs_p = classifier["formal"](
-        [e.source for e in test] * 2, [e.formal for e in test] + [e.informal for e in test]
-    )
-    classifier_test_accuracy = (
-        sum(p >= 0.5 for p in refs_p[: len(test)]) + sum(p < 0.5 for p in refs_p[len(test) :])
-    ) / (2 * len(test))
+    classifier_test_accuracy = evaluate_classifier(
+        judge.model,
+        judge.tokenizer,
+        [e.formal for e in test] + [e.informal for e in test],
+        ["formal"] * len(test) + ["informal"] * len(test),
+    )["accuracy"]
     log(f"classifier accuracy on the test references: {classifier_test_accuracy:.3f}")
 
     oracle_kw = {"soft": True} if args.oracle == "soft" else {"threshold": 0.5}

@@ -219,23 +219,14 @@ class RunDir:
 
 # ---------------------------------------------------------------------- loading
 def load_base(config: dict[str, Any]):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from .text import load_model
 
     name = config["base"]
     try:
-        # a causal LM, or an encoder-decoder (Marian, T5, BART) whose prompts are its sources
-        seq2seq = getattr(AutoConfig.from_pretrained(name), "is_encoder_decoder", False)
-        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(name)
-        tokenizer = AutoTokenizer.from_pretrained(config.get("tokenizer") or name)
+        return load_model(name, config.get("tokenizer"))
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CLIError(f"cannot load base model or tokenizer {name!r}: {first}") from None
-    model.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
 
 
 def load_guide(path: str, base):

@@ -737,6 +737,11 @@ def _evaluate(model, rows: _Rows | _Seq2SeqRows, batch_size: int, device: torch.
     return total / max(count, 1)
 
 
+def _special_ids_in_generation_config(model, eos: int) -> None:
+    """The one special token is BOS, EOS and pad for generate() too."""
+    model.generation_config.update(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+
+
 def _build_marian(config: PretrainConfig, tokenizer):
     from transformers import MarianConfig, MarianMTModel
 
@@ -774,11 +779,8 @@ def _build_marian(config: PretrainConfig, tokenizer):
         module.padding_idx = None
     with torch.no_grad():
         embeddings.weight[eos].normal_(0.0, marian_config.init_std)
-    generation = model.generation_config
-    generation.bos_token_id = eos
-    generation.eos_token_id = eos
-    generation.pad_token_id = eos
-    generation.decoder_start_token_id = eos
+    _special_ids_in_generation_config(model, eos)
+    model.generation_config.decoder_start_token_id = eos
     return model
 
 
@@ -803,9 +805,7 @@ def _build_model(config: PretrainConfig, tokenizer):
         tie_word_embeddings=True,
     )
     model = GPT2LMHeadModel(gpt2_config)
-    model.generation_config.bos_token_id = eos
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = eos
+    _special_ids_in_generation_config(model, eos)
     return model
 
 

@@ -17,6 +17,25 @@ from .guide import Guide, is_encoder_decoder
 from .samples import left_pad, right_pad
 
 
+def load_model(name_or_path: str, tokenizer: str | None = None) -> tuple[Any, Any]:
+    """A base model and its tokenizer by hub id or local path, in eval mode, with a pad token.
+
+    ``AutoModelForSeq2SeqLM`` for an encoder-decoder config (Marian, T5, BART), else ``AutoModelForCausalLM``;
+    a tokenizer without a pad token pads with EOS (GPT-2 style).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    seq2seq = getattr(AutoConfig.from_pretrained(name_or_path), "is_encoder_decoder", False)
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(name_or_path)
+    tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path)
+    model.eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
 def encode_prompts(tokenizer, prompts: Sequence[str], encoder_decoder: bool = False) -> list[list[int]]:
     """Token ids of each prompt.
 
