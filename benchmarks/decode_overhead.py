@@ -24,7 +24,6 @@ import shlex
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -128,7 +127,6 @@ def timed_call(
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"Command: `{shlex.join([sys.executable, *sys.argv])}`\n")

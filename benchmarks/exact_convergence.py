@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import shlex
 import sys
-import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +33,7 @@ import torch
 
 import dinado
 from dinado import exact
+from dinado.io import atomic_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FIGURE = REPO_ROOT / "docs" / "figures" / "exact_kl_vs_samples.png"
@@ -220,18 +218,11 @@ def save_figure(
     ax_kl.legend(fontsize=8)
     fig.suptitle(f"Exact testbed (toy_base(3), 6 new tokens): {steps} steps of batch 256 per budget")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it a normal file's mode
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def run_from_p(
@@ -300,7 +291,6 @@ def run_importance(
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     torch.set_num_threads(args.threads)
     print(f"Command: `{shlex.join([sys.executable, *sys.argv])}`\n")
     print(

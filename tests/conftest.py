@@ -1,4 +1,3 @@
-import warnings
 from pathlib import Path
 
 import pytest
@@ -6,8 +5,6 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from dinado import exact
-
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 # The test models are tiny: one thread avoids thread start-up and oversubscription costs that, measured on
 # 2 cores, made training steps 2x-25x slower than a single thread.
@@ -31,6 +28,14 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = 40, width: int = 32, layers: int 
     model = GPT2LMHeadModel(config).eval()
     model.generation_config.pad_token_id = 0
     return model
+
+
+def with_dropout(model, p: float = 0.5):
+    """Give every dropout of ``model`` probability ``p`` and leave it in training mode (as a freshly built one is)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+    return model.train()
 
 
 def randomize_guide(guide, seed: int = 1, scale: float = 0.3) -> None:

@@ -1,5 +1,7 @@
 """dinado.baselines: LoRA and prompt-tuning fine-tuning, best-of-n rejection sampling, bad input."""
 
+import copy
+
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
@@ -7,7 +9,7 @@ from transformers import GPT2LMHeadModel
 from dinado.baselines import SoftPromptLM, _training_rows, best_of_n, supervised_finetune
 from dinado.pretrain import build_tokenizer
 
-from .conftest import tiny_gpt2
+from .conftest import tiny_gpt2, with_dropout
 
 PAIRS = [
     ("cat sun =", "The cat sits in the sun."),
@@ -371,3 +373,21 @@ def test_best_of_n_bad_input(base, tok, kwargs, message):
     }
     with pytest.raises(ValueError, match=message):
         best_of_n(base, tok, **{**args, **kwargs})
+
+
+def test_best_of_n_samples_in_eval_mode_and_restores_every_submodule_mode(tok):
+    model = with_dropout(tiny_gpt2(seed=0, vocab_size=len(tok)))
+    model.transformer.h[0].eval()
+    modes = [m.training for m in model.modules()]
+    reference = copy.deepcopy(model).eval()
+    prompts = ["cat sun =", "dog ball ="]
+    drawn = []
+
+    def score(ps, cs):
+        drawn.append(list(cs))
+        return [0.0] * len(cs)
+
+    best_of_n(model, tok, prompts, n=4, score=score, max_new_tokens=8, seed=2)
+    best_of_n(reference, tok, prompts, n=4, score=score, max_new_tokens=8, seed=2)
+    assert drawn[0] == drawn[1]
+    assert [m.training for m in model.modules()] == modes and model.training

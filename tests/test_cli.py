@@ -141,7 +141,17 @@ def test_sample_train_generate_merge_end_to_end(tmp_path, base_dir, capsys):
         capsys, "merge", "--base", base_dir, "--guide", tmp_path / "g" / "guide", "--output", tmp_path / "m"
     )
     assert code == 0, err
-    assert (tmp_path / "m" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    from dinado.io import plain_file_mode
+
+    for name in ("model.safetensors", "config.json", "config.yaml"):  # safetensors itself writes 0600
+        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == plain_file_mode(), name
+    # the merged run directory is itself a model: the natural next step works
+    code, out, err = _run(
+        capsys, "generate", "--base", tmp_path / "m", "--prompts", prompts, "--max-new-tokens", 5,
+        "--output", tmp_path / "out-merged",
+    )  # fmt: skip
+    assert code == 0, err
 
 
 def _assert_error(capsys, tmp_path, argv, message):
@@ -521,4 +531,4 @@ def test_an_encoder_decoder_base_runs_sample_train_generate_evaluate_merge(tmp_p
         capsys, "merge", "--base", base, "--guide", tmp_path / "g" / "guide", "--output", tmp_path / "m"
     )
     assert code == 0, err
-    assert json.loads((tmp_path / "m" / "model" / "config.json").read_text())["is_encoder_decoder"] is True
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["is_encoder_decoder"] is True

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from transformers import LogitsProcessor
@@ -6,7 +8,7 @@ import dinado
 from dinado import VARIANTS, Guide
 from dinado.decoding import GuideLogitsProcessor
 
-from .conftest import randomize_guide, tiny_gpt2
+from .conftest import randomize_guide, tiny_gpt2, with_dropout
 
 PROMPTS = torch.tensor([[0, 0, 3, 4, 5], [0, 7, 1, 2, 8]])  # two prompts of different lengths, left-padded
 MASK = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
@@ -115,3 +117,17 @@ def test_merge_refuses_alpha_other_than_one():
     guide = _trained_like_guide("dinado-merge")
     with pytest.raises(ValueError, match="alpha != 1 is not available for dinado-merge"):
         dinado.generate(guide, PROMPTS, MASK, alpha=2.0, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam3"])
+def test_generate_decodes_in_eval_mode_and_restores_every_submodule_mode(mode):
+    guide = _trained_like_guide("dinado-soft")
+    with_dropout(guide)  # training mode, with dropout in the guide's own module
+    guide.module.body.h[0].eval()  # a mixed state the call must give back as it was
+    modes = [m.training for m in guide.modules()]
+    reference = copy.deepcopy(guide).eval()
+    kwargs = dict(attention_mask=MASK, max_new_tokens=6, pad_token_id=0, **MODES[mode])
+    out = dinado.generate(guide, PROMPTS, **kwargs)
+    assert torch.equal(out, dinado.generate(reference, PROMPTS, **kwargs))
+    assert [m.training for m in guide.modules()] == modes
+    assert guide.training and not guide.module.body.h[0].training and not guide.base.training

@@ -23,7 +23,7 @@ from dinado.oracles import (
     oracle_from_config,
 )
 
-from .conftest import tiny_gpt2
+from .conftest import tiny_gpt2, with_dropout
 
 # module-level helpers, importable as "tests.test_oracles:..." -------------------------------------------
 
@@ -567,3 +567,15 @@ def test_reprs_describe_the_oracle():
         "AnyOf(RegexOracle('a', flags=0, mode='search'), Not(RegexOracle('b', flags=0, mode='search')))"
     )
     assert repr(TextOracle(KeywordOracle(["dog"]), None)) == "TextOracle(KeywordOracle(['dog'], soft=False))"
+
+
+def test_classifier_scores_in_eval_mode_even_if_the_model_was_put_back_in_training(gpt2_tokenizer):
+    model = _classifier("bert")
+    oracle = ClassifierOracle(model, gpt2_tokenizer, "formal", soft=True, batch_size=2)
+    expected = [_reference_probability(model, gpt2_tokenizer, t) for t in TEXTS]
+    with_dropout(model)  # e.g. a training loop that validates with the oracle between epochs
+    model.bert.embeddings.eval()
+    modes = [m.training for m in model.modules()]
+    torch.manual_seed(0)
+    assert oracle(blank(len(TEXTS)), TEXTS) == pytest.approx(expected, abs=1e-5)
+    assert [m.training for m in model.modules()] == modes and model.training

@@ -231,6 +231,7 @@ def test_loss_decreases(trained_pairs):
     _, result, _ = trained_pairs
     assert result.steps == len(result.train_loss) == 60
     assert not result.stopped_early
+    assert result.stop_reason == "max_steps=60 reached"
     assert sum(result.train_loss[-10:]) / 10 < sum(result.train_loss[:10]) / 10 - 0.5
     assert result.val_loss[-1] < result.val_loss[0] - 0.5
     assert result.best_val_loss == min(result.val_loss)
@@ -258,6 +259,9 @@ def test_early_stopping_keeps_best_weights(overfit_text, tmp_path):
     common.update(text_file=train, validation_text_file=val, dropout=0.0)
     result = pretrain(PretrainConfig(max_steps=200, patience=3, **common), tmp_path / "es", progress=False)
     assert result.stopped_early
+    assert result.stop_reason == (
+        f"early stopping: no held-out improvement for 3 evaluations (best at step {result.best_step})"
+    )
     assert result.steps < 200
     assert 0 < result.best_step < result.steps
     assert result.best_val_loss == min(result.val_loss) < result.val_loss[-1]
@@ -293,9 +297,44 @@ def test_early_stopping_without_learning(overfit_text, tmp_path):
     )
     result = pretrain(config, tmp_path / "flat", progress=False)
     assert result.stopped_early
+    assert result.stop_reason == "early stopping: no held-out improvement for 2 evaluations (best at step 0)"
     assert result.steps == 2 and result.eval_steps == [0, 1, 2]
     assert result.best_step == 0
     assert result.val_loss == [result.val_loss[0]] * 3
+
+
+# --------------------------------------------------------------------------------------------------------
+# why training stopped
+
+
+def test_max_epochs_stops_before_max_steps_and_says_so(tmp_path, capsys, caplog):
+    # 40 lines, 5% held out -> 38 training rows -> 3 batches of 16 per epoch: 2 epochs are 6 steps
+    train = write_lines(tmp_path / "train.txt", sentences(WORDS_A, 40, seed=3))
+    config = PretrainConfig(text_file=train, **{**TINY, "max_epochs": 2, "eval_every": 100}, max_steps=600)
+    with caplog.at_level("INFO", logger="dinado.pretrain"):
+        result = pretrain(config, tmp_path / "m", progress=True)
+    assert result.steps == 6 and not result.stopped_early
+    reason = (
+        "max_epochs=2 reached at step 6, before max_steps=600 "
+        "(raise --max-epochs or set it to none to train for --max-steps)"
+    )
+    assert result.stop_reason == reason
+    assert result.to_dict()["stop_reason"] == reason
+    assert f"pretrain stopped: {reason}" in capsys.readouterr().err  # in the progress output
+    assert reason in caplog.text  # and in the log
+
+    # without max_steps there is nothing to raise it for; a fractional limit is printed as given
+    config = PretrainConfig(text_file=train, **{**TINY, "max_epochs": 0.5, "eval_every": 100})
+    result = pretrain(config, tmp_path / "half", progress=False)
+    assert result.steps == 2 and result.stop_reason == "max_epochs=0.5 reached at step 2"
+    assert "pretrain stopped" not in capsys.readouterr().err  # progress=False prints nothing
+
+
+def test_max_steps_wins_a_tie_with_max_epochs(tmp_path):
+    train = write_lines(tmp_path / "train.txt", sentences(WORDS_A, 40, seed=3))
+    config = PretrainConfig(text_file=train, **{**TINY, "max_epochs": 1, "eval_every": 100}, max_steps=3)
+    result = pretrain(config, tmp_path / "m", progress=False)
+    assert result.steps == 3 and result.stop_reason == "max_steps=3 reached"
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
+import copy
+
 import pytest
 import torch
 
 import dinado
 from dinado import Guide, exact
 
-from .conftest import randomize_guide
+from .conftest import randomize_guide, tiny_gpt2, with_dropout
 
 
 def _exact_table(guide):
@@ -98,3 +100,59 @@ def test_samples_from_another_model_as_proposal_are_weighted_by_exact_p_over_pi(
         dinado.sample(Guide.create(toy_base, "nado"), [[0]], 2, exact.toy_oracle, 3, proposal=other)
     with pytest.raises(ValueError, match="vocabulary .* differs"):
         dinado.sample(toy_base, [[0]], 2, exact.toy_oracle, 3, proposal=exact.toy_base(1, vocab_size=9))
+
+
+def _teacher_forced(log_probs, prompt, completion):
+    """Per-token log-probabilities of ``completion`` after ``prompt`` from ``log_probs(ids) -> [1, L, V]``."""
+    with torch.no_grad():
+        lp = log_probs(torch.tensor([prompt + completion]))[0]
+    return [float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(completion)]
+
+
+def _lm_log_probs(model):
+    return lambda ids: torch.log_softmax(model(ids, attention_mask=torch.ones_like(ids)).logits.float(), -1)
+
+
+def _dropout_flags(model):
+    return [m.training for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+
+
+@pytest.mark.parametrize("with_proposal", [False, True])
+def test_sampling_runs_models_in_eval_mode_and_restores_their_modes(with_proposal):
+    base = with_dropout(tiny_gpt2(seed=3))  # a freshly built model is in training mode
+    base.transformer.h[0].eval()  # mixed modes come back exactly as they were
+    proposal = with_dropout(tiny_gpt2(seed=4)) if with_proposal else None
+    flags = [_dropout_flags(m) for m in (base, proposal) if m is not None]
+    ref_base = _lm_log_probs(copy.deepcopy(base).eval())
+    ref_proposal = _lm_log_probs(copy.deepcopy(proposal).eval()) if with_proposal else ref_base
+    samples = dinado.sample(base, [[0], [0, 3, 5]], 4, exact.toy_oracle, 6, seed=5, proposal=proposal)
+    errors = []
+    for prompt, comp, lp, lpi in zip(
+        samples.prompts, samples.completions, samples.token_log_p, samples.token_log_proposal, strict=True
+    ):
+        errors += [abs(a - b) for a, b in zip(lp, _teacher_forced(ref_base, prompt, comp), strict=True)]
+        errors += [abs(a - b) for a, b in zip(lpi, _teacher_forced(ref_proposal, prompt, comp), strict=True)]
+    assert len(errors) > 20 and max(errors) < 1e-5
+    assert base.training and not base.transformer.h[0].training and base.transformer.h[1].training
+    assert [_dropout_flags(m) for m in (base, proposal) if m is not None] == flags
+
+
+@pytest.mark.parametrize("variant", ["dinado-soft", "dinado-merge"])
+def test_sampling_from_a_guide_in_training_mode_records_its_eval_mode_distributions(variant):
+    guide = Guide.create(tiny_gpt2(seed=3), variant, lora_dropout=0.5)
+    randomize_guide(guide, scale=0.5)
+    with_dropout(guide)  # dropout in its own module too; Guide.train keeps the base in eval
+    inner = guide.module.body.h[0] if guide.module is not None else guide.norm_head
+    inner.eval()
+    modes = [m.training for m in guide.modules()]
+    reference = copy.deepcopy(guide).eval()
+    samples = dinado.sample(guide, [[0], [0, 3, 5]], 4, exact.toy_oracle, 6, seed=6)
+    errors = []
+    for prompt, comp, lp, lq in zip(
+        samples.prompts, samples.completions, samples.token_log_p, samples.token_log_proposal, strict=True
+    ):
+        ref_p = _teacher_forced(lambda ids: reference(ids).log_p, prompt, comp)
+        ref_q = _teacher_forced(reference.next_token_logprobs, prompt, comp)
+        errors += [abs(a - b) for a, b in zip(lp + lq, ref_p + ref_q, strict=True)]
+    assert len(errors) > 20 and max(errors) < 1e-5
+    assert [m.training for m in guide.modules()] == modes and guide.training and not inner.training

@@ -38,7 +38,7 @@ import torch
 
 from dinado import Guide, sample, train
 from dinado.baselines import best_of_n, supervised_finetune
-from dinado.io import atomic_write_text
+from dinado.io import atomic_file, atomic_write_text
 from dinado.oracles import as_token_oracle
 from dinado.pretrain import PretrainConfig, pretrain
 from dinado.tasks.commongen import commongen_metrics, coverage_oracle, load_split
@@ -497,10 +497,11 @@ def plot_efficiency(result: dict, path: Path) -> None:
     ax.set_title(f"CommonGen sample efficiency ({result['train_sets']} concept sets)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _fmt(value, digits: int = 3) -> str:

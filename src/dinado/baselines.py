@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .guide import is_encoder_decoder, position_ids_from_mask
+from .guide import eval_mode, is_encoder_decoder, position_ids_from_mask, wrap_peft
 from .pretrain import _batch_loss, _lr_factor
 from .samples import right_pad
 from .text import encode_prompts, new_tokens, pad_prompts
@@ -258,7 +258,7 @@ def supervised_finetune(
     ``train_loss_last`` (the loss of the first and of the last step's batch), ``wall_seconds``,
     ``trainable_parameters``, ``examples`` (rows trained on) and ``truncated``.
     """
-    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    from peft import LoraConfig, PromptTuningConfig
     from transformers.pytorch_utils import Conv1D
 
     _check_finetune_args(
@@ -297,12 +297,12 @@ def supervised_finetune(
             # GPT-2 style Conv1D layers store weights transposed; tell PEFT instead of letting it guess
             fan_in_fan_out=any(isinstance(m, Conv1D) for m in work.modules()),
         )
-        trained = get_peft_model(work, peft_config)
+        trained = wrap_peft(work, peft_config)
     else:
         peft_config = PromptTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, prompt_tuning_init="RANDOM"
         )
-        trained = SoftPromptLM(get_peft_model(work, peft_config))
+        trained = SoftPromptLM(wrap_peft(work, peft_config))
     params = [p for p in trained.parameters() if p.requires_grad]
     device = next(trained.parameters()).device
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -417,12 +417,10 @@ def best_of_n(
             if not ids:
                 raise ValueError(f"prompt {prompt!r} encodes to no tokens")
     rows = [ids for ids in encoded for _ in range(n)]
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     completions: list[str] = []
-    try:
+    with eval_mode(model):  # no dropout while sampling; every submodule's mode comes back afterwards
         for start in range(0, len(rows), batch_size):
             ids, mask = pad_prompts(rows[start : start + batch_size], pad, seq2seq)
             out = model.generate(
@@ -440,8 +438,6 @@ def best_of_n(
                 if eos in new:
                     new = new[: new.index(eos)]
                 completions.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    finally:
-        model.train(was_training)
 
     repeated = [p for p in prompts for _ in range(n)]
     scores = [float(s) for s in score(repeated, completions)]

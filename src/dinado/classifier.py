@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .guide import eval_mode
+from .io import make_temp_dir, set_plain_modes
 from .oracles import ClassifierOracle
 from .pretrain import (
     EOS_TOKEN,
@@ -387,7 +388,7 @@ def train_classifier(
         return result
 
     created_parents = _make_parents(output_dir)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
+    tmp = make_temp_dir(output_dir)  # renamed onto output_dir at the end: a plain mkdir()'s mode
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -401,6 +402,7 @@ def train_classifier(
         with open(tmp / CLASSIFIER_FILE, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
             f.write("\n")
+        set_plain_modes(tmp)  # save_pretrained's safetensors file is 0o600
         _move_into_place(tmp, output_dir, overwrite)
     except BaseException:
         _discard_partial(tmp, created_parents)
@@ -438,12 +440,9 @@ def evaluate_classifier(
             ids.append(names.index(label))
         else:
             raise ValueError(f"labels[{i}] is {label!r}: not a class of the model ({names}) or an index")
-    was_training = model.training
-    reader = ClassifierOracle(model, tokenizer, 0, batch_size=batch_size)
-    try:
+    with eval_mode(model):  # the reader puts the model in eval mode; every submodule's mode comes back
+        reader = ClassifierOracle(model, tokenizer, 0, batch_size=batch_size)
         predicted = reader.logits(texts).argmax(dim=-1).tolist()
-    finally:
-        model.train(was_training)
     correct = [p == y for p, y in zip(predicted, ids, strict=True)]
     per_label = {}
     for k in sorted(set(ids)):

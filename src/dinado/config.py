@@ -27,7 +27,8 @@ class GuideConfig:
     consistency: ``"soft"`` predicts the norm at every position (regulariser), ``"hard"`` carries it forward
         by the Bellman equation from a learned root value. Fixed by the variant for the module variants;
         selectable for ``dinado-merge``.
-    base_*: what the guide was built for, checked when it is loaded onto a base model.
+    base_* / tokenizer_fingerprint: what the guide was built for (name, sizes, a hash of the base's weights
+        and of the tokenizer), checked when it is loaded onto a base model or trained on samples.
     """
 
     variant: str
@@ -46,6 +47,7 @@ class GuideConfig:
     base_vocab_size: int | None = None
     base_hidden_size: int | None = None
     tokenizer_fingerprint: str | None = None
+    base_fingerprint: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

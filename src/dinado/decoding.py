@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .guide import Guide, HiddenCapture, base_body, position_ids_from_mask, unwrap_peft
+from .guide import Guide, HiddenCapture, base_body, eval_mode, position_ids_from_mask, unwrap_peft
 
 
 class GuideLogitsProcessor(LogitsProcessor):
@@ -181,15 +181,10 @@ def generate(
         attention_mask = torch.ones_like(input_ids)  # no mask given: nothing is padding
     processor = GuideLogitsProcessor(guide, attention_mask, alpha)
     processors = LogitsProcessorList([processor, *(logits_processor or [])])
-    was_training = guide.training
-    guide.eval()
-    try:
-        with processor:
-            return guide.base.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                logits_processor=processors,
-                **generate_kwargs,
-            )
-    finally:
-        guide.train(was_training)
+    with eval_mode(guide), processor:  # every submodule's own mode comes back afterwards
+        return guide.base.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            logits_processor=processors,
+            **generate_kwargs,
+        )

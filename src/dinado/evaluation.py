@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .guide import decoder_start_token_id, is_encoder_decoder
+from .guide import decoder_start_token_id, eval_mode, is_encoder_decoder
+from .io import atomic_file
 from .oracles import call_oracle
 from .samples import right_pad
 from .text import encode_prompts
@@ -33,9 +33,15 @@ def base_perplexity(
     """exp(mean negative log-likelihood per completion token) under the base model, given each prompt.
 
     Only tokens inside the model's position window are scored. An encoder-decoder model reads each prompt
-    as its source and the completion after the decoder start token."""
-    if is_encoder_decoder(model):
-        return _seq2seq_perplexity(model, tokenizer, prompts, completions, batch_size)
+    as its source and the completion after the decoder start token. The model is read in eval mode (no
+    dropout); its own mode, submodule by submodule, is restored afterwards."""
+    with eval_mode(model):
+        if is_encoder_decoder(model):
+            return _seq2seq_perplexity(model, tokenizer, prompts, completions, batch_size)
+        return _causal_perplexity(model, tokenizer, prompts, completions, batch_size)
+
+
+def _causal_perplexity(model, tokenizer, prompts, completions, batch_size: int) -> float:
     total_nll, total_tokens = 0.0, 0
     device = next(model.parameters()).device
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -146,11 +152,14 @@ def plot_training_curves(records: Sequence[dict[str, float]], path: str | os.Pat
         ax.set_title(key)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+
+
+SMALL_SAMPLE = 200  # below this many outputs per system the report warns that rates are noisy
 
 
 def markdown_report(
@@ -167,6 +176,17 @@ def markdown_report(
     for name, values in metrics.items():
         cells = [f"{values[k]:.4g}" if k in values else "-" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    counts = [int(v["count"]) for v in metrics.values() if "count" in v]
+    if counts and min(counts) < SMALL_SAMPLE:
+        n = min(counts)
+        half_width = 100 * 1.96 * math.sqrt(0.25 / n)  # the widest 95% interval of a rate, at p = 0.5
+        lines += [
+            "",
+            f"**Small sample:** {n} output{'s' if n != 1 else ''} per system. A success rate measured on {n} "
+            f"outputs has a 95% confidence interval up to ±{half_width:.0f} points wide, so smaller differences "
+            "are noise: score more prompts, or several samples per prompt "
+            "(`dinado generate --do-sample true --num-return-sequences N`).",
+        ]
     lines += [
         "",
         "## Examples",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .guide import Guide
+from .guide import Guide, eval_mode
 from .oracles import TokenOracle, call_oracle
 from .samples import SampleSet
 
@@ -36,6 +36,14 @@ class ExactResult:
     labels: torch.Tensor  # [N] C(x)
     log_p: torch.Tensor  # [N] log p(x | c), float64
     log_q: torch.Tensor  # [N] log q_theta(x | c), float64 (equals log_p for the base alone)
+
+    def __repr__(self) -> str:
+        """The scalar results only: the completions and per-completion tensors run to thousands of rows."""
+        return (
+            f"ExactResult(completions={len(self.completions)}, kl_q_star_q={self.kl_q_star_q:.6g}, "
+            f"kl_q_star_p={self.kl_q_star_p:.6g}, success_q={self.success_q:.6g}, "
+            f"success_p={self.success_p:.6g})"
+        )
 
     @property
     def log_root_value(self) -> float:
@@ -114,22 +122,23 @@ def sequence_logprobs(
     p_len = len(prompt)
     length = p_len + max(len(c) for c in completions)
     out_p, out_q = [], []
-    for start in range(0, len(completions), batch_size):
-        chunk = completions[start : start + batch_size]
-        ids = torch.zeros((len(chunk), length), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        comp = torch.zeros_like(ids, dtype=torch.float64)
-        for r, c in enumerate(chunk):
-            ids[r, : p_len + len(c)] = torch.tensor(list(prompt) + c)
-            mask[r, : p_len + len(c)] = 1
-            comp[r, p_len : p_len + len(c)] = 1
-        ids, mask = ids.to(guide.device), mask.to(guide.device)
-        out = guide(ids, mask)
-        log_q = guide.parameterization.log_q(out.log_p, out.direction)
-        target = ids[:, 1:, None]
-        take = comp[:, 1:].to(guide.device)
-        out_p.append((out.log_p[:, :-1].gather(-1, target).squeeze(-1).double() * take).sum(1).cpu())
-        out_q.append((log_q[:, :-1].gather(-1, target).squeeze(-1).double() * take).sum(1).cpu())
+    with eval_mode(guide):  # the guide's values as it decodes: no dropout
+        for start in range(0, len(completions), batch_size):
+            chunk = completions[start : start + batch_size]
+            ids = torch.zeros((len(chunk), length), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            comp = torch.zeros_like(ids, dtype=torch.float64)
+            for r, c in enumerate(chunk):
+                ids[r, : p_len + len(c)] = torch.tensor(list(prompt) + c)
+                mask[r, : p_len + len(c)] = 1
+                comp[r, p_len : p_len + len(c)] = 1
+            ids, mask = ids.to(guide.device), mask.to(guide.device)
+            out = guide(ids, mask)
+            log_q = guide.parameterization.log_q(out.log_p, out.direction)
+            target = ids[:, 1:, None]
+            take = comp[:, 1:].to(guide.device)
+            out_p.append((out.log_p[:, :-1].gather(-1, target).squeeze(-1).double() * take).sum(1).cpu())
+            out_q.append((log_q[:, :-1].gather(-1, target).squeeze(-1).double() * take).sum(1).cpu())
     return torch.cat(out_p), torch.cat(out_q)
 
 

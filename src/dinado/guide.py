@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .config import GuideConfig
-from .io import atomic_write_text, tokenizer_fingerprint
+from .io import atomic_file, atomic_write_text, tokenizer_fingerprint
 from .modules import GuideModule, NormHead, default_num_heads
 from .numerics import LOG_FLOOR
 from .parameterizations import Parameterization, parameterization_for
@@ -47,6 +49,42 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def wrap_peft(model: nn.Module, peft_config: Any) -> nn.Module:
+    """``peft.get_peft_model`` without the FutureWarning it triggers in transformers 5.x.
+
+    PEFT reads the model's deprecated ``is_gradient_checkpointing`` property, which warns on every guide or
+    adapter built; only that warning, raised by this call, is hidden.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        return get_peft_model(model, peft_config)
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """Run ``modules`` in eval mode (dropout off) inside the block; ``None`` entries are skipped.
+
+    Afterwards every submodule gets back its own ``training`` flag exactly as it was, so a caller's mixed
+    modes (a model in training with one part frozen in eval) survive. For sampling and scoring passes: a
+    model built from a config starts in training mode, and its dropout would change every probability.
+    """
+    saved: dict[int, tuple[nn.Module, bool]] = {}
+    for module in modules:
+        if isinstance(module, nn.Module):
+            for sub in module.modules():
+                saved.setdefault(id(sub), (sub, sub.training))
+    try:
+        for module in modules:
+            if isinstance(module, nn.Module):
+                module.eval()
+        yield
+    finally:
+        for sub, training in saved.values():
+            sub.training = training
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
@@ -133,6 +171,51 @@ def base_hidden_size(model: nn.Module) -> int:
     return int(model.config.get_text_config().hidden_size)
 
 
+def base_fingerprint(model: nn.Module, entries: int = 64) -> str:
+    """A short hash of a base model's weights: up to ``entries`` evenly spaced values of every parameter, as
+    float32, in order. LoRA parameters (a DiNADO-Merge guide's adapter) are left out, so a base wrapped by
+    a guide hashes as it did before. Cheap (no pass over all weights) and exact: another model, other
+    weights or another dtype give another hash.
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in unwrap_peft(model).named_parameters():
+            if "lora_" in name:
+                continue
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // entries)
+            values = flat[::step][:entries].to("cpu", torch.float32).contiguous()
+            digest.update(str(tuple(param.shape)).encode())
+            digest.update(values.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class BaseMismatchError(ValueError):
+    """A guide or a sample set met a base model or tokenizer other than the one it was made with."""
+
+
+def check_same_base(
+    recorded: dict[str, Any], given: dict[str, Any], what: str, given_name: str | None = None
+) -> None:
+    """Refuse a guide or sample set on another base: compare the recorded weights and tokenizer hashes.
+
+    ``recorded`` and ``given`` map ``base_fingerprint`` / ``tokenizer_fingerprint`` to a hash or None (unknown:
+    not compared); ``what`` names the guide or samples in the message.
+    """
+    problems = []
+    for key, label in (("base_fingerprint", "weights"), ("tokenizer_fingerprint", "tokenizer")):
+        a, b = recorded.get(key), given.get(key)
+        if a is not None and b is not None and a != b:
+            problems.append(f"{label} hash {a} there, {b} here")
+    if problems:
+        name = recorded.get("base_model_name")
+        raise BaseMismatchError(
+            f"{what} was made with base {name!r} but the given base{f' {given_name!r}' if given_name else ''} "
+            f"differs ({'; '.join(problems)}): use the base and tokenizer it was made with, or override with "
+            "--allow-base-mismatch (allow_base_mismatch=True in Python) if you are sure they are the same model"
+        )
+
+
 def _is_quantized(model: nn.Module) -> bool:
     inner = unwrap_peft(model)
     if getattr(inner, "is_quantized", False) or getattr(inner, "hf_quantizer", None) is not None:
@@ -172,7 +255,7 @@ class Guide(nn.Module):
                 # GPT-2 style Conv1D layers store weights transposed; tell PEFT instead of letting it guess
                 fan_in_fan_out=any(isinstance(m, Conv1D) for m in base_model.modules()),
             )
-            self.base = get_peft_model(base_model, lora)
+            self.base = wrap_peft(base_model, lora)
             self.module = None
             self.norm_head = NormHead(hidden)
         else:
@@ -202,6 +285,7 @@ class Guide(nn.Module):
             "base_model_name",
             "base_vocab_size",
             "base_hidden_size",
+            "base_fingerprint",
             "extra",
         }
         unknown = sorted(set(options) - allowed)
@@ -216,6 +300,7 @@ class Guide(nn.Module):
             base_model_name=getattr(base_model.config, "_name_or_path", None) or None,
             base_vocab_size=base_vocab_size(base_model),
             base_hidden_size=base_hidden_size(base_model),
+            base_fingerprint=base_fingerprint(base_model),
             **options,
         )
         return cls(base_model, config)
@@ -320,14 +405,24 @@ class Guide(nn.Module):
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.trainable_state().items()}
-        tmp = path / f".{WEIGHTS_NAME}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt", "variant": self.config.variant})
-        os.replace(tmp, path / WEIGHTS_NAME)
+        with atomic_file(path / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "variant": self.config.variant})
         atomic_write_text(path / CONFIG_NAME, self.config.to_json())
 
     @classmethod
-    def from_pretrained(cls, save_directory: str | os.PathLike, base_model: PreTrainedModel) -> Guide:
-        """Rebuild a saved guide over ``base_model``; refuses a base of another vocabulary or width."""
+    def from_pretrained(
+        cls,
+        save_directory: str | os.PathLike,
+        base_model: PreTrainedModel,
+        tokenizer: Any = None,
+        allow_base_mismatch: bool = False,
+    ) -> Guide:
+        """Rebuild a saved guide over ``base_model``.
+
+        Refuses a base of another vocabulary or width, and (:class:`BaseMismatchError`, unless
+        ``allow_base_mismatch=True``) a base whose weights differ from the one the guide was trained on, or a
+        ``tokenizer`` other than the one recorded at :meth:`create`.
+        """
         path = Path(save_directory)
         config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
         for f in (config_path, weights_path):
@@ -342,6 +437,17 @@ class Guide(nn.Module):
                 f"the guide in {path} was trained on base {config.base_model_name!r} with vocabulary size "
                 f"{config.base_vocab_size} and hidden size {config.base_hidden_size}, but the given base has "
                 f"vocabulary size {vocab} and hidden size {hidden}; load it onto the base it was trained with"
+            )
+        if not allow_base_mismatch:
+            given = {
+                "base_fingerprint": base_fingerprint(base_model),
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
+            }
+            check_same_base(
+                config.to_dict(),
+                given,
+                f"the guide in {path}",
+                getattr(base_model.config, "_name_or_path", None),
             )
         guide = cls(base_model, config)
         state = load_file(str(weights_path))
@@ -371,7 +477,7 @@ class Guide(nn.Module):
         if not self.config.uses_lora:
             raise ValueError(
                 f"merge() needs variant 'dinado-merge'; a {self.config.variant} guide keeps a separate module "
-                "that must run beside the base (use dinado.generate)"
+                "that must run beside the base (use dinado.generate, or `dinado generate --guide`)"
             )
         if _is_quantized(self.base):
             raise ValueError(

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 from transformers.cache_utils import Cache
+
+# transformers 5.x renamed a model's KV-cache argument and output field from ``past_key_values`` to ``cache``;
+# the old name raises a FutureWarning on every call and is to be removed in 5.40. Use this version's name.
+_CACHE = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
 
 
 def default_num_heads(dim: int) -> int:
@@ -80,9 +86,9 @@ class GuideModule(nn.Module):
             inputs_embeds=x,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{_CACHE: past_key_values},
         )
         h = out.last_hidden_state
         norm = self.norm_head(h) if self.norm_head is not None else None
-        return self.token_head(h), norm, out.past_key_values if use_cache else None
+        return self.token_head(h), norm, getattr(out, _CACHE) if use_cache else None

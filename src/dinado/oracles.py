@@ -93,10 +93,14 @@ def call_oracle(oracle: Callable, prompts: list, completions: list) -> list[floa
         if found is not None:  # name the first sample that fails on its own
             i, exc = found
             where += f" (first failing: sample {i}, completion {str(completions[i])[:80]!r})"
-        raise OracleError(f"the oracle {describe(oracle)} raised {where}: {exc}") from exc
+        raise OracleError(
+            f"the oracle {describe(oracle)} raised {where}: {exc} (fix the oracle: it must take a batch of "
+            "prompts and completions and return one value in [0, 1] per sample)"
+        ) from exc
     if len(values) != len(completions):
         raise ValueError(
-            f"the oracle {describe(oracle)} returned {len(values)} values for {len(completions)} samples"
+            f"the oracle {describe(oracle)} returned {len(values)} values for {len(completions)} samples: "
+            "it must return one value per sample"
         )
     out = []
     for i, v in enumerate(values):
@@ -565,7 +569,8 @@ class ClassifierOracle(OracleBase):
     ``label`` is a class name from ``config.id2label``/``label2id`` or a class index. Probabilities are a
     softmax over the logits (a sigmoid for ``problem_type="multi_label_classification"``).
     ``include_prompt=True`` classifies prompt + completion instead of the completion alone. The model is
-    put in eval mode; inputs are padded on the right with ``config.pad_token_id``. A model without one (GPT-2)
+    put in eval mode, and scores in eval mode even if put back in training later (its modes are restored
+    after each call); inputs are padded on the right with ``config.pad_token_id``. A model without one (GPT-2)
     is run one text at a time: set ``model.config.pad_token_id`` (for GPT-2, to the EOS id) to batch. An empty
     text is fed as one BOS/EOS token.
     """
@@ -720,11 +725,13 @@ class ClassifierOracle(OracleBase):
         """The model's logits ``[len(texts), num_labels]`` (float32, on the CPU), in the order given."""
         import torch
 
+        from .guide import eval_mode
+
         _check_text(texts, "texts")
         rows = self._encode(list(texts))
         pad = getattr(self.model.config, "pad_token_id", None)
         out = torch.zeros((len(rows), self.num_labels), dtype=torch.float32)
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(self.model):
             for batch in self._batches(rows):
                 width = max(len(rows[i]) for i in batch)
                 ids = torch.full((len(batch), width), pad if pad is not None else 0, dtype=torch.long)

@@ -12,10 +12,11 @@ directory that loads with ``AutoTokenizer.from_pretrained`` and ``AutoModelForCa
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
-import tempfile
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -26,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .io import make_temp_dir, set_plain_modes
+
 __all__ = [
     "EOS_TOKEN",
     "PretrainConfig",
@@ -35,6 +38,8 @@ __all__ = [
     "read_pairs",
     "read_text_lines",
 ]
+
+logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 """The one special token: BOS = EOS = PAD = UNK, as in GPT-2."""
@@ -308,6 +313,7 @@ class PretrainResult:
     best_step: int = 0
     steps: int = 0
     stopped_early: bool = False
+    stop_reason: str = ""  # why training ended: which limit was reached, or early stopping
     wall_seconds: float = 0.0
     num_parameters: int = 0  # trainable parameters (tied embeddings counted once)
     num_train_examples: int = 0
@@ -660,7 +666,7 @@ def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
     old = None
     if output_dir.exists():
         if any(output_dir.iterdir()):
-            old = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.old-"))
+            old = make_temp_dir(output_dir, "old")
             os.replace(output_dir, old / "dir")
         else:
             output_dir.rmdir()
@@ -809,6 +815,26 @@ def _build_model(config: PretrainConfig, tokenizer):
     return model
 
 
+def _stop_reason(config: PretrainConfig, result: PretrainResult, steps_per_epoch: int) -> str:
+    """Why training ended after ``result.steps`` steps, in words (early stopping, max_steps or max_epochs)."""
+    if result.stopped_early:
+        n = config.patience
+        return (
+            f"early stopping: no held-out improvement for {n} evaluation{'s' if n != 1 else ''} "
+            f"(best at step {result.best_step})"
+        )
+    epoch_steps = math.inf if config.max_epochs is None else math.ceil(config.max_epochs * steps_per_epoch)
+    if config.max_steps is not None and config.max_steps <= epoch_steps:
+        return f"max_steps={config.max_steps} reached"
+    reason = f"max_epochs={config.max_epochs:g} reached at step {result.steps}"
+    if config.max_steps is not None:
+        reason += (
+            f", before max_steps={config.max_steps} "
+            "(raise --max-epochs or set it to none to train for --max-steps)"
+        )
+    return reason
+
+
 def pretrain(
     config: PretrainConfig,
     output_dir: str | os.PathLike,
@@ -895,7 +921,7 @@ def pretrain(
     )
 
     created_parents = _make_parents(output_dir)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
+    tmp = make_temp_dir(output_dir)  # renamed onto output_dir at the end: a plain mkdir()'s mode
     try:
         metrics = open(tmp / METRICS_FILE, "w", encoding="utf-8")
         best_state: dict[str, torch.Tensor] | None = None
@@ -965,6 +991,10 @@ def pretrain(
             metrics.close()
         result.steps = step
         result.stopped_early = stop and step < total
+        result.stop_reason = _stop_reason(config, result, steps_per_epoch)
+        logger.info("pretrain stopped: %s", result.stop_reason)
+        if progress:
+            tqdm.write(f"pretrain stopped: {result.stop_reason}", file=sys.stderr)
 
         if best_state is None:
             raise FloatingPointError(
@@ -978,6 +1008,7 @@ def pretrain(
             json.dump(config.to_dict(), f, indent=2)
             f.write("\n")
         result.wall_seconds = time.perf_counter() - start_time
+        set_plain_modes(tmp)  # save_pretrained's safetensors file is 0o600
         _move_into_place(tmp, output_dir, overwrite)
     except BaseException:
         _discard_partial(tmp, created_parents)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .io import atomic_file
 from .objectives import Batch
 
 FORMAT_VERSION = 1
@@ -267,12 +268,8 @@ class SampleSet:
             if rows is not None:
                 tensors[name] = torch.tensor([v for r in rows for v in r], dtype=torch.float64)
         header = {"dinado_format": str(FORMAT_VERSION), "metadata": json.dumps(self.metadata, sort_keys=True)}
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
+        with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata=header)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SampleSet:

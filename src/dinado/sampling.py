@@ -19,8 +19,10 @@ from .decoding import check_length
 from .decoding import generate as guided_generate
 from .guide import (
     Guide,
+    base_fingerprint,
     base_vocab_size,
     decoder_start_token_id,
+    eval_mode,
     is_encoder_decoder,
     position_ids_from_mask,
 )
@@ -146,53 +148,58 @@ def sample(
     completions: list[list[int]] = []
     token_log_p: list[list[float]] = []
     token_log_pi: list[list[float]] = []
-    bar = tqdm(total=len(rows), desc="sample", disable=not progress)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        ids, mask = (right_pad if decoder_start is not None else left_pad)(chunk, pad)
-        ids, mask = ids.to(device), mask.to(device)
-        kwargs = dict(
-            attention_mask=mask,
-            do_sample=True,
-            top_k=0,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            return_dict_in_generate=True,
-            output_scores=True,
-            output_logits=True,
-        )
-        if guide is not None:
-            out = guided_generate(guide, ids, **kwargs)
-        else:
-            out = (proposal if proposal is not None else model).generate(ids, **kwargs)
-        steps = len(out.scores)
-        gen = out.sequences[:, out.sequences.shape[1] - steps :]  # [N, T], after the prompt / decoder start
-        is_eos = gen == eos
-        lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(gen[:, 0], steps))
-        log_pi = _gather(out.scores, gen)
-        if guide is not None and guide.module is None:
-            # dinado-merge generates with the adapted model: read p from the frozen base by teacher forcing
-            log_p = _teacher_forced(lambda *a: guide(*a).log_p, ids, mask, gen, decoder_start)
-        elif proposal is not None:
-            log_p = _teacher_forced(
-                lambda *a: F.log_softmax(_base_logits(model, *a).float(), dim=-1),
-                ids,
-                mask,
-                gen,
-                decoder_start,
+    # dropout off for every model read (a model built from a config starts in training mode)
+    # the bar is closed on errors and Ctrl-C too, so that nothing redraws it after the CLI's last line
+    with eval_mode(model, proposal, guide), tqdm(total=len(rows), desc="sample", disable=not progress) as bar:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            ids, mask = (right_pad if decoder_start is not None else left_pad)(chunk, pad)
+            ids, mask = ids.to(device), mask.to(device)
+            kwargs = dict(
+                attention_mask=mask,
+                do_sample=True,
+                top_k=0,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                return_dict_in_generate=True,
+                output_scores=True,
+                output_logits=True,
             )
-        else:
-            log_p = _gather(out.logits, gen)
-        for r in range(len(chunk)):
-            n = int(lengths[r])
-            completions.append(gen[r, :n].tolist())
-            token_log_p.append(log_p[r, :n].tolist())
-            token_log_pi.append(log_pi[r, :n].tolist())
-        bar.update(len(chunk))
-    bar.close()
+            if guide is not None:
+                out = guided_generate(guide, ids, **kwargs)
+            else:
+                out = (proposal if proposal is not None else model).generate(ids, **kwargs)
+            steps = len(out.scores)
+            # [N, T], after the prompt / decoder start
+            gen = out.sequences[:, out.sequences.shape[1] - steps :]
+            is_eos = gen == eos
+            lengths = torch.where(
+                is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(gen[:, 0], steps)
+            )
+            log_pi = _gather(out.scores, gen)
+            if guide is not None and guide.module is None:
+                # dinado-merge generates with the adapted model: read p from the frozen base by teacher
+                # forcing
+                log_p = _teacher_forced(lambda *a: guide(*a).log_p, ids, mask, gen, decoder_start)
+            elif proposal is not None:
+                log_p = _teacher_forced(
+                    lambda *a: F.log_softmax(_base_logits(model, *a).float(), dim=-1),
+                    ids,
+                    mask,
+                    gen,
+                    decoder_start,
+                )
+            else:
+                log_p = _gather(out.logits, gen)
+            for r in range(len(chunk)):
+                n = int(lengths[r])
+                completions.append(gen[r, :n].tolist())
+                token_log_p.append(log_p[r, :n].tolist())
+                token_log_pi.append(log_pi[r, :n].tolist())
+            bar.update(len(chunk))
     labels: list[float] = []
     for start in range(0, len(rows), batch_size):
         labels.extend(
@@ -207,6 +214,8 @@ def sample(
         "base_model": getattr(model.config, "_name_or_path", None) or None,
         "vocab_size": vocab,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
+        "base_fingerprint": (guide.config.base_fingerprint if guide is not None else None)
+        or base_fingerprint(model),
         "oracle": describe(oracle),
         "sampling": {
             "proposal": _proposal_name(guide, proposal),

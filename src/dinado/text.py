@@ -9,12 +9,52 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .guide import Guide, is_encoder_decoder
+from .guide import Guide, eval_mode, is_encoder_decoder
 from .samples import left_pad, right_pad
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for a name that can only be a local path (a hub id is ``name`` or ``org/name``)."""
+    if name.startswith(("/", "./", "../", "~", ".")) or "\\" in name or name.count("/") > 1:
+        return True
+    head, sep, _ = name.partition("/")
+    return bool(sep) and Path(head).is_dir()  # runs/base, where ./runs exists
+
+
+def check_local_model(name_or_path: str) -> None:
+    """Fail at once, with a hint, on a local path that holds no transformers model (never ask the hub)."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if _looks_like_path(name_or_path):
+            raise FileNotFoundError(
+                f"no such directory: {name_or_path} (a local model path; check the path, or give a hub id "
+                "such as 'gpt2' or 'org/name')"
+            )
+        return
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{name_or_path} is a file: give the directory of a saved model (config.json and weights)"
+        )
+    if (path / "config.json").is_file():
+        return
+    hint = "give the directory that holds the model's config.json and weights"
+    if (path / "guide" / "dinado_config.json").is_file():
+        hint = (
+            f"it is a `dinado train` run: pass {path / 'guide'} as --guide and the base it was trained on as "
+            "--base"
+        )
+    elif (path / "dinado_config.json").is_file():
+        hint = "it is a saved guide: pass it as --guide and the base it was trained on as --base"
+    elif (path / "model" / "config.json").is_file():
+        hint = f"the model is in {path / 'model'}"
+    elif (path / "samples.safetensors").is_file():
+        hint = "it is a `dinado sample` run: pass it as --samples"
+    raise FileNotFoundError(f"{name_or_path} holds no config.json, so it is not a saved model: {hint}")
 
 
 def load_model(name_or_path: str, tokenizer: str | None = None) -> tuple[Any, Any]:
@@ -25,6 +65,7 @@ def load_model(name_or_path: str, tokenizer: str | None = None) -> tuple[Any, An
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    check_local_model(name_or_path)
     seq2seq = getattr(AutoConfig.from_pretrained(name_or_path), "is_encoder_decoder", False)
     model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(name_or_path)
     tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path)
@@ -80,13 +121,14 @@ def generate_texts(
     rows = encode_prompts(tokenizer, prompts, seq2seq)
     check_length(model, max(map(len, rows)), generate_kwargs.get("max_new_tokens"))
     outputs, count, start = [], 0, time.perf_counter()
-    for i in range(0, len(rows), batch_size):
-        ids, mask = pad_prompts(rows[i : i + batch_size], tokenizer.pad_token_id, seq2seq)
-        if isinstance(source, Guide):
-            seqs = guided_generate(source, ids, mask, alpha=alpha, **generate_kwargs)
-        else:
-            seqs = source.generate(ids, attention_mask=mask, **generate_kwargs)
-        gen = new_tokens(seqs, ids.shape[1], seq2seq)
-        count += int((gen != tokenizer.pad_token_id).sum())
-        outputs.extend(t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True))
+    with eval_mode(source):  # no dropout while decoding; the caller's modes come back afterwards
+        for i in range(0, len(rows), batch_size):
+            ids, mask = pad_prompts(rows[i : i + batch_size], tokenizer.pad_token_id, seq2seq)
+            if isinstance(source, Guide):
+                seqs = guided_generate(source, ids, mask, alpha=alpha, **generate_kwargs)
+            else:
+                seqs = source.generate(ids, attention_mask=mask, **generate_kwargs)
+            gen = new_tokens(seqs, ids.shape[1], seq2seq)
+            count += int((gen != tokenizer.pad_token_id).sum())
+            outputs.extend(t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True))
     return outputs, count, time.perf_counter() - start

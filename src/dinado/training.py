@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .guide import CONFIG_NAME, WEIGHTS_NAME, Guide
+from .guide import CONFIG_NAME, WEIGHTS_NAME, Guide, check_same_base
+from .io import make_temp_dir, set_plain_modes
 from .objectives import guide_loss
 from .samples import SampleSet
 
@@ -37,6 +38,7 @@ class TrainReport:
     wall_seconds: float = 0.0
     weighted: bool = False
     weight_clip: float | None = None
+    stopped_early: bool = False  # should_stop() ended the run before its last step
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -63,28 +65,34 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
 def _save_checkpoint(
     root: Path, step: int, guide: Guide, optimizer: torch.optim.Optimizer, report: TrainReport
 ) -> Path:
-    """Write guide weights, optimizer state (safetensors) and trainer state (JSON) atomically; keep the last."""
+    """Write guide weights, optimizer state (safetensors) and trainer state (JSON) into a new directory, rename
+    it into place, then remove the older checkpoints. A failure part-way leaves the older ones as they were
+    and no partial one behind."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    guide.save_pretrained(tmp)
-    opt = optimizer.state_dict()
-    tensors = {
-        f"state.{idx}.{key}": value.detach().cpu().contiguous()
-        for idx, slots in opt["state"].items()
-        for key, value in slots.items()
-    }
-    save_file(tensors, str(tmp / OPTIMIZER_NAME))
-    state = {
-        "step": step,
-        "param_groups": opt["param_groups"],
-        "report": report.to_dict(),
-        "torch_rng_state": torch.get_rng_state().tolist(),
-    }
-    (tmp / STATE_NAME).write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    tmp = make_temp_dir(final)  # hidden, unique, a plain directory's mode
+    try:
+        guide.save_pretrained(tmp)
+        opt = optimizer.state_dict()
+        tensors = {
+            f"state.{idx}.{key}": value.detach().cpu().contiguous()
+            for idx, slots in opt["state"].items()
+            for key, value in slots.items()
+        }
+        save_file(tensors, str(tmp / OPTIMIZER_NAME))
+        state = {
+            "step": step,
+            "param_groups": opt["param_groups"],
+            "report": report.to_dict(),
+            "torch_rng_state": torch.get_rng_state().tolist(),
+        }
+        (tmp / STATE_NAME).write_text(json.dumps(state))
+        set_plain_modes(tmp)  # safetensors writes 0o600
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in root.iterdir():
         if old != final and old.is_dir() and old.name.startswith(CHECKPOINT_PREFIX):
             shutil.rmtree(old)
@@ -120,6 +128,17 @@ def _load_checkpoint(path: Path, guide: Guide, optimizer: torch.optim.Optimizer)
     return state
 
 
+def check_samples(guide: Guide, samples: SampleSet, allow_base_mismatch: bool = False) -> None:
+    """Refuse samples drawn from another base or tokenizer than the guide's (as their metadata records)."""
+    if not allow_base_mismatch:
+        check_same_base(
+            {**samples.metadata, "base_model_name": samples.metadata.get("base_model")},
+            guide.config.to_dict(),
+            "the sample set",
+            guide.config.base_model_name,
+        )
+
+
 def default_learning_rate(guide: Guide) -> float:
     return DEFAULT_LEARNING_RATES["lora" if guide.config.uses_lora else "module"]
 
@@ -150,6 +169,8 @@ def train(
     checkpoint_every: int | None = None,
     resume: bool = False,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    allow_base_mismatch: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainReport:
     """Train ``guide`` on ``samples``; give ``max_steps`` or ``epochs`` (or both: the smaller wins).
 
@@ -161,6 +182,13 @@ def train(
     steps and at the end (only the latest is kept). ``resume=True`` continues from the latest checkpoint there
     and reaches the same weights as an uninterrupted run with the same seed. ``on_step(step, values)`` is
     called after every step with the loss, cross-entropy and regulariser (for loggers).
+
+    Samples drawn from another base or tokenizer than the guide's (as recorded in their metadata) are refused
+    with :class:`dinado.guide.BaseMismatchError` unless ``allow_base_mismatch=True``.
+
+    ``should_stop()`` is asked after every step; when it says True, training ends there (a checkpoint of that
+    step is saved when ``checkpoint_dir`` is given, so ``resume=True`` later continues exactly) and the
+    report has ``stopped_early=True`` and ``steps`` = the steps done. The CLI uses it for Ctrl-C.
     """
     if not isinstance(samples, SampleSet):
         raise TypeError(f"samples must be a dinado.SampleSet, got {type(samples).__name__}")
@@ -188,6 +216,7 @@ def train(
             f"{samples.decoder_start_token_id}) but the guide's base is {kind(guide.encoder_decoder)} model: "
             "sample with the guide's own base"
         )
+    check_samples(guide, samples, allow_base_mismatch)
     steps_per_epoch = math.ceil(len(samples) / batch_size)
     total = min(
         max_steps if max_steps is not None else math.inf,
@@ -228,37 +257,44 @@ def train(
         desc=f"train {guide.config.variant}",
         disable=not progress,
     )
-    for step in range(first_step, total):
-        indices = next(batches)
-        chunk = micro_batch_size or len(indices)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = ce_sum = reg_sum = 0.0
-        for part_start in range(0, len(indices), chunk):
-            part = indices[part_start : part_start + chunk]
-            batch = samples.collate(part, weights).to(device)
-            terms = guide_loss(guide, batch)
-            share = len(part) / len(indices)
-            (terms.loss * share).backward()
-            loss_sum += terms.loss.item() * share
-            ce_sum += terms.cross_entropy.item() * share
-            reg_sum += terms.regularizer.item() * share
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        report.loss.append(loss_sum)
-        report.cross_entropy.append(ce_sum)
-        report.regularizer.append(reg_sum)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}")
-        if on_step is not None:
-            on_step(step + 1, {"loss": loss_sum, "cross_entropy": ce_sum, "regularizer": reg_sum})
-        done = step + 1
-        if checkpoint_dir is not None and (
-            done == total or (checkpoint_every is not None and done % checkpoint_every == 0)
-        ):
-            report.steps = done
-            _save_checkpoint(Path(checkpoint_dir), done, guide, optimizer, report)
-    bar.close()
+    try:
+        for step in range(first_step, total):
+            indices = next(batches)
+            chunk = micro_batch_size or len(indices)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = ce_sum = reg_sum = 0.0
+            for part_start in range(0, len(indices), chunk):
+                part = indices[part_start : part_start + chunk]
+                batch = samples.collate(part, weights).to(device)
+                terms = guide_loss(guide, batch)
+                share = len(part) / len(indices)
+                (terms.loss * share).backward()
+                loss_sum += terms.loss.item() * share
+                ce_sum += terms.cross_entropy.item() * share
+                reg_sum += terms.regularizer.item() * share
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            report.loss.append(loss_sum)
+            report.cross_entropy.append(ce_sum)
+            report.regularizer.append(reg_sum)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}")
+            if on_step is not None:
+                on_step(step + 1, {"loss": loss_sum, "cross_entropy": ce_sum, "regularizer": reg_sum})
+            done = step + 1
+            stop = should_stop is not None and done < total and should_stop()
+            if checkpoint_dir is not None and (
+                stop or done == total or (checkpoint_every is not None and done % checkpoint_every == 0)
+            ):
+                report.steps = done
+                _save_checkpoint(Path(checkpoint_dir), done, guide, optimizer, report)
+            if stop:
+                report.stopped_early = True
+                total = done
+                break
+    finally:
+        bar.close()
     guide.eval()
     report.steps = total
     report.wall_seconds = time.perf_counter() - start
