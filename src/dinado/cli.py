@@ -34,7 +34,8 @@ EXAMPLES = {
     "demo": "dinado demo --output runs/demo",
     "sample": "dinado sample --base runs/base --prompts prompts.txt --keywords dog,frisbee --output runs/samples",
     "train": "dinado train --base runs/base --samples runs/samples --variant dinado-soft --output runs/guide",
-    "generate": "dinado generate --base runs/base --guide runs/guide/guide --prompts prompts.txt --output runs/gen",
+    "generate": "dinado generate --base smollm2-135m-instruct --prompts concepts.txt --prompt-template "
+    "'Write one short sentence that uses all of these words: {keywords}.' --output runs/gen",
     "evaluate": "dinado evaluate --generations runs/gen --compare runs/gen-base --keywords dog --output runs/eval",
     "merge": "dinado merge --base runs/base --guide runs/guide-merge/guide --output runs/merged",
 }
@@ -95,6 +96,10 @@ def _parse_str(text: Any) -> str:
     return str(text)
 
 
+def _parse_auto_bool(text: Any) -> str | bool:
+    return "auto" if str(text).strip().lower() == "auto" else _parse_bool(text)
+
+
 def _parse_mapping(text: str) -> Any:
     try:
         return yaml.safe_load(text)
@@ -112,6 +117,7 @@ KINDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "probability": (_parse_probability, "a number in (0, 1]"),
     "str": (_parse_str, "a string"),
     "bool": (_parse_bool, "true or false"),
+    "auto_bool": (_parse_auto_bool, "auto, true or false"),
     "flag": (_parse_bool, "true or false"),
     "mapping": (_parse_mapping, "a mapping"),
 }
@@ -136,8 +142,29 @@ _COMMON: Spec = {
     "seed": (0, "int", "random seed"),
 }
 _MODEL: Spec = {
-    "base": (None, "str", "base model: a hub id or a local path (required)"),
+    "base": (
+        None,
+        "str",
+        "base model: a hub id, a local directory, a .gguf file or a named offline base "
+        "(smollm2-135m-instruct) (required)",
+    ),  # fmt: skip
+    "gguf_file": (None, "str", "a GGUF file inside the --base directory or hub repository"),
     "tokenizer": (None, "str", "tokenizer id or path (default: the base's)"),
+}
+_PROMPT: Spec = {
+    "prompt_template": (
+        None,
+        "str",
+        "a template for each prompt line, with {prompt} (the line) and/or {keywords} (the line as "
+        "a keyword list, joined by ', '), e.g. 'Write one short sentence that uses all of these words: "
+        "{keywords}.'; oracles still read the line itself",
+    ),  # fmt: skip
+    "chat": (
+        "auto",
+        "auto_bool",
+        "put each prompt in the user turn of the tokenizer's chat template and stop at "
+        "its end of turn (auto: when the tokenizer has a chat template)",
+    ),  # fmt: skip
 }
 _ORACLE: Spec = {
     "oracle": (None, "mapping", "an oracle config (YAML/JSON mapping), see docs/oracles.md"),
@@ -165,6 +192,7 @@ SPECS: dict[str, Spec] = {
         **_COMMON,
         **_MODEL,
         **_DECODE,
+        **_PROMPT,
         **_ORACLE,
         "guide": (None, "str", "sample from this guide as a proposal (importance weights are recorded)"),
         "num_samples": (8, "count", "completions per prompt"),
@@ -203,6 +231,7 @@ SPECS: dict[str, Spec] = {
         "val_prompts": (None, "str", "prompts file: track the guide's oracle success on them while training"),
         "val_every": (100, "count", "steps between validation runs"),
         "val_max_new_tokens": (32, "count", "tokens per validation sample"),
+        **_PROMPT,
         **_ORACLE,
         **_MISMATCH,
     },
@@ -210,6 +239,7 @@ SPECS: dict[str, Spec] = {
         **_COMMON,
         **_MODEL,
         **_DECODE,
+        **_PROMPT,
         "guide": (None, "str", "a saved guide directory (omit to decode with the base alone)"),
         "do_sample": (False, "bool", "sample instead of greedy/beam search"),
         "num_beams": (1, "count", "beam width"),
@@ -226,6 +256,8 @@ SPECS: dict[str, Spec] = {
         "compare": (None, "str", "another generate run (e.g. the base) to show side by side"),
         "references": (None, "str", "a text file, one line per prompt, references separated by ' ||| '"),
         "train_run": (None, "str", "a `dinado train` run directory: plot its training curves"),
+        "prompt_template": (None, "str", "as for generate (default: the --generations run's)"),
+        "chat": (None, "auto_bool", "as for generate (default: the --generations run's)"),
         **_OVERWRITE,
     },
     "merge": {
@@ -401,7 +433,7 @@ def load_base(config: dict[str, Any]):
 
     name = config["base"]
     try:
-        return load_model(name, config.get("tokenizer"))
+        return load_model(name, config.get("tokenizer"), config.get("gguf_file"))
     except FileNotFoundError as exc:
         raise CLIError(f"cannot load base model {name!r}: {exc}") from None
     except OSError as exc:
@@ -451,9 +483,29 @@ def read_prompts(path: str) -> list[str]:
     return read_prompt_lines(path)[0]
 
 
+def prompt_format(config: dict[str, Any], tokenizer, model=None):
+    """The PromptFormat of --prompt-template and --chat (auto: chat when the tokenizer has a template)."""
+    from .guide import is_encoder_decoder
+    from .text import PromptFormat
+
+    chat = config.get("chat", "auto")
+    if chat in ("auto", None):
+        seq2seq = model is not None and is_encoder_decoder(model)
+        chat = bool(getattr(tokenizer, "chat_template", None)) and not seq2seq
+    try:
+        return PromptFormat(config.get("prompt_template") or "{prompt}", bool(chat))
+    except ValueError as exc:
+        raise CLIError(f"--prompt-template: {exc}") from None
+
+
 def text_oracle(config: dict[str, Any]):
-    """The oracle described by --keywords or --oracle."""
-    from .oracles import KeywordOracle, oracle_from_config
+    """The oracle described by --keywords or --oracle; with neither, a template with a {keywords} slot
+    implies the keyword oracle on each prompt line's keyword list."""
+    from .oracles import KeywordList, KeywordOracle, oracle_from_config
+
+    if config.get("oracle") is None and not config.get("keywords"):
+        if "{keywords}" in (config.get("prompt_template") or ""):
+            return KeywordOracle(KeywordList())
 
     if config.get("oracle") is not None and config.get("keywords"):
         raise CLIError("give either --oracle or --keywords, not both")
@@ -471,14 +523,14 @@ def text_oracle(config: dict[str, Any]):
     return None
 
 
-def build_oracle(config: dict[str, Any], tokenizer):
-    """The oracle on token ids, for sampling."""
+def build_oracle(config: dict[str, Any], tokenizer, prompt_texts=None):
+    """The oracle on token ids, for sampling; ``prompt_texts`` maps each prompt's ids to its line."""
     from .oracles import as_token_oracle
 
     oracle = text_oracle(config)
     if oracle is None:
         raise CLIError("an oracle is required: --keywords a,b or --oracle '{type: ..., ...}'")
-    return as_token_oracle(oracle, tokenizer)
+    return as_token_oracle(oracle, tokenizer, prompt_texts)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -528,15 +580,16 @@ def cmd_sample(config: dict[str, Any]) -> None:
     """Sample completions from a base (or a guide as proposal) and label them with an oracle."""
     from .guide import is_encoder_decoder
     from .sampling import sample
-    from .text import encode_prompts
+    from .text import encode_prompts, end_of_turn_id
 
     _require(config, "output", "base", "prompts")
     prompts, lines = read_prompt_lines(config["prompts"])
     _check_output(Path(config["output"]), config["overwrite"])
     model, tokenizer = load_base(config)
-    oracle = build_oracle(config, tokenizer)
+    fmt = prompt_format(config, tokenizer, model)
+    rows = encode_prompts(tokenizer, prompts, is_encoder_decoder(model), fmt)
+    oracle = build_oracle(config, tokenizer, {tuple(r): p for r, p in zip(rows, prompts, strict=True)})
     source = load_guide(config, model, tokenizer) if config.get("guide") else model
-    rows = encode_prompts(tokenizer, prompts, is_encoder_decoder(model))
     check_prompt_lengths(model, rows, config["max_new_tokens"], config["prompts"], lines)
     with fresh_run(config) as run:
         run.write_config(config)
@@ -551,6 +604,7 @@ def cmd_sample(config: dict[str, Any]) -> None:
             top_p=config["top_p"],
             batch_size=config["batch_size"],
             seed=config["seed"],
+            eos_token_id=end_of_turn_id(tokenizer) if fmt.chat else None,
             tokenizer=tokenizer,
             progress=True,
         )
@@ -598,6 +652,7 @@ def _validator(config: dict[str, Any], guide, tokenizer) -> Callable[[], float] 
 
     prompts = read_prompts(config["val_prompts"])
     oracle = text_oracle(config)
+    fmt = prompt_format(config, tokenizer, guide.base)
 
     def validate() -> float:
         import torch
@@ -611,6 +666,7 @@ def _validator(config: dict[str, Any], guide, tokenizer) -> Callable[[], float] 
             tokenizer,
             prompts,
             64,
+            prompt_format=fmt,
             do_sample=True,
             top_k=0,
             max_new_tokens=config["val_max_new_tokens"],
@@ -828,7 +884,8 @@ def cmd_generate(config: dict[str, Any]) -> None:
     _check_output(Path(config["output"]), config["overwrite"])
     model, tokenizer = load_base(config)
     guide = load_guide(config, model, tokenizer) if config.get("guide") else None
-    rows = encode_prompts(tokenizer, prompts, is_encoder_decoder(model))
+    fmt = prompt_format(config, tokenizer, model)
+    rows = encode_prompts(tokenizer, prompts, is_encoder_decoder(model), fmt)
     check_prompt_lengths(model, rows, config["max_new_tokens"], config["prompts"], lines)
     with fresh_run(config) as run:
         run.write_config(config)
@@ -848,6 +905,7 @@ def cmd_generate(config: dict[str, Any]) -> None:
             expanded,
             config["batch_size"],
             config["alpha"],
+            prompt_format=fmt,
             **kwargs,
         )
         records = [
@@ -887,6 +945,18 @@ def cmd_merge(config: dict[str, Any]) -> None:
     )
 
 
+def _decoding_config(config: dict[str, Any]) -> dict[str, Any]:
+    """--prompt-template and --chat for evaluate: as given, else as the --generations run recorded them."""
+    p = Path(config["generations"])
+    recorded = (p if p.is_dir() else p.parent) / "config.yaml"
+    saved = yaml.safe_load(recorded.read_text(encoding="utf-8")) if recorded.is_file() else {}
+    saved = saved if isinstance(saved, dict) else {}
+    return {
+        key: config[key] if config.get(key) is not None else saved.get(key, default)
+        for key, default in (("prompt_template", None), ("chat", "auto"))
+    }
+
+
 def cmd_evaluate(config: dict[str, Any]) -> None:
     """Score generations: oracle success, coverage, BLEU, base perplexity, distinct-n; write a report."""
     from .evaluation import evaluate_texts, markdown_report, plot_training_curves
@@ -900,7 +970,7 @@ def cmd_evaluate(config: dict[str, Any]) -> None:
                 "--compare must hold generations for the same prompts in the same order (and the same "
                 "--num-return-sequences): generate both from the same prompts file"
             )
-    oracle = text_oracle(config)
+    oracle = text_oracle(_decoding_config(config) | {k: config[k] for k in ("oracle", "keywords")})
     references = None
     if config.get("references"):
         ref_file = Path(config["references"])
@@ -918,16 +988,17 @@ def cmd_evaluate(config: dict[str, Any]) -> None:
         if not curves.is_file():
             raise CLIError(f"training metrics {curves} not found (give a `dinado train` run directory)")
     _check_output(Path(config["output"]), config["overwrite"])
-    model = tokenizer = None
+    model = tokenizer = fmt = None
     if config.get("base"):
         model, tokenizer = load_base(config)
+        fmt = prompt_format(_decoding_config(config), tokenizer, model)
     with fresh_run(config) as run:
         run.write_config(config)
         results: dict[str, dict[str, float]] = {}
         for name, (rows, records) in runs.items():
             prompts = [r["prompt"] for r in rows]
             outputs = [r["completion"] for r in rows]
-            results[name] = evaluate_texts(prompts, outputs, oracle, references, model, tokenizer)
+            results[name] = evaluate_texts(prompts, outputs, oracle, references, model, tokenizer, fmt)
             speed = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
             if speed:
                 results[name]["tokens_per_second"] = speed[-1]

@@ -15,7 +15,7 @@ from .guide import decoder_start_token_id, eval_mode, is_encoder_decoder
 from .io import atomic_file
 from .oracles import call_oracle
 from .samples import right_pad
-from .text import encode_prompts
+from .text import PromptFormat, encode_prompts
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -28,20 +28,26 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 
 @torch.no_grad()
 def base_perplexity(
-    model, tokenizer, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 16
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    batch_size: int = 16,
+    prompt_format: PromptFormat | None = None,
 ) -> float:
     """exp(mean negative log-likelihood per completion token) under the base model, given each prompt.
 
     Only tokens inside the model's position window are scored. An encoder-decoder model reads each prompt
-    as its source and the completion after the decoder start token. The model is read in eval mode (no
-    dropout); its own mode, submodule by submodule, is restored afterwards."""
+    as its source and the completion after the decoder start token. ``prompt_format`` (a template, a chat
+    template) gives the prompt as the model read it when it wrote the completions. The model is read in eval
+    mode (no dropout); its own mode, submodule by submodule, is restored afterwards."""
     with eval_mode(model):
         if is_encoder_decoder(model):
-            return _seq2seq_perplexity(model, tokenizer, prompts, completions, batch_size)
-        return _causal_perplexity(model, tokenizer, prompts, completions, batch_size)
+            return _seq2seq_perplexity(model, tokenizer, prompts, completions, batch_size, prompt_format)
+        return _causal_perplexity(model, tokenizer, prompts, completions, batch_size, prompt_format)
 
 
-def _causal_perplexity(model, tokenizer, prompts, completions, batch_size: int) -> float:
+def _causal_perplexity(model, tokenizer, prompts, completions, batch_size: int, prompt_format=None) -> float:
     total_nll, total_tokens = 0.0, 0
     device = next(model.parameters()).device
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -51,8 +57,9 @@ def _causal_perplexity(model, tokenizer, prompts, completions, batch_size: int) 
         for prompt, completion in zip(
             prompts[start : start + batch_size], completions[start : start + batch_size], strict=True
         ):
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [bos]
-            c = tokenizer(" " + completion.strip() if completion.strip() else "", add_special_tokens=False)[
+            p = encode_prompts(tokenizer, [prompt], False, prompt_format)[0] or [bos]
+            space = "" if prompt_format is not None and prompt_format.chat else " "  # a chat turn starts anew
+            c = tokenizer(space + completion.strip() if completion.strip() else "", add_special_tokens=False)[
                 "input_ids"
             ]
             row = (p + c)[:limit]  # tokens past the model's window are not scored
@@ -75,13 +82,13 @@ def _causal_perplexity(model, tokenizer, prompts, completions, batch_size: int) 
     return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
 
 
-def _seq2seq_perplexity(model, tokenizer, prompts, completions, batch_size: int) -> float:
+def _seq2seq_perplexity(model, tokenizer, prompts, completions, batch_size: int, prompt_format=None) -> float:
     total_nll, total_tokens = 0.0, 0
     device = next(model.parameters()).device
     start_id = decoder_start_token_id(model)
     pad = tokenizer.pad_token_id or 0
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 10**9
-    sources = [row[:limit] for row in encode_prompts(tokenizer, prompts, encoder_decoder=True)]
+    sources = [row[:limit] for row in encode_prompts(tokenizer, prompts, True, prompt_format)]
     targets = [
         [start_id, *tokenizer(c.strip(), add_special_tokens=False)["input_ids"]][:limit] for c in completions
     ]
@@ -110,8 +117,12 @@ def evaluate_texts(
     references: Sequence[Sequence[str]] | None = None,
     model: Any = None,
     tokenizer: Any = None,
+    prompt_format: PromptFormat | None = None,
 ) -> dict[str, float]:
-    """Every metric that applies: success (oracle mean), keyword coverage, BLEU, base perplexity, distinct-n."""
+    """Every metric that applies: success (oracle mean), keyword coverage, BLEU, base perplexity, distinct-n.
+
+    ``prompts`` are what the oracle judges (the prompts-file lines); ``prompt_format`` is how the model read
+    them (for the base perplexity)."""
     metrics: dict[str, float] = {"count": float(len(completions))}
     if oracle is not None:
         values = call_oracle(oracle, list(prompts), list(completions))
@@ -129,7 +140,9 @@ def evaluate_texts(
         streams = [[refs[i] if i < len(refs) else refs[0] for refs in references] for i in range(width)]
         metrics["bleu"] = sacrebleu.corpus_bleu(list(completions), streams).score
     if model is not None and tokenizer is not None:
-        metrics["base_perplexity"] = base_perplexity(model, tokenizer, prompts, completions)
+        metrics["base_perplexity"] = base_perplexity(
+            model, tokenizer, prompts, completions, prompt_format=prompt_format
+        )
     metrics["distinct_1"] = distinct_n(completions, 1)
     metrics["distinct_2"] = distinct_n(completions, 2)
     metrics["mean_words"] = sum(len(c.split()) for c in completions) / max(len(completions), 1)

@@ -54,13 +54,26 @@ class TextOracle:
 
     level = "tokens"
 
-    def __init__(self, fn: Callable[[list[str], list[str]], Sequence[float]], tokenizer: Any) -> None:
+    def __init__(
+        self,
+        fn: Callable[[list[str], list[str]], Sequence[float]],
+        tokenizer: Any,
+        prompt_texts: Mapping[tuple[int, ...], str] | None = None,
+    ) -> None:
         self.fn = fn
         self.tokenizer = tokenizer
+        # the text a prompt's token ids stand for (e.g. a prompts-file line before a template or chat
+        # template decorated it): the oracle judges that, not the decoded decoration
+        self.prompt_texts = dict(prompt_texts or {})
 
     def __call__(self, prompts: list[list[int]], completions: list[list[int]]) -> Sequence[float]:
         decode = lambda rows: self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return self.fn(decode(prompts), decode(completions))
+        texts = [self.prompt_texts.get(tuple(p)) for p in prompts]
+        missing = [i for i, t in enumerate(texts) if t is None]
+        if missing:
+            for i, text in zip(missing, decode([prompts[i] for i in missing]), strict=True):
+                texts[i] = text
+        return self.fn(texts, decode(completions))
 
     def __repr__(self) -> str:
         return f"TextOracle({getattr(self.fn, '__name__', repr(self.fn))})"
@@ -160,9 +173,12 @@ def _level_of(oracle: Callable) -> str | None:
     return level if level in ("text", "tokens") else None
 
 
-def as_token_oracle(oracle: Callable, tokenizer: Any) -> Callable:
-    """An oracle on token ids: text-level oracles are wrapped in :class:`TextOracle`, others returned as is."""
-    return TextOracle(oracle, tokenizer) if _level_of(oracle) == "text" else oracle
+def as_token_oracle(
+    oracle: Callable, tokenizer: Any, prompt_texts: Mapping[tuple[int, ...], str] | None = None
+) -> Callable:
+    """An oracle on token ids: text-level oracles are wrapped in :class:`TextOracle` (``prompt_texts``: the
+    text each prompt's ids stand for), others returned as is."""
+    return TextOracle(oracle, tokenizer, prompt_texts) if _level_of(oracle) == "text" else oracle
 
 
 def _config_of(oracle: Callable) -> dict[str, Any]:
@@ -379,6 +395,21 @@ class CommonGenConcepts:
         return f"CommonGenConcepts(marker={self.marker!r}, sep={self.sep!r})"
 
 
+class KeywordList:
+    """Reads a prompt line that *is* a keyword list: ``"dog, frisbee, catch"`` (commas, for multi-word
+    keywords such as ``"ice cream, dog"``) or ``"dog frisbee catch"`` (whitespace); a CommonGen-style trailing
+    ``=`` is dropped. The ``{keywords}`` slot of a prompt template (:class:`dinado.text.PromptFormat`) reads
+    lines the same way."""
+
+    def __call__(self, prompt: str) -> list[str]:
+        text = prompt.strip().removesuffix("=").strip()
+        parts = text.split(",") if "," in text else text.split()
+        return [p.strip() for p in parts if p.strip()]
+
+    def __repr__(self) -> str:
+        return "KeywordList()"
+
+
 class KeywordOracle(OracleBase):
     """1.0 when the completion mentions every keyword (``soft=True``: the fraction mentioned).
 
@@ -457,6 +488,8 @@ class KeywordOracle(OracleBase):
     def to_config(self) -> dict[str, Any]:
         if self.keywords is not None:
             return {"type": "keywords", "keywords": list(self.keywords), "soft": self.soft}
+        if isinstance(self.from_prompt, KeywordList):
+            return {"type": "keywords", "from_prompt": "list", "soft": self.soft}
         if isinstance(self.from_prompt, CommonGenConcepts):
             parser = self.from_prompt
             return {
@@ -983,8 +1016,10 @@ def _build_keywords(c: Mapping, where: str) -> KeywordOracle:
         return KeywordOracle.commongen(marker=c.get("marker", "="), sep=c.get("sep"), soft=soft)
     if "marker" in c or "sep" in c:
         raise ValueError(f"{where}: 'marker' and 'sep' go with from_prompt: commongen")
+    if source == "list":
+        return KeywordOracle(KeywordList(), soft=soft)
     if not isinstance(source, str):
-        raise ValueError(f"{where}: 'from_prompt' must be 'commongen' or 'package.module:function'")
+        raise ValueError(f"{where}: 'from_prompt' must be 'commongen', 'list' or 'package.module:function'")
     return KeywordOracle(load_callable(source), soft=soft)
 
 

