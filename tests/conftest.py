@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from dinado import exact
 
@@ -30,11 +30,50 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = 40, width: int = 32, layers: int 
     return model
 
 
+def tiny_llama(seed: int = 0, vocab_size: int = 40, width: int = 32, layers: int = 2) -> LlamaForCausalLM:
+    """A small random Llama (SmolLM2's architecture: rotary positions, grouped-query attention, tied
+    embeddings), from a config, no download; EOS = pad = BOS = 0 as in ``tiny_gpt2``."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        attention_dropout=0.1,  # as GPT-2's: eval mode matters
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+CAUSAL_KINDS = ("gpt2", "llama")
+
+
+def tiny_causal(kind: str, **kwargs):
+    """``tiny_gpt2`` or ``tiny_llama`` by name (for tests parametrised over the decoder-only architectures)."""
+    return {"gpt2": tiny_gpt2, "llama": tiny_llama}[kind](**kwargs)
+
+
 def with_dropout(model, p: float = 0.5):
-    """Give every dropout of ``model`` probability ``p`` and leave it in training mode (as a freshly built one is)."""
+    """Give every dropout of ``model`` probability ``p`` and leave it in training mode (as a freshly built one is).
+
+    Many attention layers keep their dropout as a float attribute (Llama's ``attention_dropout``, T5's and
+    BART's ``dropout``), not a module: those are set too.
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = p
+        for name, value in list(vars(module).items()):
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, p)
     return model.train()
 
 

@@ -8,7 +8,7 @@ import dinado
 from dinado import VARIANTS, Guide
 from dinado.decoding import GuideLogitsProcessor
 
-from .conftest import randomize_guide, tiny_gpt2, with_dropout
+from .conftest import CAUSAL_KINDS, randomize_guide, tiny_causal, with_dropout
 
 PROMPTS = torch.tensor([[0, 0, 3, 4, 5], [0, 7, 1, 2, 8]])  # two prompts of different lengths, left-padded
 MASK = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
@@ -32,8 +32,8 @@ class Recorder(LogitsProcessor):
         return scores
 
 
-def _trained_like_guide(variant):
-    guide = Guide.create(tiny_gpt2(vocab_size=12), variant)
+def _trained_like_guide(variant, kind="gpt2"):
+    guide = Guide.create(tiny_causal(kind, vocab_size=12), variant)
     randomize_guide(guide)
     return guide.eval()
 
@@ -56,10 +56,11 @@ def _check_steps(guide, steps, prompt_len):
     return worst
 
 
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_processor_equals_next_token_logprobs_at_every_step(variant, mode):
-    guide = _trained_like_guide(variant)
+def test_processor_equals_next_token_logprobs_at_every_step(variant, mode, kind):
+    guide = _trained_like_guide(variant, kind)
     recorder = Recorder()
     torch.manual_seed(0)
     dinado.generate(guide, PROMPTS, MASK, logits_processor=[recorder], max_new_tokens=6, **MODES[mode])
@@ -67,9 +68,10 @@ def test_processor_equals_next_token_logprobs_at_every_step(variant, mode):
     assert _check_steps(guide, recorder.steps, PROMPTS.shape[1]) < 1e-4
 
 
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
 @pytest.mark.parametrize("variant", ["nado", "dinado-soft"])
-def test_processor_without_its_cache_gives_the_same_steps(variant):
-    guide = _trained_like_guide(variant)
+def test_processor_without_its_cache_gives_the_same_steps(variant, kind):
+    guide = _trained_like_guide(variant, kind)
     recorder = Recorder()
     processor = GuideLogitsProcessor(guide, MASK, use_cache=False)
     with processor:
@@ -84,9 +86,10 @@ def test_processor_without_its_cache_gives_the_same_steps(variant):
     assert _check_steps(guide, recorder.steps, PROMPTS.shape[1]) < 1e-4
 
 
-def test_beam_search_really_reorders_beams_in_this_setting():
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
+def test_beam_search_really_reorders_beams_in_this_setting(kind):
     """Guards the reorder test above: some step must hand a beam a different parent than its own row."""
-    guide = _trained_like_guide("dinado-soft")
+    guide = _trained_like_guide("dinado-soft", kind)
     recorder = Recorder()
     dinado.generate(guide, PROMPTS, MASK, logits_processor=[recorder], max_new_tokens=6, num_beams=3)
     moved = any(
@@ -96,8 +99,9 @@ def test_beam_search_really_reorders_beams_in_this_setting():
     assert moved
 
 
-def test_guidance_changes_generation_and_alpha_zero_recovers_the_base():
-    guide = _trained_like_guide("nado")
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
+def test_guidance_changes_generation_and_alpha_zero_recovers_the_base(kind):
+    guide = _trained_like_guide("nado", kind)
     kwargs = dict(max_new_tokens=6, do_sample=False)
     base_out = guide.base.generate(PROMPTS, attention_mask=MASK, **kwargs)
     alpha0 = dinado.generate(guide, PROMPTS, MASK, alpha=0.0, **kwargs)
@@ -119,9 +123,10 @@ def test_merge_refuses_alpha_other_than_one():
         dinado.generate(guide, PROMPTS, MASK, alpha=2.0, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
 @pytest.mark.parametrize("mode", ["greedy", "beam3"])
-def test_generate_decodes_in_eval_mode_and_restores_every_submodule_mode(mode):
-    guide = _trained_like_guide("dinado-soft")
+def test_generate_decodes_in_eval_mode_and_restores_every_submodule_mode(mode, kind):
+    guide = _trained_like_guide("dinado-soft", kind)
     with_dropout(guide)  # training mode, with dropout in the guide's own module
     guide.module.body.h[0].eval()  # a mixed state the call must give back as it was
     modes = [m.training for m in guide.modules()]
@@ -131,3 +136,22 @@ def test_generate_decodes_in_eval_mode_and_restores_every_submodule_mode(mode):
     assert torch.equal(out, dinado.generate(reference, PROMPTS, **kwargs))
     assert [m.training for m in guide.modules()] == modes
     assert guide.training and not guide.module.body.h[0].training and not guide.base.training
+
+
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_row_of_a_left_padded_batch_gets_what_it_gets_alone(variant, kind):
+    """Position ids from the mask (GPT-2's learned positions, Llama's rotary ones, the guide module's own)."""
+    guide = _trained_like_guide(variant, kind)
+    kwargs = dict(max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        batch_q = guide.next_token_logprobs(PROMPTS, MASK)
+        batch_out = dinado.generate(guide, PROMPTS, MASK, **kwargs)
+    for row in range(PROMPTS.shape[0]):
+        real = MASK[row].bool()
+        alone = PROMPTS[row, real][None]
+        with torch.no_grad():
+            alone_q = guide.next_token_logprobs(alone)
+            alone_out = dinado.generate(guide, alone, **kwargs)
+        assert (batch_q[row, real] - alone_q[0]).abs().max() < 1e-5
+        assert torch.equal(batch_out[row, PROMPTS.shape[1] :], alone_out[0, alone.shape[1] :])

@@ -2,10 +2,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinado import VARIANTS, Guide
+import dinado
+from dinado import VARIANTS, Guide, SampleSet
+from dinado.guide import shared_weight_copy, unwrap_peft
 from dinado.objectives import prefix_log_values
 
-from .conftest import randomize_guide, tiny_gpt2
+from .conftest import (
+    CAUSAL_KINDS,
+    SEQ2SEQ_KINDS,
+    randomize_guide,
+    tiny_causal,
+    tiny_gpt2,
+    tiny_seq2seq,
+    with_dropout,
+)
 
 
 def _batch():
@@ -14,9 +24,10 @@ def _batch():
     return ids, mask
 
 
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_q_equals_p_at_initialisation(variant):
-    base = tiny_gpt2()
+def test_q_equals_p_at_initialisation(variant, kind):
+    base = tiny_causal(kind)
     ids, mask = _batch()
     with torch.no_grad():
         log_p = F.log_softmax(
@@ -29,10 +40,11 @@ def test_q_equals_p_at_initialisation(variant):
     assert (log_q - log_p)[real].abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
 @pytest.mark.parametrize("variant", ["dinado-hard", "dinado-merge"])
-def test_hard_consistency_satisfies_bellman_identically_at_random_parameters(variant):
+def test_hard_consistency_satisfies_bellman_identically_at_random_parameters(variant, kind):
     options = {"consistency": "hard"} if variant == "dinado-merge" else {}
-    guide = Guide.create(tiny_gpt2(), variant, **options)
+    guide = Guide.create(tiny_causal(kind), variant, **options)
     randomize_guide(guide)
     ids = torch.randint(1, 40, (3, 9), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = 0
@@ -53,9 +65,10 @@ def test_hard_consistency_satisfies_bellman_identically_at_random_parameters(var
     assert root_residual.abs().max() < 1e-4
 
 
-def test_soft_variants_are_not_consistent_by_construction():
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
+def test_soft_variants_are_not_consistent_by_construction(kind):
     """The same residual for DiNADO-Soft at random parameters is large: the Hard test above can fail."""
-    guide = Guide.create(tiny_gpt2(), "dinado-soft")
+    guide = Guide.create(tiny_causal(kind), "dinado-soft")
     randomize_guide(guide)
     ids = torch.randint(1, 40, (3, 9), generator=torch.Generator().manual_seed(0))
     completion = torch.zeros_like(ids)
@@ -70,12 +83,60 @@ def test_soft_variants_are_not_consistent_by_construction():
 
 
 def test_base_stays_frozen_and_in_eval_mode():
-    base = tiny_gpt2()
-    guide = Guide.create(base, "dinado-soft")
+    guide = Guide.create(tiny_gpt2(), "dinado-soft")
     guide.train()
-    assert not base.training
-    assert not any(p.requires_grad for p in base.parameters())
+    assert not guide.base.training and not any(m.training for m in guide.base.modules())
+    assert not any(p.requires_grad for p in guide.base.parameters())
     assert all(p.requires_grad for p in guide.module.parameters())
+
+
+def _caller_state(model):
+    return (
+        [(name, type(m)) for name, m in model.named_modules()],
+        [m.training for m in model.modules()],
+        [(name, p.requires_grad, p.grad is None) for name, p in model.named_parameters()],
+    )
+
+
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_callers_base_keeps_computing_p_and_keeps_its_flags(tmp_path, variant, kind):
+    """Review 4(e): creating, training, decoding with and loading a guide must not touch the caller's model."""
+    base = with_dropout(tiny_causal(kind), 0.0)  # training mode, yet deterministic
+    first_block = base.transformer.h[0] if kind == "gpt2" else base.model.layers[0]
+    first_block.eval().requires_grad_(False)  # mixed modes and flags, as a caller may leave them
+    ids = torch.randint(1, 40, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = base(ids).logits
+    state = _caller_state(base)
+
+    guide = Guide.create(base, variant, num_layers=1, lora_r=4)
+    randomize_guide(guide)
+    samples = SampleSet.from_token_ids(ids[:, :3].tolist(), ids[:, 3:].tolist(), [1.0, 0.0, 1.0])
+    dinado.train(guide, samples, max_steps=1, batch_size=3)
+    dinado.generate(guide, ids[:, :3], max_new_tokens=3, do_sample=False)
+    guide.save_pretrained(tmp_path)
+    loaded = Guide.from_pretrained(tmp_path, base)
+    if variant == "dinado-merge":
+        guide.merge()
+    with torch.no_grad():
+        assert (
+            loaded.eval().next_token_logprobs(ids) - guide.eval().next_token_logprobs(ids)
+        ).abs().max() < 1e-6
+        log_q = guide.eval().next_token_logprobs(ids)
+        log_p = guide(ids).log_p
+        after = base(ids).logits
+    assert (log_q - log_p).abs().max() > 1e-2  # the trained guide really moves away from p
+    assert (F.log_softmax(before, -1) - log_p).abs().max() < 1e-5  # and still reads p from the same weights
+    assert (after - before).abs().max() < 1e-6
+    assert _caller_state(base) == state
+
+    base.train()  # and what the caller does to its model afterwards does not reach the guide's frozen base
+    base.requires_grad_(True)
+    assert not any(m.training for m in guide.base.modules())
+    assert not any(
+        p.requires_grad for name, p in unwrap_peft(guide.base).named_parameters() if "lora_" not in name
+    )
 
 
 def test_unknown_variant_and_option_are_refused():
@@ -85,3 +146,87 @@ def test_unknown_variant_and_option_are_refused():
         Guide.create(tiny_gpt2(), "nado", num_layer=3)
     with pytest.raises(ValueError, match="fixes consistency"):
         Guide.create(tiny_gpt2(), "dinado-soft", consistency="hard")
+
+
+@pytest.mark.parametrize("kind", SEQ2SEQ_KINDS)
+@pytest.mark.parametrize("variant", ["dinado-soft", "dinado-merge"])
+def test_a_guide_over_an_encoder_decoder_base_leaves_the_callers_model_untouched(variant, kind):
+    base = with_dropout(tiny_seq2seq(kind), 0.0)
+    src = torch.randint(2, 24, (2, 6), generator=torch.Generator().manual_seed(0))
+    dec = torch.cat([torch.zeros(2, 1, dtype=torch.long), src[:, :4]], 1)
+    with torch.no_grad():
+        before = base(input_ids=src, decoder_input_ids=dec).logits
+    state = _caller_state(base)
+    guide = Guide.create(base, variant, num_layers=1, lora_r=4)
+    randomize_guide(guide)
+    with torch.no_grad():
+        out = guide.eval()(dec, encoder_input_ids=src)
+        log_q = guide.next_token_logprobs(dec, encoder_input_ids=src)
+        after = base(input_ids=src, decoder_input_ids=dec).logits
+    assert (log_q - out.log_p).abs().max() > 1e-2
+    assert (after - before).abs().max() < 1e-6
+    assert _caller_state(base) == state
+
+
+def _sharing_pattern(model):
+    """Which parameter and module names are the same object (tied weights, shared embeddings)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append("p:" + name)
+    for name, m in model.named_modules(remove_duplicate=False):
+        groups.setdefault(id(m), []).append("m:" + name)
+    return sorted(sorted(names) for names in groups.values())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "t5"])
+def test_shared_weight_copy_is_a_new_module_tree_over_the_same_weight_memory(kind):
+    model = tiny_seq2seq("t5") if kind == "t5" else tiny_causal(kind)
+    copied = shared_weight_copy(model)
+    assert not {id(m) for m in model.modules()} & {id(m) for m in copied.modules()}
+    pairs = list(zip(model.parameters(), copied.parameters(), strict=True))
+    assert all(a is not b and a.data_ptr() == b.data_ptr() and a.shape == b.shape for a, b in pairs)
+    assert _sharing_pattern(copied) == _sharing_pattern(model)  # ties kept (Llama/T5 embeddings, T5 `shared`)
+    assert any(len(names) > 1 for names in _sharing_pattern(model))  # ... and there are ties to keep
+    assert copied.config is model.config and copied.generation_config is model.generation_config
+    copied.train()
+    copied.requires_grad_(False)
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    ids = torch.randint(1, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(decoder_input_ids=ids) if kind == "t5" else {}
+    copied.eval()
+    with torch.no_grad():
+        assert (model(ids, **kwargs).logits - copied(ids, **kwargs).logits).abs().max() < 1e-6
+
+
+def test_merge_guide_over_a_base_with_accelerate_hooks_adapts_only_its_copy():
+    """accelerate (device_map=...) replaces a module's forward by a partial bound to that module: the copy's
+    forward must run the copy (with its LoRA layers), not the caller's module."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    calls = []
+
+    class Count(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(module)
+            return args, kwargs
+
+    base = tiny_causal("llama")
+    for module in (base, base.model.layers[0], base.model.layers[0].self_attn.q_proj):
+        add_hook_to_module(module, Count())
+    ids = torch.randint(1, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = base(ids).logits
+    guide = Guide.create(base, "dinado-merge", lora_r=4)
+    randomize_guide(guide)
+    calls.clear()
+    with torch.no_grad():
+        out = guide.eval()(ids)
+        log_q = guide.next_token_logprobs(ids)
+        after = base(ids).logits
+    assert (out.log_p - F.log_softmax(before, -1)).abs().max() < 1e-5
+    assert (log_q - out.log_p).abs().max() > 1e-2  # the adapter acts in the guide
+    assert (after - before).abs().max() < 1e-6  # but not in the caller's model
+    # the hooks still run: 3 hooked modules, 4 base passes in the guide (p and q, twice) and 1 in the caller
+    assert len(calls) == 3 * 5
+    own = {id(m) for m in guide.modules()}
+    assert sum(id(m) in own for m in calls) == 3 * 4

@@ -125,8 +125,9 @@ def run_demo(output: str, seed: int = 0, quick: bool = False, threads: int | Non
     systems: dict[str, object] = {"base": model}
     curves = {}
     for variant in variants:
-        base_copy = model if variant != "dinado-merge" else type(model).from_pretrained(run / "base").eval()
-        guide = Guide.create(base_copy, variant, tokenizer=tokenizer, num_layers=2, lora_r=8, lora_alpha=16)
+        # a guide never changes the model it is given (Merge's LoRA goes into its own module tree), so the same
+        # base serves every variant and stays the base in the table
+        guide = Guide.create(model, variant, tokenizer=tokenizer, num_layers=2, lora_r=8, lora_alpha=16)
         _log(f"training {variant} for {steps} steps")
         records: list[dict] = []
         train(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import json
 import os
+import types
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -129,6 +131,56 @@ def base_body(model: nn.Module) -> nn.Module:
     return body
 
 
+def shared_weight_copy(model: nn.Module) -> nn.Module:
+    """A new module tree over the same weight memory: what a guide wraps instead of the caller's model.
+
+    Every submodule is a new object (its own ``training`` flag, hooks and child registry, so ``eval()`` and
+    PEFT's in-place LoRA injection touch only the copy), and every parameter a new ``nn.Parameter`` viewing
+    the original's storage (its own ``requires_grad``). Buffers, configs, generation configs and any other
+    attribute are shared. Tied weights stay tied and shared submodules stay shared. Extra memory: the module
+    and parameter objects only, no weights. Weights changed in place later through the caller's model (an
+    optimizer step) are seen by the copy; ``model.to(...)`` is not (move the guide itself).
+
+    Methods and ``functools.partial`` objects bound to a module as instance attributes (the forward that
+    accelerate installs on a dispatched model) are rebound to its copy. Parameter subclasses (e.g. quantised
+    weights carrying their quantisation state) are shared as they are: freezing the copy then freezes them in
+    the caller's model too (quantised weights are frozen anyway).
+    """
+    params: dict[int, nn.Parameter] = {}
+    modules: dict[int, nn.Module] = {}
+
+    def alias(p: nn.Parameter | None) -> nn.Parameter | None:
+        if p is None or type(p) is not nn.Parameter:
+            return p
+        if id(p) not in params:
+            params[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+        return params[id(p)]
+
+    def copy_module(m: nn.Module | None) -> nn.Module | None:
+        if m is None:
+            return None
+        if id(m) not in modules:
+            new = copy.copy(m)  # shallow: a new object whose __dict__ values are still m's
+            modules[id(m)] = new
+            for key, value in list(vars(new).items()):
+                if isinstance(value, (dict, set, list)):  # parameter/child/buffer/hook registries
+                    vars(new)[key] = copy.copy(value)
+                elif isinstance(value, types.MethodType) and value.__self__ is m:
+                    vars(new)[key] = types.MethodType(value.__func__, new)  # e.g. accelerate's _old_forward
+                elif isinstance(value, functools.partial) and value.args and value.args[0] is m:
+                    # e.g. the forward accelerate installs on a dispatched model: partial(new_forward, module)
+                    rebound = functools.partial(value.func, new, *value.args[1:], **value.keywords)
+                    vars(rebound).update(vars(value))
+                    vars(new)[key] = rebound
+            for k, v in m._parameters.items():
+                new._parameters[k] = alias(v)
+            for k, v in m._modules.items():
+                new._modules[k] = copy_module(v)
+        return modules[id(m)]
+
+    return copy_module(model)
+
+
 class HiddenCapture:
     """Holds the last hidden state of the latest forward pass of a base model's body."""
 
@@ -217,16 +269,35 @@ def check_same_base(
 
 
 def _is_quantized(model: nn.Module) -> bool:
+    """True when the weights are held quantised (LoRA cannot be folded into them).
+
+    Integer-typed parameters (bitsandbytes, GGUF blocks kept packed, ...) are quantised. A model loaded
+    through a transformers quantizer is too, unless its weights were unpacked at load time into plain float
+    ones: ``quantization_config.dequantize``, or a GGUF file (SmolLM2's named base) that transformers
+    dequantises when it has no matmul kernel for it (its packed blocks would be uint8 parameters).
+    """
     inner = unwrap_peft(model)
-    if getattr(inner, "is_quantized", False) or getattr(inner, "hf_quantizer", None) is not None:
+    if any(not p.dtype.is_floating_point for p in inner.parameters()):
         return True
-    return any(not p.dtype.is_floating_point for p in inner.parameters())
+    quantizer = getattr(inner, "hf_quantizer", None)
+    if quantizer is None:
+        return bool(getattr(inner, "is_quantized", False))
+    config = getattr(quantizer, "quantization_config", None)
+    if getattr(config, "dequantize", False):
+        return False
+    return getattr(config, "quant_method", None) != "gguf"
 
 
 class Guide(nn.Module):
     """A frozen base model with the learned value module of one variant.
 
     Build with :meth:`create`, train with :func:`dinado.train`, decode with :func:`dinado.generate`.
+
+    The caller's ``base_model`` is never changed: ``guide.base`` is a new module tree over the same weight
+    memory (:func:`shared_weight_copy`; no weight is copied), frozen and in eval mode, into which
+    ``dinado-merge`` injects its LoRA layers. The caller's model keeps computing p with its own training mode
+    and ``requires_grad`` flags. The guide sees weights changed in place through the caller's model later,
+    but not ``base_model.to(...)``: move the guide itself.
     """
 
     def __init__(self, base_model: PreTrainedModel, config: GuideConfig) -> None:
@@ -237,6 +308,9 @@ class Guide(nn.Module):
             )
         self.config = config
         self.parameterization: Parameterization = parameterization_for(config.variant, config.consistency)
+        # The caller's model is left as it is (mode, grad flags, module tree): the guide freezes and wraps a
+        # copy of its module tree that shares the weight memory (see shared_weight_copy).
+        base_model = shared_weight_copy(base_model)
         base_model.requires_grad_(False)
         base_model.eval()
         hidden = base_hidden_size(base_model)
