@@ -48,14 +48,30 @@ def test_samples_from_a_guide_record_exact_proposal_log_probabilities_and_weight
 
 
 def test_tempered_sampling_records_the_tempered_distribution(toy_base):
-    samples = dinado.sample(toy_base, [exact.TOY_PROMPT], 200, exact.toy_oracle, 6, temperature=2.0, seed=3)
-    result, index = _exact_table(Guide.create(toy_base, "nado"))
-    # p(x)/pi(x) must match: log pi = log p + log w with pi the temperature-2 distribution
-    lp = torch.tensor(
-        [float(result.log_p[index[tuple(c)]]) for c in samples.completions], dtype=torch.float64
-    )
-    pi = torch.tensor([sum(r) for r in samples.token_log_proposal], dtype=torch.float64)
-    assert (lp - pi - samples.log_weights).abs().max() < 1e-4
+    """Review 4(d): the recorded proposal log-probs are those of softmax(logits / T), log p those of softmax(logits),
+    each checked per token against a teacher-forced pass computed here, not against each other."""
+    temperature = 2.0
+    prompts = [exact.TOY_PROMPT, [0, 3, 5]]  # of different lengths: the sampler left-pads them
+    samples = dinado.sample(toy_base, prompts, 100, exact.toy_oracle, 6, temperature=temperature, seed=3)
+    model = copy.deepcopy(toy_base).eval()
+    tempered = lambda ids: torch.log_softmax(model(ids).logits.float() / temperature, -1)  # noqa: E731
+    errors, gaps = [], []
+    for prompt, comp, lp, lpi, log_w in zip(
+        samples.prompts,
+        samples.completions,
+        samples.token_log_p,
+        samples.token_log_proposal,
+        samples.log_weights.tolist(),
+        strict=True,
+    ):
+        ref_p = _teacher_forced(_lm_log_probs(model), prompt, comp)
+        ref_pi = _teacher_forced(tempered, prompt, comp)
+        assert len(lp) == len(lpi) == len(comp)
+        errors += [abs(a - b) for a, b in zip(lpi + lp, ref_pi + ref_p, strict=True)]
+        errors.append(abs(log_w - (sum(ref_p) - sum(ref_pi))))
+        gaps += [abs(a - b) for a, b in zip(ref_p, ref_pi, strict=True)]
+    assert len(errors) > 200 and max(errors) < 1e-4
+    assert max(gaps) > 0.1  # at T = 2 the two distributions differ: a swapped record cannot pass
 
 
 def test_sampling_is_reproducible_with_a_seed(toy_base):

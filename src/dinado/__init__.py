@@ -1,8 +1,9 @@
 """dinado: controlled generation with NADO and DiNADO (Hard, Soft, Merge) guides over Hugging Face models."""
 
-from . import exact
+from . import exact, features
 from .config import VARIANTS, GuideConfig
 from .decoding import GuideLogitsProcessor, generate
+from .features import FeatureCache, precompute_features
 from .guide import Guide
 from .oracles import TextOracle
 from .samples import SampleSet
@@ -11,6 +12,7 @@ from .training import TrainReport, train
 
 __all__ = [
     "VARIANTS",
+    "FeatureCache",
     "Guide",
     "GuideConfig",
     "GuideLogitsProcessor",
@@ -18,7 +20,9 @@ __all__ = [
     "TextOracle",
     "TrainReport",
     "exact",
+    "features",
     "generate",
+    "precompute_features",
     "sample",
     "train",
 ]

@@ -71,14 +71,15 @@ class GuideModule(nn.Module):
         nn.init.zeros_(self.token_head.bias)
         self.norm_head = NormHead(dim) if with_norm else None
 
-    def forward(
+    def trunk(
         self,
         base_hidden: torch.Tensor,  # [B, L_new, H]
         attention_mask: torch.Tensor,  # [B, L_past + L_new]
         position_ids: torch.Tensor,  # [B, L_new]
         past_key_values: Cache | None = None,
         use_cache: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, Cache | None]:
+    ) -> tuple[torch.Tensor, Cache | None]:
+        """The stack's last hidden states [B, L_new, dim] (and its cache): what both heads read."""
         new_mask = attention_mask[:, -base_hidden.shape[1] :, None].to(base_hidden.dtype)
         # Padded positions may hold anything (even NaN); zero them so masked attention cannot spread them.
         x = self.proj(torch.where(new_mask > 0, base_hidden, torch.zeros_like(base_hidden)))
@@ -89,6 +90,16 @@ class GuideModule(nn.Module):
             use_cache=use_cache,
             **{_CACHE: past_key_values},
         )
-        h = out.last_hidden_state
+        return out.last_hidden_state, getattr(out, _CACHE) if use_cache else None
+
+    def forward(
+        self,
+        base_hidden: torch.Tensor,  # [B, L_new, H]
+        attention_mask: torch.Tensor,  # [B, L_past + L_new]
+        position_ids: torch.Tensor,  # [B, L_new]
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Cache | None]:
+        h, cache = self.trunk(base_hidden, attention_mask, position_ids, past_key_values, use_cache)
         norm = self.norm_head(h) if self.norm_head is not None else None
-        return self.token_head(h), norm, getattr(out, _CACHE) if use_cache else None
+        return self.token_head(h), norm, cache

@@ -18,9 +18,21 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def bernoulli_cross_entropy(log_r: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """-[C log R + (1 - C) log(1 - R)] with R given as log R <= 0 and C in [0, 1]."""
-    log_r = log_r.clamp(max=LOG_CEIL)
-    return -(label * log_r + (1.0 - label) * log1mexp(log_r))
+    """-[C log R + (1 - C) log(1 - R)] with R given as log R <= 0 and C in [0, 1].
+
+    A value past the ceiling (log R > LOG_CEIL, i.e. R >= 1) is scored at the ceiling plus its distance beyond it.
+    Only Hard consistency (DiNADO-Hard, Merge with consistency="hard") can overshoot: there R(x_<=t) = R(c) *
+    q(x_<=t) / p(x_<=t) and nothing bounds it by 1. A plain clamp would give such a term zero gradient, so a
+    negative sample would get no signal from the very prefixes that are most wrong. The added term is linear in
+    log R with slope 1 (a restoring force of the size of the positive-label gradient): the loss is unchanged
+    inside the range, continuous at the ceiling, and grows past it, so its gradient pushes log R back below 0
+    whatever the label. (A straight-through clamp would instead push a positive label's value further out, and
+    a negative one's with a gradient of about 1/(1 - R) ~ 1e6; a smooth bound such as logsigmoid would change
+    the values inside the range, i.e. the method.)
+    """
+    inside = log_r.clamp(max=LOG_CEIL)
+    cross_entropy = -(label * inside + (1.0 - label) * log1mexp(inside))
+    return cross_entropy + (log_r - LOG_CEIL).clamp(min=0.0)
 
 
 def bernoulli_kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:

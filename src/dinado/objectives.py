@@ -27,6 +27,9 @@ class Batch:
     # encoder-decoder bases: the source, right-padded; input_ids are then the decoder rows [start | completion]
     encoder_input_ids: torch.Tensor | None = None
     encoder_attention_mask: torch.Tensor | None = None
+    # the frozen base's last hidden states of these rows [B, L, H], from a FeatureCache: when set, the loss
+    # reads them instead of running the base (module variants only; see features.py)
+    base_hidden: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{k: v.to(device) if v is not None else None for k, v in self.__dict__.items()})
@@ -37,7 +40,7 @@ class LossTerms:
     loss: torch.Tensor  # what is differentiated: ce + weight * regularizer
     cross_entropy: torch.Tensor
     regularizer: torch.Tensor
-    ce_count: int
+    ce_count: int  # the terms of this batch (the loss divides by the normaliser's counts when one is given)
     reg_count: int
 
 
@@ -46,42 +49,102 @@ def prefix_log_values(log_values: torch.Tensor, input_ids: torch.Tensor) -> torc
     return log_values[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
+def _masks(batch: Batch, positions: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy mask, regulariser mask), each [B, L - 1] at index t - 1 for the prefix x_<=t."""
+    comp = batch.completion_mask[:, 1:].float()
+    term = batch.terminal_mask[:, 1:].float()
+    ce_mask = comp if positions == "all" else term
+    return ce_mask, comp * (1.0 - term)  # the regulariser: transitions into non-terminal prefixes
+
+
+def term_counts(guide, batch: Batch, ce_positions: str | None = None) -> tuple[int, int]:
+    """(cross-entropy terms, regulariser terms) of ``batch``, from its masks alone (no forward pass).
+
+    The loss is a mean over terms, so a batch split into micro-batches divides each chunk's sums by the whole
+    batch's counts (``guide_loss(..., normalizer=...)``) and gives the same loss and gradient as one pass.
+    """
+    ce_mask, reg_mask = _masks(batch, ce_positions or guide.config.ce_positions)
+    roots = batch.input_ids.shape[0] if guide.parameterization.has_root else 0
+    return int(ce_mask.sum().item()) + roots, int(reg_mask.sum().item())
+
+
 def guide_loss(
-    guide, batch: Batch, regularizer_weight: float | None = None, ce_positions: str | None = None
+    guide,
+    batch: Batch,
+    regularizer_weight: float | None = None,
+    ce_positions: str | None = None,
+    normalizer: tuple[int, int] | None = None,
 ) -> LossTerms:
-    """Loss of ``guide`` on ``batch`` (per-term sums of weighted terms over the count of terms)."""
+    """Loss of ``guide`` on ``batch``: weighted sums of the terms over the count of terms, in float32.
+
+    ``normalizer=(ce_terms, reg_terms)`` divides by those counts instead of this batch's own (a micro-batch
+    of a larger batch: see :func:`term_counts`). With ``batch.base_hidden`` set (cached features), the frozen base
+    is not run: the module reads the cached hidden states and log p comes through the LM head, one chunk of
+    rows at a time (:func:`dinado.features.cached_position_stats`); otherwise the guide runs in full.
+    """
     cfg = guide.config
     weight = cfg.effective_regularizer_weight if regularizer_weight is None else regularizer_weight
     positions = ce_positions or cfg.ce_positions
-    out = guide(batch.input_ids, batch.attention_mask, batch.encoder_input_ids, batch.encoder_attention_mask)
-    log_values, log_root = guide.parameterization.log_values(
-        out.log_p, out.direction, out.norm, batch.input_ids, batch.completion_mask
-    )
-    log_r = prefix_log_values(log_values, batch.input_ids)  # [B, L-1], value of x_<=t at index t-1
-    comp = batch.completion_mask[:, 1:].to(log_r.dtype)
-    term = batch.terminal_mask[:, 1:].to(log_r.dtype)
-    ce_mask = comp if positions == "all" else term
-    labels = batch.labels.to(log_r.dtype)[:, None]
-    w = batch.weights.to(log_r.dtype)[:, None]
-    ce_sum = (w * ce_mask * bernoulli_cross_entropy(log_r, labels)).sum()
-    ce_count = ce_mask.sum()
-    if log_root is not None:
-        ce_sum = ce_sum + (batch.weights * bernoulli_cross_entropy(log_root, batch.labels)).sum()
-        ce_count = ce_count + log_root.shape[0]
-    cross_entropy = ce_sum / ce_count.clamp(min=1)
+    if batch.base_hidden is not None:
+        from .features import cached_position_stats
 
-    reg_mask = comp * (1.0 - term)  # transitions into non-terminal prefixes
-    if weight > 0 and reg_mask.sum() > 0:
-        # S(x_<=t) = sum_v p(v | x_<=t) R(x_<=t + v), at positions t = 1..L-1
-        log_s = torch.logsumexp(out.log_p[:, 1:] + log_values[:, 1:], dim=-1)
-        kl = bernoulli_kl(log_s, log_r)
-        regularizer = (w * reg_mask * kl).sum() / reg_mask.sum()
+        stats = cached_position_stats(guide, batch, positions, weight > 0)
+    else:
+        out = guide(
+            batch.input_ids, batch.attention_mask, batch.encoder_input_ids, batch.encoder_attention_mask
+        )
+        stats = guide.parameterization.position_stats(out.log_p, out.direction, out.norm, batch.input_ids)
+    # log R(x_<=t) and log S(x_<=t) at index t - 1, float32
+    log_r, log_s, log_root = guide.parameterization.prefix_log_values(
+        stats, batch.input_ids, batch.completion_mask
+    )
+    ce_mask, reg_mask = _masks(batch, positions)
+    ce_count, reg_count = term_counts(guide, batch, positions)
+    ce_total, reg_total = normalizer if normalizer is not None else (ce_count, reg_count)
+    labels = batch.labels.float()
+    w = batch.weights.float()
+    ce_sum = (w[:, None] * ce_mask * bernoulli_cross_entropy(log_r, labels[:, None])).sum()
+    if log_root is not None:
+        ce_sum = ce_sum + (w * bernoulli_cross_entropy(log_root, labels)).sum()
+    cross_entropy = ce_sum / max(ce_total, 1)
+    if weight > 0 and reg_count > 0:
+        kl = bernoulli_kl(log_s, log_r)  # KL(Bern(S(x_<=t)) || Bern(R(x_<=t)))
+        regularizer = (w[:, None] * reg_mask * kl).sum() / reg_total
     else:
         regularizer = log_r.new_zeros(())
     return LossTerms(
         loss=cross_entropy + weight * regularizer,
         cross_entropy=cross_entropy,
         regularizer=regularizer,
-        ce_count=int(ce_count.item()),
-        reg_count=int(reg_mask.sum().item()),
+        ce_count=ce_count,
+        reg_count=reg_count,
     )
+
+
+def full_vocabulary_loss(guide, batch: Batch, regularizer_weight: float | None = None) -> torch.Tensor:
+    """The loss straight from the [B, L, V] values of :meth:`Parameterization.log_values`: a reference.
+
+    This is how the loss was computed before :func:`guide_loss` read only position statistics (several [B, L, V]
+    tensors per step, the base run every step); tests check :func:`guide_loss` against it and
+    ``benchmarks/train_speed.py`` times it as the path before the cache.
+    """
+    cfg = guide.config
+    weight = cfg.effective_regularizer_weight if regularizer_weight is None else regularizer_weight
+    out = guide(batch.input_ids, batch.attention_mask, batch.encoder_input_ids, batch.encoder_attention_mask)
+    norm = out.norm.float() if out.norm is not None else None
+    log_values, log_root = guide.parameterization.log_values(
+        out.log_p, out.direction.float(), norm, batch.input_ids, batch.completion_mask
+    )
+    log_r = prefix_log_values(log_values, batch.input_ids)
+    ce_mask, reg_mask = _masks(batch, cfg.ce_positions)
+    labels, w = batch.labels.float(), batch.weights.float()
+    ce_sum = (w[:, None] * ce_mask * bernoulli_cross_entropy(log_r, labels[:, None])).sum()
+    ce_count = ce_mask.sum()
+    if log_root is not None:
+        ce_sum = ce_sum + (w * bernoulli_cross_entropy(log_root, labels)).sum()
+        ce_count = ce_count + log_root.shape[0]
+    loss = ce_sum / ce_count.clamp(min=1)
+    if weight > 0 and reg_mask.sum() > 0:
+        log_s = torch.logsumexp(out.log_p[:, 1:] + log_values[:, 1:], dim=-1)
+        loss = loss + weight * (w[:, None] * reg_mask * bernoulli_kl(log_s, log_r)).sum() / reg_mask.sum()
+    return loss

@@ -6,16 +6,85 @@ Every guide produces, at each position t that has read x_<=t:
     norm[t]          DiNADO's norm logit n (log N = logsigmoid(n)), None for NADO   [B, L]
 A parameterisation turns these into the decoding distribution log q and the values
 log R(x_<=t + v). The objectives, the trainer and the decoder never look at the variant's name.
+
+The training objective needs far less than the full [B, L, V] values: per position, one log-normaliser over the
+vocabulary, the direction at the next token and (Soft) the direction's maximum (:class:`PositionStats`);
+:meth:`Parameterization.prefix_log_values` turns those into the prefix values the loss reads. The cached
+training path (features.py) computes them a chunk of rows at a time without ever holding [B, L, V].
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
+@dataclass
+class PositionStats:
+    """What the training objective reads of the full-vocabulary outputs, per position t (having read x_<=t).
+
+    Every field is float32. Entries at positions the loss masks out may hold anything finite.
+    """
+
+    guided_lse: torch.Tensor  # [B, L] logsumexp_v(log p(v | x_<=t) + guidance(direction)_v)
+    direction_max: torch.Tensor | None  # [B, L] max_v direction_v (DiNADO-Soft), else None
+    taken: torch.Tensor  # [B, L - 1] direction at the next token: direction[t, x_{t+1}]
+    norm: torch.Tensor | None  # [B, L] DiNADO's norm logit, None for NADO
+
+
 class Parameterization:
     """Base class: decoding distribution and next-token values from raw outputs."""
+
+    needs_direction_max = False  # whether prefix_log_values reads PositionStats.direction_max
+    has_root = False  # whether the loss has a cross-entropy term at the root value R(c), one per sample
+
+    def position_stats(
+        self,
+        log_p: torch.Tensor,
+        direction: torch.Tensor,
+        norm: torch.Tensor | None,
+        input_ids: torch.Tensor,
+    ) -> PositionStats:
+        """The statistics of full [B, L, V] outputs that the objective reads, in float32."""
+        log_p, direction = log_p.float(), direction.float()
+        return PositionStats(
+            guided_lse=torch.logsumexp(log_p + self.guidance(direction), dim=-1),
+            direction_max=direction.amax(dim=-1) if self.needs_direction_max else None,
+            taken=direction[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1),
+            norm=norm.float() if norm is not None else None,
+        )
+
+    def guidance_grad(self, direction: torch.Tensor) -> torch.Tensor | None:
+        """d guidance / d direction, elementwise; None when the guidance is the direction itself."""
+        return None
+
+    def vocabulary_rows(
+        self,
+        next_completion: torch.Tensor,
+        next_cross_entropy: torch.Tensor,
+        regularized: torch.Tensor,
+        with_regularizer: bool,
+    ) -> torch.Tensor:
+        """The positions [B, L] (bool) at which :meth:`prefix_log_values` reads ``guided_lse`` or
+        ``direction_max`` under the loss's masks; elsewhere those may hold anything finite.
+
+        ``next_completion[t]``: x_{t+1} is a completion token; ``next_cross_entropy[t]``: the prefix x_<=t+1 has a
+        cross-entropy term; ``regularized[t]``: the prefix x_<=t has a regulariser term.
+        """
+        raise NotImplementedError
+
+    def prefix_log_values(
+        self, stats: PositionStats, input_ids: torch.Tensor, completion_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(log R(x_<=t), log S(x_<=t), log R(c)) from position statistics.
+
+        ``log R(x_<=t) = log_values[t - 1, x_t]`` and ``log S(x_<=t) = logsumexp_v(log p(v | x_<=t) +
+        log_values[t, v])``, both [B, L - 1] at index t - 1, as :meth:`log_values` would give them; the root
+        value [B] or None.
+        """
+        raise NotImplementedError
 
     def guidance(self, direction: torch.Tensor) -> torch.Tensor:
         """The term added to log p before renormalising (alpha = 1 is the method)."""
@@ -46,6 +115,16 @@ class NADOParameterization(Parameterization):
     def log_values(self, log_p, direction, norm, input_ids, completion_mask):
         return F.logsigmoid(direction), None
 
+    def guidance_grad(self, direction: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(-direction)
+
+    def vocabulary_rows(self, next_completion, next_cross_entropy, regularized, with_regularizer):
+        return regularized if with_regularizer else torch.zeros_like(regularized)  # S only
+
+    def prefix_log_values(self, stats, input_ids, completion_mask):
+        # R(x_<=t + v) = sigmoid(s_v): S(x_<=t) = sum_v p(v) sigmoid(s_v) is the guided normaliser itself
+        return F.logsigmoid(stats.taken), stats.guided_lse[:, 1:], None
+
 
 class DiNADOParameterization(Parameterization):
     """DiNADO: R(x_<t + v) = N(x_<t) * D(v | x_<t), log D = d - max_v d, log N = logsigmoid(n).
@@ -59,6 +138,8 @@ class DiNADOParameterization(Parameterization):
         if consistency not in ("soft", "hard"):
             raise ValueError(f"consistency must be 'soft' or 'hard', got {consistency!r}")
         self.consistency = consistency
+        self.needs_direction_max = consistency == "soft"
+        self.has_root = consistency == "hard"
 
     def guidance(self, direction: torch.Tensor) -> torch.Tensor:
         return direction
@@ -77,6 +158,33 @@ class DiNADOParameterization(Parameterization):
         root_pos = (completion_mask.long().argmax(dim=1) - 1).clamp(min=0)  # last prompt position
         log_root = F.logsigmoid(norm.gather(1, root_pos[:, None])).squeeze(1)  # [B]
         return log_root[:, None, None] + cumulative.unsqueeze(-1) + log_ratio, log_root
+
+    def vocabulary_rows(self, next_completion, next_cross_entropy, regularized, with_regularizer):
+        if self.consistency == "hard":  # the ratio q/p of every completion token enters the values
+            return next_completion
+        if not with_regularizer:
+            return next_cross_entropy
+        # the regulariser compares S(x_<=t) (read at t) with R(x_<=t) (read at t - 1)
+        return next_cross_entropy | regularized | F.pad(regularized[:, 1:], (0, 1))
+
+    def prefix_log_values(self, stats, input_ids, completion_mask):
+        if stats.norm is None:
+            raise ValueError("DiNADO needs a norm head output")
+        if self.consistency == "soft":
+            # log R(x_<t + v) = log N(x_<t) + d_v - max d; S(x_<=t) = N(x_<=t) * sum_v p(v) D(v)
+            log_n = F.logsigmoid(stats.norm)
+            log_r = log_n[:, :-1] + stats.taken - stats.direction_max[:, :-1]
+            log_s = log_n[:, 1:] - stats.direction_max[:, 1:] + stats.guided_lse[:, 1:]
+            return log_r, log_s, None
+        # Hard: log q/p of the next token at t is d[t, x_{t+1}] - logsumexp_v(log p + d), exactly
+        ratio = stats.taken - stats.guided_lse[:, :-1]  # [B, L-1]
+        cumulative = F.pad((ratio * completion_mask[:, 1:].to(ratio.dtype)).cumsum(dim=1), (1, 0))  # [B, L]
+        root_pos = (completion_mask.long().argmax(dim=1) - 1).clamp(min=0)  # last prompt position
+        log_root = F.logsigmoid(stats.norm.gather(1, root_pos[:, None])).squeeze(1)  # [B]
+        log_r = log_root[:, None] + cumulative[:, :-1] + ratio
+        # sum_v p(v) R(x_<=t + v) = R(c) * prod q/p up to t * sum_v q(v): the Bellman equation holds exactly
+        log_s = log_root[:, None] + cumulative[:, 1:]
+        return log_r, log_s, log_root
 
 
 def parameterization_for(variant: str, consistency: str) -> Parameterization:

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import LogitsProcessor, PreTrainedModel, TemperatureLogitsWarper, TopPLogitsWarper
 
 from .decoding import check_length
 from .decoding import generate as guided_generate
@@ -30,14 +31,75 @@ from .io import tokenizer_fingerprint
 from .oracles import call_oracle, describe
 from .samples import SampleSet, left_pad, right_pad
 
+# Sampling warpers a model's generation config may set besides temperature, top-k and top-p, with the values that
+# switch them off: dinado.sample samples with temperature and top-p only (it records the distribution it samples
+# from, so no warper may run after its recorder).
+_OTHER_WARPERS = {"min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
 
-def _gather(step_scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """Per-token log-probabilities [N, T] of ``tokens`` under the per-step scores (renormalised)."""
-    out = [
-        F.log_softmax(s.float(), dim=-1).gather(-1, tokens[:, t, None]).squeeze(-1)
-        for t, s in enumerate(step_scores)
-    ]
-    return torch.stack(out, dim=1)
+
+class _ChosenTokenRecorder(LogitsProcessor):
+    """The last logits processor of a sampling ``generate()``: log-probabilities of the chosen tokens only.
+
+    Its scores are the distribution ``generate()`` samples from (nothing runs after it), so it records log pi. With
+    ``raw_from`` (the generating model), a forward hook also records log p: the model's own logits of the step,
+    before any processor, at temperature 1. Neither ever holds more than one or two steps of ``[N, V]``: at each
+    call the sequences end with the token chosen at the previous step, whose log-probabilities are gathered from
+    the kept step, and :meth:`finish` gathers the last one. (Asking ``generate()`` for ``output_scores`` and
+    ``output_logits`` instead keeps ``[steps, N, V]`` of each.)
+    """
+
+    def __init__(self, raw_from: nn.Module | None = None) -> None:
+        self.log_pi: list[torch.Tensor] = []  # [N] per generated token
+        self.log_p: list[torch.Tensor] = []
+        self._pi: torch.Tensor | None = None  # [N, V] log pi of the current step
+        self._p: torch.Tensor | None = None  # [N, V] log p of the current step (set by the hook)
+        self._p_previous: torch.Tensor | None = None
+        self._raw_from = raw_from
+        self._handle = None
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        # one forward per step, before that step's processors run
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        self._p_previous, self._p = self._p, F.log_softmax(logits[:, -1].float(), dim=-1)
+
+    def __enter__(self) -> _ChosenTokenRecorder:
+        if self._raw_from is not None:
+            self._handle = self._raw_from.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._pi = self._p = self._p_previous = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._pi is not None:
+            chosen = input_ids[:, -1:]
+            self.log_pi.append(self._pi.gather(-1, chosen).squeeze(-1))
+            if self._raw_from is not None:
+                self.log_p.append(self._p_previous.gather(-1, chosen).squeeze(-1))
+        self._pi = F.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, gen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log pi, log p or None), each [N, T], for the ``T`` generated tokens ``gen`` [N, T]."""
+        steps = gen.shape[1]
+        if len(self.log_pi) < steps:  # the last chosen token: no call came after it
+            last = gen[:, steps - 1 : steps]
+            self.log_pi.append(self._pi.gather(-1, last).squeeze(-1))
+            if self._raw_from is not None:
+                self.log_p.append(self._p.gather(-1, last).squeeze(-1))
+        # steps generate() ran and then undid (a deferred stop check) are cut off
+        log_pi = torch.stack(self.log_pi[:steps], dim=1)
+        log_p = torch.stack(self.log_p[:steps], dim=1) if self._raw_from is not None else None
+        return log_pi, log_p
+
+
+def _switched_off_warpers(model: nn.Module) -> dict[str, Any]:
+    """generate() arguments that switch off the other sampling warpers the model's generation config sets."""
+    cfg = model.generation_config
+    return {k: off for k, off in _OTHER_WARPERS.items() if getattr(cfg, k, off) not in (None, off)}
 
 
 def _proposal_name(guide: Guide | None, proposal: PreTrainedModel | None) -> str:
@@ -100,7 +162,10 @@ def sample(
     ``source`` is the base model (samples from p) or a :class:`Guide` (samples from q_theta, a proposal).
     The oracle is called as ``oracle(prompts, completions)`` on token-id lists; wrap a text oracle in
     :class:`dinado.oracles.TextOracle`. Log importance weights are stored unless the samples come from p
-    exactly (the base at temperature 1 without top-p).
+    exactly (the base at temperature 1 without top-p). Sampling warpers in the model's generation config other than
+    temperature, top-k and top-p (min-p, typical-p, epsilon/eta cutoffs) are switched off (top-k is always 0);
+    logits processors it sets (e.g. a repetition penalty) stay on and are part of the recorded proposal.
+    Only the chosen tokens' log-probabilities are kept (never ``[steps, N, V]`` score tensors).
 
     Encoder-decoder bases (Marian, T5, BART): prompts are the encoder inputs (sources, ending as the model
     expects, e.g. with EOS), completions the decoder tokens after the decoder start token, which the sample
@@ -155,31 +220,44 @@ def sample(
             chunk = rows[start : start + batch_size]
             ids, mask = (right_pad if decoder_start is not None else left_pad)(chunk, pad)
             ids, mask = ids.to(device), mask.to(device)
+            # temperature and top-p run as processors before the recorder (in generate()'s own order: the
+            # config's processors, the guide, temperature, top-p), so that the recorder sees the final scores
+            warpers: list[LogitsProcessor] = []
+            if temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(temperature))
+            if top_p < 1.0:
+                warpers.append(TopPLogitsWarper(top_p))
+            generator_model = proposal if proposal is not None else model
+            # log p from the generating model's own logits: the base itself, or a module guide's base
+            raw_from = (
+                generator_model if proposal is None and (guide is None or guide.module is not None) else None
+            )
+            recorder = _ChosenTokenRecorder(raw_from)
             kwargs = dict(
                 attention_mask=mask,
                 do_sample=True,
                 top_k=0,
-                temperature=temperature,
-                top_p=top_p,
+                temperature=1.0,
+                top_p=1.0,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos,
                 pad_token_id=pad,
-                return_dict_in_generate=True,
-                output_scores=True,
-                output_logits=True,
+                logits_processor=[*warpers, recorder],
+                **_switched_off_warpers(generator_model),
             )
-            if guide is not None:
-                out = guided_generate(guide, ids, **kwargs)
-            else:
-                out = (proposal if proposal is not None else model).generate(ids, **kwargs)
-            steps = len(out.scores)
-            # [N, T], after the prompt / decoder start
-            gen = out.sequences[:, out.sequences.shape[1] - steps :]
+            with recorder:
+                if guide is not None:
+                    sequences = guided_generate(guide, ids, **kwargs)
+                else:
+                    sequences = generator_model.generate(ids, **kwargs)
+                # [N, T], after the prompt / decoder start
+                gen = sequences[:, (1 if decoder_start is not None else ids.shape[1]) :]
+                log_pi, log_p = recorder.finish(gen)
+            steps = gen.shape[1]
             is_eos = gen == eos
             lengths = torch.where(
                 is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(gen[:, 0], steps)
             )
-            log_pi = _gather(out.scores, gen)
             if guide is not None and guide.module is None:
                 # dinado-merge generates with the adapted model: read p from the frozen base by teacher
                 # forcing
@@ -192,8 +270,6 @@ def sample(
                     gen,
                     decoder_start,
                 )
-            else:
-                log_p = _gather(out.logits, gen)
             for r in range(len(chunk)):
                 n = int(lengths[r])
                 completions.append(gen[r, :n].tolist())

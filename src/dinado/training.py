@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .features import (
+    FeatureCache,
+    FeatureCacheError,
+    default_memory_budget,
+    estimated_bytes,
+    precompute_features,
+    release_buffers,
+    unsupported_reason,
+)
 from .guide import CONFIG_NAME, WEIGHTS_NAME, Guide, check_same_base
 from .io import make_temp_dir, set_plain_modes
-from .objectives import guide_loss
+from .objectives import guide_loss, term_counts
 from .samples import SampleSet
 
 # Defaults measured on the exact testbed (see docs/benchmarks.md): they train every variant well there.
@@ -39,6 +49,7 @@ class TrainReport:
     weighted: bool = False
     weight_clip: float | None = None
     stopped_early: bool = False  # should_stop() ended the run before its last step
+    cached_features: bool = False  # the steps read a FeatureCache instead of running the base
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -143,6 +154,49 @@ def default_learning_rate(guide: Guide) -> float:
     return DEFAULT_LEARNING_RATES["lora" if guide.config.uses_lora else "module"]
 
 
+def _feature_cache(
+    guide: Guide,
+    samples: SampleSet,
+    option: bool | FeatureCache | None,
+    sample_visits: int,
+    progress: bool,
+) -> FeatureCache | None:
+    """The cache ``train`` reads (or None: run the base every step) for ``cache_features=option``."""
+    if option is False:
+        return None
+    if isinstance(option, FeatureCache):
+        option.check(guide, samples)
+        return option
+    if option is not True and option is not None:
+        raise TypeError(f"cache_features must be True, False, None or a FeatureCache, got {option!r}")
+    reason = unsupported_reason(guide)
+    if option is True:
+        if reason is not None:
+            raise FeatureCacheError(f"cache_features=True: {reason}")
+        return precompute_features(guide, samples, progress=progress)
+    # automatic: worth it when the run visits every sample at least once on average (the cache costs one base
+    # pass per sample, without its LM head), and only within the memory budget
+    if reason is not None or sample_visits < len(samples):
+        return None
+    if estimated_bytes(guide, samples) > default_memory_budget():
+        return None
+    try:
+        return precompute_features(guide, samples, progress=progress)
+    except FeatureCacheError as error:
+        warnings.warn(f"training without cached features: {error}", stacklevel=3)
+        return None
+
+
+def _adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW as one fused kernel per step where torch has one for the parameters (CPU and CUDA): the same update
+    up to rounding, without the default's temporaries the size of every parameter (on CPU about 10x faster for a
+    vocabulary-sized head, which made it a tenth of a cached training step)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator):
     """Endless shuffled epochs of index batches (the last short batch of an epoch is kept)."""
     while True:
@@ -171,12 +225,22 @@ def train(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     allow_base_mismatch: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    cache_features: bool | FeatureCache | None = None,
 ) -> TrainReport:
     """Train ``guide`` on ``samples``; give ``max_steps`` or ``epochs`` (or both: the smaller wins).
 
     Importance weights (``samples.log_weights``) are self-normalised per prompt group and applied to every
     prefix term of their sequence unless ``use_weights=False``. ``micro_batch_size`` splits each batch for
-    memory (large vocabularies): each chunk's mean loss is weighted by its share of the batch.
+    memory (large vocabularies); the loss is a mean over the whole batch's prefix terms, so every chunk's sums
+    are divided by the batch's term counts and the step is the same for any ``micro_batch_size``.
+
+    ``cache_features``: the module variants (NADO, DiNADO-Soft/-Hard) leave the base frozen, so its hidden
+    states can be computed once (:func:`dinado.features.precompute_features`) and every step runs only the
+    guide module and, where the loss needs log p, the base's LM head. ``None`` (default) does so when the run
+    visits at least as many samples as the set holds and the cache fits in memory
+    (:func:`dinado.features.default_memory_budget`); ``True`` always (an error for DiNADO-Merge, which trains
+    through the base); ``False`` never; or pass a :class:`dinado.features.FeatureCache` (e.g. in bfloat16, or
+    on disk). Both paths give the same loss and gradients.
 
     With ``checkpoint_dir``, the guide, optimizer and trainer state are saved every ``checkpoint_every``
     steps and at the end (only the latest is kept). ``resume=True`` continues from the latest checkpoint there
@@ -229,7 +293,7 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     weights = samples.normalized_weights(weight_clip) if use_weights else torch.ones(len(samples))
     params = [p for p in guide.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = _adamw(params, lr, weight_decay)
     device = guide.device
     report = TrainReport(
         variant=guide.config.variant,
@@ -239,6 +303,9 @@ def train(
         weight_clip=weight_clip,
     )
     batches = _batches(len(samples), batch_size, generator)
+    start = time.perf_counter()
+    cache = _feature_cache(guide, samples, cache_features, total * batch_size, progress)
+    report.cached_features = cache is not None
     first_step = 0
     if resume:
         checkpoint = latest_checkpoint(checkpoint_dir)
@@ -250,7 +317,6 @@ def train(
             for _ in range(first_step):  # replay the batch order: same batches as an uninterrupted run
                 next(batches)
     guide.train()
-    start = time.perf_counter()
     bar = tqdm(
         total=total,
         initial=min(first_step, total),
@@ -263,15 +329,19 @@ def train(
             chunk = micro_batch_size or len(indices)
             optimizer.zero_grad(set_to_none=True)
             loss_sum = ce_sum = reg_sum = 0.0
-            for part_start in range(0, len(indices), chunk):
-                part = indices[part_start : part_start + chunk]
-                batch = samples.collate(part, weights).to(device)
-                terms = guide_loss(guide, batch)
-                share = len(part) / len(indices)
-                (terms.loss * share).backward()
-                loss_sum += terms.loss.item() * share
-                ce_sum += terms.cross_entropy.item() * share
-                reg_sum += terms.regularizer.item() * share
+            parts = [indices[i : i + chunk] for i in range(0, len(indices), chunk)]
+            collated = [samples.collate(part, weights) for part in parts]
+            counts = [term_counts(guide, batch) for batch in collated]
+            # the whole batch's term counts: each chunk's sums over them add up to the full batch's mean
+            normalizer = (sum(c[0] for c in counts), sum(c[1] for c in counts))
+            for part, batch in zip(parts, collated, strict=True):
+                if cache is not None:
+                    batch.base_hidden = cache.batch_hidden(part, batch.input_ids.shape[1])
+                terms = guide_loss(guide, batch.to(device), normalizer=normalizer)
+                terms.loss.backward()
+                loss_sum += terms.loss.item()
+                ce_sum += terms.cross_entropy.item()
+                reg_sum += terms.regularizer.item()
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
@@ -295,6 +365,7 @@ def train(
                 break
     finally:
         bar.close()
+        release_buffers()
     guide.eval()
     report.steps = total
     report.wall_seconds = time.perf_counter() - start

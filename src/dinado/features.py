@@ -1,0 +1,695 @@
+"""Training without re-running the frozen base: its hidden states, computed once per sample set.
+
+For the module variants (NADO, DiNADO-Soft, DiNADO-Hard) the base is frozen, and the loss reads only two things
+of it: the last hidden states the guide module reads, and, per position, log p through a log-normaliser over
+the vocabulary and the next token (parameterizations.PositionStats). So :func:`precompute_features` runs the
+base once over every sample (no LM head, no gradients) and keeps its last hidden states, [tokens, H], in a
+:class:`FeatureCache`; each training step then runs only the guide module, and log p is recomputed through the
+base's LM head from the cached hidden state, only at the positions the loss reads and one chunk of rows at a
+time (:class:`_VocabularyStats`), so no [B, L, V] tensor is ever built.
+
+Memory: the cache holds tokens x H values in its ``dtype`` (the base's own by default; bfloat16/float16 halve a
+float32 base's cache at a small cost in accuracy), in memory, or in a safetensors file with ``path=`` that is
+read a batch of rows at a time (memory-mapped: bounded by the OS page cache, not by the size of the set).
+A training step holds at most ``CHUNK_ELEMENTS`` x 4 bytes for each of three full-vocabulary buffers, plus the
+softmax weights of the step's rows for the backward pass while they fit in ``SAVE_LIMIT_BYTES`` (above that
+they are recomputed in the backward pass: two more matrix products per chunk, no memory).
+
+DiNADO-Merge trains its LoRA adapter through the base, so it has no cache. Encoder-decoder bases work the same
+way (the cache holds the decoder's hidden states; the source reaches them through cross-attention when they
+are computed). A base whose logits are not its LM head of the last hidden state as :func:`lm_head_logits`
+computes them is refused at the first batch, by comparing with the base's own logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .guide import Guide, capture_hidden, eval_mode, position_ids_from_mask, unwrap_peft
+from .io import atomic_file
+from .objectives import Batch
+from .parameterizations import PositionStats
+from .samples import SampleSet
+
+CHUNK_ELEMENTS = 1 << 24  # rows x vocabulary per chunk of the full-vocabulary statistics (64 MiB in float32)
+SAVE_LIMIT_BYTES = (
+    1 << 30
+)  # keep a step's softmax weights for the backward pass up to this size, else recompute
+CACHE_FORMAT = "dinado-features-1"
+
+
+class FeatureCacheError(ValueError):
+    """Cached features cannot be used here: another variant, sample set or base, or an unsupported LM head."""
+
+
+# ---------------------------------------------------------------------------------------------- the LM head
+def lm_head_logits(
+    model: torch.nn.Module, hidden: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The base's logits from its body's last hidden states, as its own forward computes them.
+
+    The output embedding, with what some architectures add around it: T5's rescaling of the decoder output,
+    BART/Marian's ``final_logits_bias``, Gemma-2's final soft-capping. :func:`precompute_features` checks the
+    result against the base's own logits and refuses a base for which it differs. ``out`` (float32, [rows, V])
+    receives the logits where the head is a plain bias-free linear map of float32 weights (saves an allocation),
+    else it is ignored.
+    """
+    inner = unwrap_peft(model)
+    config = inner.config
+    if getattr(config, "scale_decoder_outputs", False) and hasattr(inner, "model_dim"):  # T5 family
+        hidden = hidden * (inner.model_dim**-0.5)
+    head = inner.get_output_embeddings()
+    if (
+        out is not None
+        and type(head) is torch.nn.Linear
+        and head.bias is None
+        and head.weight.dtype == torch.float32
+        and hidden.dtype == torch.float32
+    ):
+        logits = torch.mm(hidden, head.weight.t(), out=out)
+    else:
+        logits = head(hidden)
+    bias = getattr(inner, "final_logits_bias", None)
+    if isinstance(bias, torch.Tensor):
+        logits = logits + bias.to(logits.dtype)
+    cap = getattr(config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def unsupported_reason(guide: Guide) -> str | None:
+    """Why ``guide`` cannot train from cached features, or None when it can."""
+    if guide.module is None:
+        return (
+            f"a {guide.config.variant} guide trains its LoRA adapter through the base model, whose hidden "
+            "states then change at every step: there is nothing to cache"
+        )
+    if unwrap_peft(guide.base).get_output_embeddings() is None:
+        return f"{type(unwrap_peft(guide.base)).__name__} has no output embeddings to recompute log p with"
+    return None
+
+
+# ------------------------------------------------------------------------- full-vocabulary statistics of rows
+class _BufferPool:
+    """Float32 [rows, V] buffers kept from one training step to the next, on CPU.
+
+    A fresh buffer of that size costs about a fifth of the matrix product that fills it in page faults (measured
+    here); CUDA's caching allocator reuses memory by itself, so other devices always get a new buffer. A buffer is
+    in the pool only while nobody uses it: a pass takes it and gives it back when done (a graph freed without its
+    backward pass just drops its buffer). :func:`release_buffers` empties the pool (``train`` does at its end).
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[str, int], torch.Tensor] = {}
+
+    def take(self, name: str, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+        buffer = self._free.pop((name, vocab), None) if device.type == "cpu" else None
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = torch.empty((rows, vocab), dtype=torch.float32, device=device)
+        return buffer
+
+    def give_back(self, name: str, buffer: torch.Tensor | None) -> None:
+        if buffer is None or buffer.device.type != "cpu":
+            return
+        key = (name, buffer.shape[1])
+        if key not in self._free or self._free[key].shape[0] < buffer.shape[0]:
+            self._free[key] = buffer
+
+    def clear(self) -> None:
+        self._free.clear()
+
+
+_POOL = _BufferPool()
+
+
+def release_buffers() -> None:
+    """Free the full-vocabulary buffers the cached training path keeps between steps (a few hundred MiB at a
+    vocabulary of 50k): ``train`` calls it at its end."""
+    _POOL.clear()
+
+
+def _chunk_statistics(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    base_rows: torch.Tensor,
+    head: Callable[..., torch.Tensor],
+    parameterization,
+    want_max: bool,
+    want_grad: bool,
+    logits_out: torch.Tensor,
+    direction_out: torch.Tensor,
+    scratch: torch.Tensor,
+):
+    """guided_lse [m], direction_max [m] or None, and for the backward pass d guided_lse / d direction [m, V]
+    and the positions of the maximum (indices [m], or a mask [m, V] where some row has ties).
+
+    ``logits_out``, ``direction_out`` and ``scratch`` are [m, V] float32 buffers; the weights are computed in
+    ``logits_out`` (or in a new tensor where the LM head cannot write into it).
+    """
+    m = h.shape[0]
+    # [m, V] base logits; their buffer becomes log p + guidance, then the softmax weights
+    logits = head(base_rows, out=logits_out).float()
+    if weight.dtype == torch.float32 and h.dtype == torch.float32:  # as the module's token head computes it
+        direction = torch.addmm(bias, h, weight.t(), out=direction_out)
+    else:
+        direction = F.linear(h, weight, bias).float()
+    direction_max = top_two = None
+    if want_max:
+        if direction.shape[-1] > 1:
+            # the two largest: ties are rare, but occur (zero-initialised heads)
+            top_two, top_index = direction.topk(2, dim=-1)
+            direction_max = top_two[:, 0]
+        else:
+            direction_max = direction[:, 0]
+            top_index = direction.new_zeros((m, 1), dtype=torch.long)
+    # logsumexp by hand (torch.logsumexp is several times slower on CPU and allocates more)
+    top = logits.amax(dim=-1, keepdim=True)
+    scratch = torch.sub(logits, top, out=scratch)
+    lse_p = scratch.exp_().sum(dim=-1).log_() + top.squeeze(-1)  # log-normaliser of p
+    guidance = parameterization.guidance(direction)
+    guided = logits.add_(guidance)  # log p + guidance, up to lse_p
+    del guidance
+    top = guided.amax(dim=-1, keepdim=True)
+    total = guided.sub_(top).exp_().sum(dim=-1, keepdim=True)
+    guided_lse = total.log().squeeze(-1) + top.squeeze(-1) - lse_p  # logsumexp_v(log p + guidance)
+    weights = argmax = None
+    if want_grad:
+        weights = guided.div_(total)  # softmax(log p + guidance): d guided_lse / d guidance
+        scale = parameterization.guidance_grad(direction)
+        if scale is not None:
+            weights.mul_(scale)
+        if want_max:  # amax's gradient is shared among tied maxima (as torch.amax does)
+            tied = top_two is not None and bool((top_two[:, 1] == top_two[:, 0]).any())
+            argmax = direction == direction_max[:, None] if tied else top_index[:, 0]
+    return guided_lse, direction_max, weights, argmax
+
+
+class _VocabularyStats(torch.autograd.Function):
+    """Position statistics of rows of module states under the module's token head (``weight``, ``bias``).
+
+    ``guided_lse`` and ``direction_max`` [M] of the rows ``h`` [M, dim], whose base logits come from
+    ``head(base_rows)`` ([M, H] cached hidden states), a chunk of rows at a time; and ``taken`` [K], the direction
+    of the rows ``taken_h`` [K, dim] at the tokens ``taken_ids`` [K] (a dot product each). Never holds more than
+    a chunk's [m, V] buffers, plus the softmax weights of all M rows for the backward pass when they fit in
+    ``SAVE_LIMIT_BYTES`` (else the backward pass recomputes them chunk by chunk). The head's gradient is
+    accumulated in float32 and handed back once (no [V, dim] scatter per statistic).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, h, weight, bias, base_rows, taken_h, taken_ids, head, parameterization, want_max, chunk_rows
+    ):
+        rows, vocab = h.shape[0], weight.shape[0]
+        save = rows * vocab * 4 <= SAVE_LIMIT_BYTES
+        lse_parts, max_parts, saved = [], [], []
+        chunk = min(rows, chunk_rows)
+        # the softmax weights of every row stay in one buffer until the backward pass (or one chunk's, reused)
+        kept = _POOL.take("weights" if save else "logits", rows if save else chunk, vocab, h.device)
+        direction_out = _POOL.take("direction", chunk, vocab, h.device)
+        scratch = _POOL.take("scratch", chunk, vocab, h.device)
+        for start in range(0, rows, chunk_rows):
+            part = slice(start, start + chunk_rows)
+            m = h[part].shape[0]
+            lse, mx, weights, argmax = _chunk_statistics(
+                h[part],
+                weight,
+                bias,
+                base_rows[part],
+                head,
+                parameterization,
+                want_max,
+                save,
+                kept[start : start + m] if save else kept[:m],
+                direction_out[:m],
+                scratch[:m],
+            )
+            lse_parts.append(lse)
+            if want_max:
+                max_parts.append(mx)
+            if save:
+                saved.append((weights, argmax))
+        _POOL.give_back("direction", direction_out)
+        _POOL.give_back("scratch", scratch)
+        if not save:
+            _POOL.give_back("logits", kept)
+        ctx.kept = kept if save else None
+        taken = (taken_h.float() * weight[taken_ids].float()).sum(-1) + bias[taken_ids].float()
+        ctx.save_for_backward(h, weight, bias, base_rows, taken_h, taken_ids)
+        ctx.head, ctx.parameterization = head, parameterization
+        ctx.want_max, ctx.chunk_rows = want_max, chunk_rows
+        ctx.saved_chunks = saved if save else None
+        empty = h.new_zeros(0, dtype=torch.float32)
+        guided_lse = torch.cat(lse_parts) if lse_parts else empty
+        direction_max = torch.cat(max_parts) if max_parts else guided_lse.new_zeros(rows)
+        if not want_max:
+            ctx.mark_non_differentiable(direction_max)
+        return guided_lse, direction_max, taken
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_max, grad_taken):
+        h, weight, bias, base_rows, taken_h, taken_ids = ctx.saved_tensors
+        need_h, need_w, need_b, _, need_taken_h = ctx.needs_input_grad[:5]
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = grad_b = None
+        saved, ctx.saved_chunks = ctx.saved_chunks, None  # consumed (a second backward pass recomputes)
+        kept, ctx.kept = ctx.kept, None
+        chunk = min(h.shape[0], ctx.chunk_rows)
+        vocab = weight.shape[0]
+        buffers = {}
+        if saved is None and chunk > 0:
+            buffers = {
+                name: _POOL.take(name, chunk, vocab, h.device) for name in ("logits", "direction", "scratch")
+            }
+        for index, start in enumerate(range(0, h.shape[0], ctx.chunk_rows)):
+            part = slice(start, start + ctx.chunk_rows)
+            m = h[part].shape[0]
+            if saved is not None:
+                weights, argmax = saved[index]
+                saved[index] = None
+            else:
+                _, _, weights, argmax = _chunk_statistics(
+                    h[part],
+                    weight,
+                    bias,
+                    base_rows[part],
+                    ctx.head,
+                    ctx.parameterization,
+                    ctx.want_max,
+                    True,
+                    buffers["logits"][:m],
+                    buffers["direction"][:m],
+                    buffers["scratch"][:m],
+                )
+            grad_d = weights.mul_(grad_lse[part, None])  # [m, V], in place: the weights are used once
+            if ctx.want_max and grad_max is not None:
+                if argmax.dim() == 1:
+                    grad_d.scatter_add_(1, argmax[:, None], grad_max[part, None])
+                else:
+                    share = argmax.float() / argmax.sum(-1, keepdim=True, dtype=torch.int32)
+                    grad_d.add_(share.mul_(grad_max[part, None]))
+            grad_m = grad_d.to(weight.dtype)
+            if need_h:
+                grad_h[part] = grad_m @ weight
+            if need_w:
+                if grad_w is None:
+                    grad_w = (grad_m.t() @ h[part]).float()
+                elif grad_m.dtype == torch.float32:
+                    grad_w.addmm_(grad_m.t(), h[part])
+                else:
+                    grad_w.add_((grad_m.t() @ h[part]).float())
+            if need_b:
+                grad_b = grad_d.sum(0) if grad_b is None else grad_b.add_(grad_d.sum(0))
+            del weights, grad_d, grad_m
+        for name, buffer in buffers.items():
+            _POOL.give_back(name, buffer)
+        _POOL.give_back("weights", kept)
+        # the dot products at the taken tokens
+        grad_taken_h = None
+        if grad_taken is not None:
+            if need_taken_h:
+                grad_taken_h = (grad_taken[:, None] * weight[taken_ids].float()).to(taken_h.dtype)
+            if need_w:
+                grad_w = grad_w if grad_w is not None else torch.zeros(weight.shape, device=weight.device)
+                grad_w.index_add_(0, taken_ids, grad_taken[:, None] * taken_h.float())
+            if need_b:
+                grad_b = grad_b if grad_b is not None else torch.zeros(bias.shape, device=bias.device)
+                grad_b.index_add_(0, taken_ids, grad_taken)
+        return (
+            grad_h,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+            None,
+            grad_taken_h,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _chunk_rows(rows: int, vocab: int) -> int:
+    """Rows per chunk: at most CHUNK_ELEMENTS / vocab, in chunks of equal size (no short last chunk)."""
+    most = max(1, CHUNK_ELEMENTS // vocab)
+    chunks = max(1, -(-rows // most))
+    return max(1, -(-rows // chunks))
+
+
+def cached_position_stats(
+    guide: Guide, batch: Batch, ce_positions: str, with_regularizer: bool
+) -> PositionStats:
+    """The objective's PositionStats from cached base hidden states (``batch.base_hidden``), without the base.
+
+    Runs the guide module as :meth:`Guide.forward` does, then its token head and the base's LM head only at the
+    positions the loss reads (``Parameterization.vocabulary_rows``), a chunk of rows at a time; the direction at
+    the next token is a gathered dot product. Equal to ``position_stats`` of the full outputs at every position
+    the loss reads.
+    """
+    module = guide.module
+    if module is None:
+        raise FeatureCacheError(unsupported_reason(guide))
+    param = guide.parameterization
+    dtype = next(module.parameters()).dtype
+    mask, ids, hidden = batch.attention_mask, batch.input_ids, batch.base_hidden
+    state, _ = module.trunk(hidden.to(dtype), mask, position_ids_from_mask(mask))  # [B, L, dim]
+    norm = module.norm_head(state).float() if module.norm_head is not None else None
+    head = module.token_head
+    comp, term = batch.completion_mask.bool(), batch.terminal_mask.bool()
+    next_completion = F.pad(comp[:, 1:], (0, 1))
+    next_ce = next_completion if ce_positions == "all" else F.pad(term[:, 1:], (0, 1))
+    rows = param.vocabulary_rows(next_completion, next_ce, comp & ~term, with_regularizer)
+    b, t = rows.nonzero(as_tuple=True)
+    tb, tt = next_completion.nonzero(as_tuple=True)  # every prefix value reads the direction at its token
+    base = guide.base
+    base_dtype = next(unwrap_peft(base).get_output_embeddings().parameters()).dtype
+
+    def head_fn(rows_hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return lm_head_logits(base, rows_hidden.to(base_dtype), out=out)
+
+    lse, mx, taken_values = _VocabularyStats.apply(
+        state[b, t],
+        head.weight,
+        head.bias,
+        hidden[b, t],
+        state[tb, tt],
+        ids[tb, tt + 1],
+        head_fn,
+        param,
+        param.needs_direction_max,
+        _chunk_rows(len(b), head.weight.shape[0]),
+    )
+    batch_size, length = ids.shape
+    zeros = torch.zeros((batch_size, length), dtype=torch.float32, device=ids.device)
+    guided_lse = zeros.index_put((b, t), lse)
+    direction_max = zeros.index_put((b, t), mx) if param.needs_direction_max else None
+    taken = zeros[:, :-1].index_put((tb, tt), taken_values)  # [B, L-1]: the direction at x_{t+1}
+    return PositionStats(guided_lse=guided_lse, direction_max=direction_max, taken=taken, norm=norm)
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+def _rows(samples: SampleSet, index: int) -> int:
+    """Tokens of a sample's collated row: prompt + completion, or [decoder start | completion]."""
+    first = 1 if samples.decoder_start_token_id is not None else len(samples.prompts[index])
+    return first + len(samples.completions[index])
+
+
+def samples_fingerprint(samples: SampleSet) -> str:
+    """A hash of a sample set's token ids (prompts, completions, decoder start): what the cache depends on."""
+    digest = hashlib.sha256(str(samples.decoder_start_token_id).encode())
+    for rows in (samples.prompts, samples.completions):
+        digest.update(torch.tensor([len(r) for r in rows], dtype=torch.int64).numpy().tobytes())
+        digest.update(torch.tensor([t for r in rows for t in r], dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+class FeatureCache:
+    """The frozen base's last hidden states of every collated row of a SampleSet: [tokens, H] and row offsets.
+
+    Built by :func:`precompute_features`; pass it to ``dinado.train(..., cache_features=cache)``, or let
+    ``train`` build one. ``save(path)`` / ``FeatureCache.load(path)`` keep it in a safetensors file; a cache
+    opened from a file (``in_memory=False``) reads a batch's rows at a time.
+    """
+
+    def __init__(
+        self, hidden: torch.Tensor | None, offsets: torch.Tensor, metadata: dict[str, Any], reader: Any = None
+    ) -> None:
+        self._hidden = hidden
+        self._reader = reader  # a safetensors slice of the file's "hidden" when not in memory
+        self._handle: Any = None
+        self.offsets = offsets
+        self.metadata = dict(metadata)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __repr__(self) -> str:
+        where = "in memory" if self._hidden is not None else f"in {self.metadata.get('path')}"
+        return f"FeatureCache({len(self)} samples, {self.num_tokens} tokens x {self.hidden_size}, {self.dtype}, {where})"
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.metadata["hidden_size"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.metadata["dtype"])
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_tokens * self.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+
+    def rows(self, index: int) -> torch.Tensor:
+        a, b = int(self.offsets[index]), int(self.offsets[index + 1])
+        return self._hidden[a:b] if self._hidden is not None else self._reader[a:b]
+
+    def batch_hidden(self, indices: Sequence[int], length: int) -> torch.Tensor:
+        """[B, length, H] hidden states of ``indices``, right-padded with zeros as ``SampleSet.collate`` pads."""
+        out = torch.zeros((len(indices), length, self.hidden_size), dtype=self.dtype)
+        for r, i in enumerate(indices):
+            rows = self.rows(i)
+            out[r, : rows.shape[0]] = rows
+        return out
+
+    def check(self, guide: Guide, samples: SampleSet) -> None:
+        """Refuse a cache made for another sample set or another base than ``guide``'s."""
+        reason = unsupported_reason(guide)
+        if reason is not None:
+            raise FeatureCacheError(f"cached features cannot train this guide: {reason}")
+        problems = []
+        if self.metadata.get("samples_fingerprint") != samples_fingerprint(samples):
+            problems.append("it was computed for another sample set")
+        recorded, given = self.metadata.get("base_fingerprint"), guide.config.base_fingerprint
+        if recorded is not None and given is not None and recorded != given:
+            problems.append(
+                f"it was computed with another base (weights hash {recorded}, this guide's {given})"
+            )
+        if self.hidden_size != guide.config.base_hidden_size:
+            problems.append(
+                f"its hidden size {self.hidden_size} is not the base's {guide.config.base_hidden_size}"
+            )
+        if problems:
+            raise FeatureCacheError(f"the feature cache does not fit: {'; '.join(problems)}")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the cache as one safetensors file (``hidden``, ``offsets``, metadata in its header)."""
+        with _SafetensorsWriter(
+            path, len(self), self.num_tokens, self.hidden_size, self.dtype, self.metadata
+        ) as w:
+            for i in range(len(self)):
+                w.write_rows(int(self.offsets[i]), self.rows(i))
+            w.write_offsets(self.offsets)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, in_memory: bool = True) -> FeatureCache:
+        """Open a saved cache; ``in_memory=False`` leaves the hidden states in the file (read per batch)."""
+        from safetensors import safe_open
+
+        handle = safe_open(str(path), framework="pt")
+        header = handle.metadata() or {}
+        if header.get("format") != CACHE_FORMAT:
+            raise FeatureCacheError(f"{path} is not a dinado feature cache (format {header.get('format')!r})")
+        metadata = json.loads(header["metadata"])
+        metadata["path"] = str(path)
+        offsets = handle.get_tensor("offsets")
+        if in_memory:
+            return cls(handle.get_tensor("hidden"), offsets, metadata)
+        cache = cls(None, offsets, metadata, reader=handle.get_slice("hidden"))
+        cache._handle = handle  # the open file the reader reads from
+        return cache
+
+
+class _SafetensorsWriter:
+    """Writes a safetensors file a block of rows at a time: the header first (the shapes are known), then the
+    rows where they belong, so a cache larger than memory never has to be held whole."""
+
+    def __init__(self, path, num_samples, num_tokens, hidden_size, dtype, metadata) -> None:
+        self.path = Path(path)
+        self.element = torch.empty((), dtype=dtype).element_size()
+        hidden_bytes = num_tokens * hidden_size * self.element
+        self.row_bytes = hidden_size * self.element
+        offsets_bytes = (num_samples + 1) * 8
+        header = {
+            "__metadata__": {"format": CACHE_FORMAT, "metadata": json.dumps(metadata, sort_keys=True)},
+            "hidden": {
+                "dtype": _SAFETENSORS_DTYPES[dtype],
+                "shape": [num_tokens, hidden_size],
+                "data_offsets": [0, hidden_bytes],
+            },
+            "offsets": {
+                "dtype": "I64",
+                "shape": [num_samples + 1],
+                "data_offsets": [hidden_bytes, hidden_bytes + offsets_bytes],
+            },
+        }
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self.prefix = struct.pack("<Q", len(encoded)) + encoded
+        self.data_start = len(self.prefix)
+        self.hidden_bytes = hidden_bytes
+        self.total = self.data_start + hidden_bytes + offsets_bytes
+
+    def __enter__(self) -> _SafetensorsWriter:
+        self._atomic = atomic_file(self.path)
+        tmp = self._atomic.__enter__()
+        self.file = open(tmp, "wb")
+        self.file.write(self.prefix)
+        self.file.truncate(self.total)
+        return self
+
+    def write_rows(self, first_token: int, rows: torch.Tensor) -> None:
+        self.file.seek(self.data_start + first_token * self.row_bytes)
+        self.file.write(_raw_bytes(rows))
+
+    def write_offsets(self, offsets: torch.Tensor) -> None:
+        self.file.seek(self.data_start + self.hidden_bytes)
+        self.file.write(_raw_bytes(offsets.to(torch.int64)))
+
+    def __exit__(self, *exc: Any) -> None:
+        self.file.close()
+        self._atomic.__exit__(*exc)
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    """Little-endian raw bytes of a CPU tensor (bfloat16 through its 16-bit pattern)."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy().tobytes()
+
+
+def estimated_bytes(guide: Guide, samples: SampleSet, dtype: torch.dtype | None = None) -> int:
+    """The size of the cache of ``samples`` for ``guide``'s base, in ``dtype`` (default: the base's)."""
+    dtype = dtype or next(unwrap_peft(guide.base).parameters()).dtype
+    tokens = sum(_rows(samples, i) for i in range(len(samples)))
+    return tokens * guide.config.base_hidden_size * torch.empty((), dtype=dtype).element_size()
+
+
+def _check_head(guide: Guide, hidden: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> None:
+    """Refuse a base whose logits lm_head_logits does not reproduce (another head than those it knows)."""
+    rows = slice(0, 2)  # a couple of rows is enough to tell, and keeps the check cheap at a large vocabulary
+    real = mask[rows].bool()
+    ours = lm_head_logits(guide.base, hidden[rows])[real].float()
+    theirs = logits[rows][real].float()
+    scale = 1.0 + theirs.abs().max().item()
+    tolerance = 1e-4 if logits.dtype == torch.float32 else 3e-2
+    diff = (ours - theirs).abs().max().item()
+    if not diff <= tolerance * scale:
+        raise FeatureCacheError(
+            f"cached features recompute log p through the LM head from the cached hidden states, but "
+            f"{type(unwrap_peft(guide.base)).__name__} computes its logits otherwise (largest difference {diff:.3g}): "
+            "train it with cache_features=False"
+        )
+
+
+@torch.no_grad()
+def precompute_features(
+    guide: Guide,
+    samples: SampleSet,
+    batch_size: int = 32,
+    dtype: torch.dtype | None = None,
+    path: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> FeatureCache:
+    """Run the frozen base once over every sample and keep its last hidden states: a :class:`FeatureCache`.
+
+    Batches of ``batch_size`` rows of similar length (sorted, so little padding), without the LM head where the
+    base accepts ``logits_to_keep``. ``dtype`` is the storage type (default: the base's own; bfloat16 or
+    float16 halve a float32 base's cache, the loss then sees the rounded states). With ``path`` the cache is
+    written to that safetensors file as it is computed and read back from it a batch at a time, so it never has
+    to fit in memory. The first batch checks that the LM head reproduces the base's own logits.
+    """
+    reason = unsupported_reason(guide)
+    if reason is not None:
+        raise FeatureCacheError(f"cached features cannot train this guide: {reason}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    base = guide.base
+    storage = dtype or next(unwrap_peft(base).parameters()).dtype
+    if storage not in _SAFETENSORS_DTYPES or not storage.is_floating_point:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {storage}")
+    lengths = torch.tensor([_rows(samples, i) for i in range(len(samples))], dtype=torch.int64)
+    offsets = F.pad(lengths.cumsum(0), (1, 0))
+    hidden_size = guide.config.base_hidden_size
+    metadata = {
+        "samples_fingerprint": samples_fingerprint(samples),
+        "base_fingerprint": guide.config.base_fingerprint,
+        "hidden_size": hidden_size,
+        "dtype": str(storage).removeprefix("torch."),
+        "num_samples": len(samples),
+    }
+    num_tokens = int(offsets[-1])
+    keep_logits = "logits_to_keep" in _forward_parameters(base)
+    order = sorted(range(len(samples)), key=lambda i: (int(lengths[i]), i))
+    device = guide.device
+    store = torch.empty((num_tokens, hidden_size), dtype=storage) if path is None else None
+    with ExitStack() as stack:
+        writer = None
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            writer = stack.enter_context(
+                _SafetensorsWriter(path, len(samples), num_tokens, hidden_size, storage, metadata)
+            )
+        stack.enter_context(eval_mode(base))
+        bar = stack.enter_context(tqdm(total=len(samples), desc="cache features", disable=not progress))
+        for n, start in enumerate(range(0, len(order), batch_size)):
+            part = order[start : start + batch_size]
+            batch = samples.collate(part).to(device)
+            kwargs = guide._base_kwargs(
+                batch.input_ids, batch.attention_mask, batch.encoder_input_ids, batch.encoder_attention_mask
+            )
+            if keep_logits and n > 0:
+                kwargs["logits_to_keep"] = 1  # the LM head is recomputed at training time, where needed
+            with capture_hidden(base) as cap:
+                logits = base(**kwargs).logits
+            hidden = cap.pop()
+            if n == 0:
+                _check_head(guide, hidden, logits, batch.attention_mask)
+            hidden = hidden.to("cpu", storage)
+            for r, i in enumerate(part):
+                rows = hidden[r, : int(lengths[i])]
+                if store is not None:
+                    store[int(offsets[i]) : int(offsets[i + 1])] = rows
+                else:
+                    writer.write_rows(int(offsets[i]), rows)
+            bar.update(len(part))
+        if writer is not None:
+            writer.write_offsets(offsets)
+    if path is not None:
+        return FeatureCache.load(path, in_memory=False)
+    return FeatureCache(store, offsets, metadata)
+
+
+def _forward_parameters(model: torch.nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(unwrap_peft(model).forward).parameters)
+
+
+def default_memory_budget() -> int:
+    """The largest cache ``train`` builds in memory by itself: a quarter of the machine's memory, at most 8 GiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 << 30
+    return int(min(8 << 30, total // 4))

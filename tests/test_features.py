@@ -1,0 +1,218 @@
+"""Cached base features (dinado.features): the loss and gradients of the uncached path, without the base."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import dinado
+from dinado import Guide, SampleSet, features
+from dinado.features import FeatureCache, FeatureCacheError, precompute_features
+from dinado.objectives import full_vocabulary_loss, guide_loss
+
+from .conftest import SEQ2SEQ_KINDS, randomize_guide, tiny_gpt2, tiny_seq2seq
+
+MODULE_VARIANTS = ("nado", "dinado-soft", "dinado-hard")
+
+
+def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """SmolLM2's architecture (rotary positions, grouped-query attention, tied embeddings), tiny and random."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, initializer_range=0.3,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+BASES = {"gpt2": tiny_gpt2, "llama": _tiny_llama}
+
+
+def _samples(n: int = 12, vocab: int = 40, seq2seq: bool = False, seed: int = 0) -> SampleSet:
+    """Prompts and completions of different lengths (padding in every batch), soft labels."""
+    g = torch.Generator().manual_seed(seed)
+    eos, low = (1, 2) if seq2seq else (0, 1)
+    prompts = [
+        [0] + torch.randint(low, vocab, (int(k),), generator=g).tolist()
+        for k in torch.randint(0, 4, (n,), generator=g)
+    ]
+    completions = [
+        torch.randint(low, vocab, (int(k),), generator=g).tolist() + [eos]
+        for k in torch.randint(0, 6, (n,), generator=g)
+    ]
+    labels = torch.rand(n, generator=g).tolist()
+    metadata = {"decoder_start_token_id": 0} if seq2seq else None
+    return SampleSet.from_token_ids(prompts, completions, labels, metadata=metadata)
+
+
+def _grads(loss, guide):
+    params = [p for p in guide.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def _compare(guide, samples, regularizer_weight=None):
+    """(loss, gradients) of the uncached path, the cached path and the reference formula over [B, L, V]."""
+    # batches other than the loss's: other padding
+    cache = precompute_features(guide, samples, batch_size=5)
+    indices = list(range(len(samples)))
+    batch = samples.collate(indices)
+    reference = full_vocabulary_loss(guide, batch, regularizer_weight)
+    uncached = guide_loss(guide, batch, regularizer_weight).loss
+    batch.base_hidden = cache.batch_hidden(indices, batch.input_ids.shape[1])
+    cached = guide_loss(guide, batch, regularizer_weight).loss
+    return [(loss, _grads(loss, guide)) for loss in (reference, uncached, cached)]
+
+
+def _assert_close(a, b, tolerance):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    assert abs(loss_a.item() - loss_b.item()) <= tolerance
+    worst = max((x - y).abs().max().item() for x, y in zip(grads_a, grads_b, strict=True))
+    assert worst <= tolerance, worst
+
+
+@pytest.mark.parametrize("ce_positions", ["all", "terminal"])
+@pytest.mark.parametrize("variant", MODULE_VARIANTS)
+@pytest.mark.parametrize("kind", list(BASES))
+def test_cached_features_give_the_loss_and_gradients_of_the_uncached_path(kind, variant, ce_positions):
+    guide = Guide.create(BASES[kind](), variant, ce_positions=ce_positions)
+    randomize_guide(guide)
+    reference, uncached, cached = _compare(guide, _samples())
+    assert max(g.abs().max().item() for g in reference[1]) > 1e-2  # the gradients are not trivially zero
+    _assert_close(uncached, reference, 1e-5)
+    _assert_close(cached, uncached, 1e-5)
+
+
+@pytest.mark.parametrize("variant", MODULE_VARIANTS)
+def test_cached_path_at_initialisation_shares_tied_maxima_as_torch_does(variant):
+    # zero-initialised heads: the direction is 0 at every token, so every token ties for DiNADO-Soft's max
+    guide = Guide.create(tiny_gpt2(), variant)
+    reference, uncached, cached = _compare(guide, _samples())
+    _assert_close(cached, uncached, 1e-6)
+    _assert_close(uncached, reference, 1e-6)
+
+
+@pytest.mark.parametrize("variant", MODULE_VARIANTS)
+def test_chunked_and_recomputing_cached_path_is_exact(variant, monkeypatch):
+    guide = Guide.create(_tiny_llama(), variant)
+    randomize_guide(guide)
+    # 7 rows per chunk at most: several chunks
+    monkeypatch.setattr(features, "CHUNK_ELEMENTS", 40 * 7)
+    monkeypatch.setattr(features, "SAVE_LIMIT_BYTES", 0)  # keep nothing: the backward pass recomputes
+    reference, uncached, cached = _compare(guide, _samples())
+    _assert_close(cached, uncached, 1e-5)
+
+
+def test_nado_without_regulariser_needs_no_full_vocabulary_rows():
+    guide = Guide.create(tiny_gpt2(), "nado")
+    randomize_guide(guide)
+    reference, uncached, cached = _compare(guide, _samples(), regularizer_weight=0.0)
+    _assert_close(cached, uncached, 1e-5)
+    _assert_close(uncached, reference, 1e-5)
+
+
+@pytest.mark.parametrize("variant", MODULE_VARIANTS)
+@pytest.mark.parametrize("kind", SEQ2SEQ_KINDS)
+def test_cached_features_on_encoder_decoder_bases(kind, variant):
+    guide = Guide.create(tiny_seq2seq(kind), variant)
+    randomize_guide(guide)
+    reference, uncached, cached = _compare(guide, _samples(vocab=24, seq2seq=True))
+    # T5's rescaled outputs and BART/Marian's final bias go through lm_head_logits; Hard's cumulative ratios
+    # carry float32 rounding of larger logits than the decoder-only models' (measured up to 1e-5)
+    _assert_close(cached, uncached, 1e-4)
+
+
+@pytest.mark.parametrize("variant", MODULE_VARIANTS)
+def test_training_with_cached_features_matches_the_uncached_run(variant):
+    # learning rate 0: every step sees the same weights, so losses and gradients compare step by step (Adam's
+    # first steps would turn rounding-level differences of near-zero gradients into whole-sized updates)
+    samples = _samples(n=24)
+    runs = []
+    for cache in (False, True):
+        guide = Guide.create(tiny_gpt2(), variant)
+        randomize_guide(guide)
+        report = dinado.train(
+            guide, samples, max_steps=4, batch_size=8, seed=1, learning_rate=0.0, cache_features=cache
+        )
+        assert report.cached_features == cache
+        grads = {n: p.grad for n, p in guide.named_parameters() if p.grad is not None}
+        runs.append((report.loss, grads))
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    assert max(abs(a - b) for a, b in zip(loss_a, loss_b, strict=True)) < 1e-6
+    assert len(set(loss_a)) == 4  # four different batches
+    assert max((grads_a[n] - grads_b[n]).abs().max().item() for n in grads_a) < 1e-5
+
+
+def test_cache_in_bfloat16_and_on_disk(tmp_path):
+    guide = Guide.create(_tiny_llama(), "dinado-soft")
+    randomize_guide(guide)
+    samples = _samples()
+    indices = list(range(len(samples)))
+
+    def loss_with(cache: FeatureCache) -> float:
+        batch = samples.collate(indices)
+        batch.base_hidden = cache.batch_hidden(indices, batch.input_ids.shape[1])
+        with torch.no_grad():
+            return guide_loss(guide, batch).loss.item()
+
+    memory = precompute_features(guide, samples)
+    on_disk = precompute_features(guide, samples, path=tmp_path / "features.safetensors")
+    assert "in " in repr(on_disk) and on_disk.dtype == torch.float32 and len(on_disk) == len(samples)
+    assert loss_with(on_disk) == pytest.approx(loss_with(memory), abs=1e-7)  # the same values, read per batch
+    memory.save(tmp_path / "saved.safetensors")
+    assert loss_with(FeatureCache.load(tmp_path / "saved.safetensors")) == pytest.approx(
+        loss_with(memory), abs=1e-7
+    )
+    half = precompute_features(guide, samples, dtype=torch.bfloat16)
+    assert half.nbytes * 2 == memory.nbytes
+    assert loss_with(half) == pytest.approx(loss_with(memory), rel=2e-2)  # rounded states, same loss to 2%
+
+
+def test_a_cache_is_refused_for_other_samples_bases_and_for_merge():
+    samples = _samples()
+    guide = Guide.create(tiny_gpt2(), "dinado-soft")
+    cache = precompute_features(guide, samples)
+    with pytest.raises(FeatureCacheError, match="another sample set"):
+        dinado.train(guide, _samples(seed=5), max_steps=1, cache_features=cache)
+    with pytest.raises(FeatureCacheError, match="another base"):
+        dinado.train(
+            Guide.create(tiny_gpt2(seed=3), "dinado-soft"), samples, max_steps=1, cache_features=cache
+        )
+    merge = Guide.create(tiny_gpt2(), "dinado-merge")
+    with pytest.raises(FeatureCacheError, match="trains its LoRA adapter through the base"):
+        dinado.train(merge, samples, max_steps=1, cache_features=True)
+    with pytest.raises(FeatureCacheError, match="trains its LoRA adapter through the base"):
+        precompute_features(merge, samples)
+
+
+def test_train_caches_by_itself_when_the_run_visits_every_sample():
+    samples = _samples(n=16)
+    long_run = dinado.train(Guide.create(tiny_gpt2(), "nado"), samples, max_steps=4, batch_size=4)
+    short_run = dinado.train(Guide.create(tiny_gpt2(), "nado"), samples, max_steps=3, batch_size=4)
+    merge = dinado.train(Guide.create(tiny_gpt2(), "dinado-merge"), samples, max_steps=4, batch_size=4)
+    assert long_run.cached_features and not short_run.cached_features and not merge.cached_features
+
+
+class _ScaledLogits(GPT2LMHeadModel):
+    """A base whose logits are not its LM head of the last hidden state (as Gemma-2's soft-capping or any custom
+    head): the cache must not recompute log p from it."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+
+def test_a_base_whose_head_the_cache_cannot_reproduce_is_refused():
+    base = _ScaledLogits(tiny_gpt2().config).eval()
+    guide = Guide.create(base, "dinado-soft")
+    samples = _samples(n=8)
+    with pytest.raises(FeatureCacheError, match="computes its logits otherwise"):
+        precompute_features(guide, samples)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        report = dinado.train(guide, samples, max_steps=4, batch_size=4)  # automatic: falls back, and says so
+    assert not report.cached_features
+    assert any("training without cached features" in str(w.message) for w in record)
