@@ -115,7 +115,9 @@ def test_the_keyword_oracle_reads_the_slot_not_the_decorated_prompt(chat_tokeniz
     fmt = PromptFormat("Use these words and also zebra: {keywords}.", chat=True)
     lines = ["dog, ball", "the"]
     rows = encode_prompts(chat_tokenizer, lines, prompt_format=fmt)
-    oracle = TextOracle(KeywordOracle(KeywordList()), chat_tokenizer, dict(zip(map(tuple, rows), lines, strict=True)))
+    oracle = TextOracle(
+        KeywordOracle(KeywordList()), chat_tokenizer, dict(zip(map(tuple, rows), lines, strict=True))
+    )
     completions = [chat_tokenizer("the dogs ran to a ball .")["input_ids"]] * 2
     # "zebra" (template text) is never required; each line's own keywords are
     assert list(oracle(rows, completions)) == [1.0, 1.0]
