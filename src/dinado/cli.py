@@ -970,7 +970,8 @@ def cmd_evaluate(config: dict[str, Any]) -> None:
                 "--compare must hold generations for the same prompts in the same order (and the same "
                 "--num-return-sequences): generate both from the same prompts file"
             )
-    oracle = text_oracle(_decoding_config(config) | {k: config[k] for k in ("oracle", "keywords")})
+    decoding = _decoding_config(config)  # the prompt format the generations were made with
+    oracle = text_oracle(decoding | {k: config[k] for k in ("oracle", "keywords")})
     references = None
     if config.get("references"):
         ref_file = Path(config["references"])
@@ -991,7 +992,7 @@ def cmd_evaluate(config: dict[str, Any]) -> None:
     model = tokenizer = fmt = None
     if config.get("base"):
         model, tokenizer = load_base(config)
-        fmt = prompt_format(_decoding_config(config), tokenizer, model)
+        fmt = prompt_format(decoding, tokenizer, model)
     with fresh_run(config) as run:
         run.write_config(config)
         results: dict[str, dict[str, float]] = {}
