@@ -213,6 +213,17 @@ SPECS: dict[str, Spec] = {
             "consistency regulariser weight (default: the variant's)",
         ),  # fmt: skip
         "ce_positions": ("all", "str", "cross-entropy on 'all' prefixes or the 'terminal' one"),
+        "head": (
+            "full",
+            "str",
+            "guide token head: 'full' (its own) or 'tied' (the base's output embeddings)",
+        ),
+        "read_tokens": (False, "bool", "the guide module also reads the base's embedding of each token"),
+        "pointer": (
+            True,
+            "bool",
+            "the guide module scores earlier tokens for copying, e.g. prompt keywords (module variants)",
+        ),  # fmt: skip
         "max_steps": (None, "count", "training steps"),
         "epochs": (
             None,
@@ -776,6 +787,15 @@ def cmd_train(config: dict[str, Any]) -> None:
             lora_alpha=config["lora_alpha"],
             regularizer_weight=config["regularizer_weight"],
             ce_positions=config["ce_positions"],
+            **(
+                {}
+                if config["variant"] == "dinado-merge"
+                else {
+                    "head": config["head"],
+                    "read_tokens": config["read_tokens"],
+                    "pointer": config["pointer"],
+                }
+            ),
         )
     except (TypeError, ValueError) as exc:
         raise CLIError(str(exc)) from None

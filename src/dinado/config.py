@@ -10,6 +10,9 @@ from typing import Any
 VARIANTS = ("nado", "dinado-hard", "dinado-soft", "dinado-merge")
 CE_POSITIONS = ("all", "terminal")
 CONSISTENCY = ("soft", "hard")
+HEADS = ("full", "tied")
+# what a saved config without these keys (written before they existed) meant
+PRE_POINTER_DEFAULTS = {"head": "full", "read_tokens": False, "pointer": False}
 
 
 @dataclass
@@ -24,6 +27,17 @@ class GuideConfig:
         variant's default (1.0, or 0.0 for Hard consistency, where it vanishes identically).
     ce_positions: ``"all"`` puts the cross-entropy on every completion prefix, ``"terminal"`` only on the
         terminal prefix (the EOS token, or the last token at the length cap).
+    head: the module's token head (NADO, DiNADO-Soft, DiNADO-Hard). ``"full"``: its own dim x V linear map.
+        ``"tied"``: the module predicts a vector in the base's hidden space (a zero-initialised dim x H map) and the
+        direction is its product with the base's own output embeddings, so any token the base can name can be
+        boosted, whether or not it was seen in a training positive; no parameter per token.
+    read_tokens: the module also reads the base's input embedding of each token (added to its projected hidden
+        state), so it can see which tokens the prompt names, not only what the base predicts after them.
+    pointer: the module also adds a learned score to the direction of every token that occurs earlier in the
+        sequence (:class:`dinado.modules.PointerScores`): a copy mechanism, so "use the words the prompt names"
+        can be learned as a rule instead of word by word. ``None`` (the default) means on for the module variants
+        (on the exact conditional testbed it is what lets them help on prompts they never saw,
+        docs/results/commongen.md) and off for ``dinado-merge``, which has no module.
     consistency: ``"soft"`` predicts the norm at every position (regulariser), ``"hard"`` carries it forward
         by the Bellman equation from a learned root value. Fixed by the variant for the module variants;
         selectable for ``dinado-merge``.
@@ -43,6 +57,9 @@ class GuideConfig:
     ce_positions: str = "all"
     consistency: str | None = None
     max_positions: int = 2048
+    head: str = "full"
+    read_tokens: bool = False
+    pointer: bool | None = None
     base_model_name: str | None = None
     base_vocab_size: int | None = None
     base_hidden_size: int | None = None
@@ -71,6 +88,14 @@ class GuideConfig:
             self.consistency = self.consistency or "soft"
             if self.consistency not in CONSISTENCY:
                 raise ValueError(f"consistency must be one of {CONSISTENCY}, got {self.consistency!r}")
+        if self.pointer is None:
+            self.pointer = self.variant != "dinado-merge"
+        elif self.pointer and self.variant == "dinado-merge":
+            raise ValueError(
+                "pointer is an option of the guide module; dinado-merge has none (use pointer=False)"
+            )
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {self.num_layers}")
         if self.lora_r < 1:
@@ -96,6 +121,10 @@ class GuideConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GuideConfig:
+        data = {
+            **PRE_POINTER_DEFAULTS,
+            **data,
+        }  # configs saved before these options existed: the guide they had
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

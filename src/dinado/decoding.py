@@ -54,6 +54,7 @@ class GuideLogitsProcessor(LogitsProcessor):
         self._prev_ids: torch.Tensor | None = None
         self._cache = None
         self._hidden: torch.Tensor | None = None  # all base hidden states so far (use_cache=False)
+        self._memory: dict[str, torch.Tensor] = {}  # the module's pointer keys of past positions (use_cache)
 
     def __enter__(self) -> GuideLogitsProcessor:
         self.reset()
@@ -116,25 +117,26 @@ class GuideLogitsProcessor(LogitsProcessor):
             if src is not None:
                 if self.use_cache:
                     self._cache.reorder_cache(src)
+                    self._memory = {k: v.index_select(0, src) for k, v in self._memory.items()}
                 else:
                     self._hidden = self._hidden.index_select(0, src)
         if fresh:
-            self._cache, self._hidden = None, None
+            self._cache, self._hidden, self._memory = None, None, {}
         if not self.use_cache:
             self._hidden = (
                 hidden_new if self._hidden is None else torch.cat([self._hidden, hidden_new], dim=1)
             )
             hidden_new = self._hidden
-        module = guide.module
-        dtype = next(module.parameters()).dtype
         positions = position_ids_from_mask(mask)[:, -hidden_new.shape[1] :]
         with torch.no_grad():
-            direction, _, cache = module(
-                hidden_new.to(dtype),
+            direction, _, cache = guide.run_module(
+                hidden_new,
+                input_ids,
                 mask,
                 positions,
                 past_key_values=self._cache if self.use_cache else None,
                 use_cache=self.use_cache,
+                memory=self._memory if self.use_cache else None,
             )
         self._cache = cache
         self._prev_ids = input_ids

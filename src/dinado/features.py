@@ -152,12 +152,15 @@ def _chunk_statistics(
     logits_out: torch.Tensor,
     direction_out: torch.Tensor,
     scratch: torch.Tensor,
+    pointer_ids: torch.Tensor | None = None,
+    pointer_scores: torch.Tensor | None = None,
 ):
     """guided_lse [m], direction_max [m] or None, and for the backward pass d guided_lse / d direction [m, V]
     and the positions of the maximum (indices [m], or a mask [m, V] where some row has ties).
 
     ``logits_out``, ``direction_out`` and ``scratch`` are [m, V] float32 buffers; the weights are computed in
-    ``logits_out`` (or in a new tensor where the LM head cannot write into it).
+    ``logits_out`` (or in a new tensor where the LM head cannot write into it). ``pointer_scores`` [m, L] are
+    added to the direction at the tokens ``pointer_ids`` [m, L] (a guide with a pointer), else None.
     """
     m = h.shape[0]
     # [m, V] base logits; their buffer becomes log p + guidance, then the softmax weights
@@ -166,6 +169,10 @@ def _chunk_statistics(
         direction = torch.addmm(bias, h, weight.t(), out=direction_out)
     else:
         direction = F.linear(h, weight, bias).float()
+    if (
+        pointer_ids is not None
+    ):  # the pointer's copy scores [m, L] at the tokens [m, L] of each row's sequence
+        direction.scatter_add_(1, pointer_ids, pointer_scores.float())
     direction_max = top_two = None
     if want_max:
         if direction.shape[-1] > 1:
@@ -210,7 +217,19 @@ class _VocabularyStats(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, h, weight, bias, base_rows, taken_h, taken_ids, head, parameterization, want_max, chunk_rows
+        ctx,
+        h,
+        weight,
+        bias,
+        base_rows,
+        taken_h,
+        taken_ids,
+        head,
+        parameterization,
+        want_max,
+        chunk_rows,
+        pointer_ids=None,
+        pointer_scores=None,
     ):
         rows, vocab = h.shape[0], weight.shape[0]
         save = rows * vocab * 4 <= SAVE_LIMIT_BYTES
@@ -235,6 +254,7 @@ class _VocabularyStats(torch.autograd.Function):
                 kept[start : start + m] if save else kept[:m],
                 direction_out[:m],
                 scratch[:m],
+                *_pointer_part(pointer_ids, pointer_scores, part),
             )
             lse_parts.append(lse)
             if want_max:
@@ -247,7 +267,7 @@ class _VocabularyStats(torch.autograd.Function):
             _POOL.give_back("logits", kept)
         ctx.kept = kept if save else None
         taken = (taken_h.float() * weight[taken_ids].float()).sum(-1) + bias[taken_ids].float()
-        ctx.save_for_backward(h, weight, bias, base_rows, taken_h, taken_ids)
+        ctx.save_for_backward(h, weight, bias, base_rows, taken_h, taken_ids, pointer_ids, pointer_scores)
         ctx.head, ctx.parameterization = head, parameterization
         ctx.want_max, ctx.chunk_rows = want_max, chunk_rows
         ctx.saved_chunks = saved if save else None
@@ -260,9 +280,11 @@ class _VocabularyStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lse, grad_max, grad_taken):
-        h, weight, bias, base_rows, taken_h, taken_ids = ctx.saved_tensors
+        h, weight, bias, base_rows, taken_h, taken_ids, pointer_ids, pointer_scores = ctx.saved_tensors
         need_h, need_w, need_b, _, need_taken_h = ctx.needs_input_grad[:5]
+        need_pointer = len(ctx.needs_input_grad) > 11 and ctx.needs_input_grad[11]
         grad_h = torch.zeros_like(h) if need_h else None
+        grad_pointer = torch.zeros_like(pointer_scores, dtype=torch.float32) if need_pointer else None
         grad_w = grad_b = None
         saved, ctx.saved_chunks = ctx.saved_chunks, None  # consumed (a second backward pass recomputes)
         kept, ctx.kept = ctx.kept, None
@@ -292,6 +314,7 @@ class _VocabularyStats(torch.autograd.Function):
                     buffers["logits"][:m],
                     buffers["direction"][:m],
                     buffers["scratch"][:m],
+                    *_pointer_part(pointer_ids, pointer_scores, part),
                 )
             grad_d = weights.mul_(grad_lse[part, None])  # [m, V], in place: the weights are used once
             if ctx.want_max and grad_max is not None:
@@ -300,6 +323,8 @@ class _VocabularyStats(torch.autograd.Function):
                 else:
                     share = argmax.float() / argmax.sum(-1, keepdim=True, dtype=torch.int32)
                     grad_d.add_(share.mul_(grad_max[part, None]))
+            if need_pointer:
+                grad_pointer[part] = grad_d.gather(1, pointer_ids[part])
             grad_m = grad_d.to(weight.dtype)
             if need_h:
                 grad_h[part] = grad_m @ weight
@@ -338,7 +363,18 @@ class _VocabularyStats(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            grad_pointer.to(pointer_scores.dtype) if grad_pointer is not None else None,
         )
+
+
+def _pointer_part(
+    pointer_ids: torch.Tensor | None, pointer_scores: torch.Tensor | None, part: slice
+) -> tuple:
+    """The pointer's (token ids, scores) of a chunk of rows, or (None, None) without a pointer."""
+    if pointer_ids is None:
+        return None, None
+    return pointer_ids[part], pointer_scores[part]
 
 
 def _chunk_rows(rows: int, vocab: int) -> int:
@@ -364,15 +400,25 @@ def cached_position_stats(
     param = guide.parameterization
     dtype = next(module.parameters()).dtype
     mask, ids, hidden = batch.attention_mask, batch.input_ids, batch.base_hidden
-    state, _ = module.trunk(hidden.to(dtype), mask, position_ids_from_mask(mask))  # [B, L, dim]
+    extra = guide.module_inputs(ids)
+    state, _ = module.trunk(
+        hidden.to(dtype), mask, position_ids_from_mask(mask), token_embeds=extra.get("token_embeds")
+    )  # [B, L, dim]
     norm = module.norm_head(state).float() if module.norm_head is not None else None
-    head = module.token_head
+    head_weight, head_bias = module.head_weights(extra.get("output_embeddings"))
+    if head_bias is None:  # the tied head: the base's embeddings alone, no per-token parameter
+        head_bias = head_weight.new_zeros(head_weight.shape[0])
     comp, term = batch.completion_mask.bool(), batch.terminal_mask.bool()
     next_completion = F.pad(comp[:, 1:], (0, 1))
     next_ce = next_completion if ce_positions == "all" else F.pad(term[:, 1:], (0, 1))
     rows = param.vocabulary_rows(next_completion, next_ce, comp & ~term, with_regularizer)
     b, t = rows.nonzero(as_tuple=True)
     tb, tt = next_completion.nonzero(as_tuple=True)  # every prefix value reads the direction at its token
+    pointer_ids = pointer_rows = taken_pointer = None
+    if module.pointer is not None:  # copy scores [B, L, L]: added at the tokens of the row's own sequence
+        scores = module.pointer(state, module.pointer.key(state), mask)
+        pointer_ids, pointer_rows = ids[b], scores[b, t]
+        taken_pointer = (scores[tb, tt] * (ids[tb] == ids[tb, tt + 1][:, None])).sum(-1).float()
     base = guide.base
     base_dtype = next(unwrap_peft(base).get_output_embeddings().parameters()).dtype
 
@@ -381,17 +427,21 @@ def cached_position_stats(
             return lm_head_logits(base, rows_hidden.to(base_dtype), out=out)
 
     lse, mx, taken_values = _VocabularyStats.apply(
-        state[b, t],
-        head.weight,
-        head.bias,
+        module.head_input(state[b, t]),
+        head_weight,
+        head_bias,
         hidden[b, t],
-        state[tb, tt],
+        module.head_input(state[tb, tt]),
         ids[tb, tt + 1],
         head_fn,
         param,
         param.needs_direction_max,
-        _chunk_rows(len(b), head.weight.shape[0]),
+        _chunk_rows(len(b), head_weight.shape[0]),
+        pointer_ids,
+        pointer_rows,
     )
+    if taken_pointer is not None:
+        taken_values = taken_values + taken_pointer
     batch_size, length = ids.shape
     zeros = torch.zeros((batch_size, length), dtype=torch.float32, device=ids.device)
     guided_lse = zeros.index_put((b, t), lse)

@@ -343,6 +343,9 @@ class Guide(nn.Module):
                 num_heads=config.num_heads or default_num_heads(dim),
                 max_positions=config.max_positions,
                 with_norm=config.variant != "nado",
+                head=config.head,
+                token_size=self._input_embeddings().weight.shape[1] if config.read_tokens else None,
+                pointer=config.pointer,
             )
             self.norm_head = None
         self._pass_positions = not self.encoder_decoder and _accepts(self.base, "position_ids")
@@ -392,6 +395,53 @@ class Guide(nn.Module):
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
     # ------------------------------------------------------------------ forward passes
+    def _input_embeddings(self) -> nn.Module:
+        embeddings = unwrap_peft(self.base).get_input_embeddings()
+        if embeddings is None:
+            raise TypeError(
+                f"{type(unwrap_peft(self.base)).__name__} has no input embeddings to read tokens with"
+            )
+        return embeddings
+
+    def module_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the module reads besides the base's hidden states at the positions of ``input_ids`` [B, L]:
+        the base's input embeddings of the tokens (``read_tokens``) and its output embeddings (tied head)."""
+        dtype = next(self.module.parameters()).dtype
+        extra: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            if self.config.read_tokens:
+                extra["token_embeds"] = self._input_embeddings()(input_ids).to(dtype)
+            if self.config.head == "tied":
+                extra["output_embeddings"] = unwrap_peft(self.base).get_output_embeddings().weight.to(dtype)
+        return extra
+
+    def run_module(
+        self,
+        hidden: torch.Tensor,  # [B, L_new, H] the base's last hidden states of the newest positions
+        input_ids: torch.Tensor,  # [B, >= L_new] the tokens; the last L_new are those positions'
+        attention_mask: torch.Tensor,  # [B, L_past + L_new]
+        position_ids: torch.Tensor,  # [B, L_new]
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        memory: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """The module's (direction [B, L_new, V], norm logit or None, cache) at the newest positions.
+
+        ``input_ids`` are all the tokens so far when the module has a pointer (it scores every earlier position);
+        ``memory`` carries the pointer's keys of the past positions from one decoding step to the next.
+        """
+        dtype = next(self.module.parameters()).dtype
+        return self.module(
+            hidden.to(dtype),
+            attention_mask,
+            position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            token_ids=input_ids if self.config.pointer else None,
+            memory=memory,
+            **self.module_inputs(input_ids[:, -hidden.shape[1] :]),
+        )
+
     def _base_kwargs(
         self,
         input_ids: torch.Tensor,
@@ -447,9 +497,8 @@ class Guide(nn.Module):
             with torch.no_grad(), capture_hidden(self.base) as cap:
                 log_p = F.log_softmax(self.base(**kwargs).logits.float(), dim=-1)
             hidden = cap.pop().detach()
-            param = next(self.module.parameters())
-            direction, norm, _ = self.module(
-                hidden.to(param.dtype), attention_mask, position_ids_from_mask(attention_mask)
+            direction, norm, _ = self.run_module(
+                hidden, input_ids, attention_mask, position_ids_from_mask(attention_mask)
             )
             return GuideOutputs(log_p=log_p, direction=direction.float(), norm=norm)
         with torch.no_grad(), self.base.disable_adapter():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 from transformers.cache_utils import Cache
@@ -34,6 +35,41 @@ class NormHead(nn.Module):
         return self.net(hidden).squeeze(-1)
 
 
+class PointerScores(nn.Module):
+    """Copy scores (``GuideConfig.pointer``): at position t, a score for every earlier position j <= t, added to
+    the direction of the token x_j that stands there (pointer-generator networks, See et al. 2017). This is how
+    a guide can follow "use the words the prompt names" for words it never saw in training: the score depends on
+    what the module reads at t and at j, not on the token's identity. The query starts at zero (scores 0)."""
+
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(dim, width)
+        self.key = nn.Linear(dim, width)
+        nn.init.zeros_(self.query.weight)
+        nn.init.zeros_(self.query.bias)
+        self.scale = width**-0.5
+
+    def forward(
+        self,
+        h: torch.Tensor,  # [B, L_new, dim] the states of the newest positions
+        keys: torch.Tensor,  # [B, L_all, width] the keys of every position so far (the newest last)
+        attention_mask: torch.Tensor,  # [B, L_all]
+    ) -> torch.Tensor:  # [B, L_new, L_all], 0 where j > t or j is padding
+        scores = self.query(h) @ keys.transpose(1, 2) * self.scale
+        new, total = h.shape[1], keys.shape[1]
+        causal = torch.ones(new, total, dtype=torch.bool, device=h.device).tril(diagonal=total - new)
+        allowed = causal[None] & (attention_mask[:, None, :] > 0)
+        return torch.where(allowed, scores, torch.zeros_like(scores))
+
+
+def add_pointer_scores(
+    direction: torch.Tensor, scores: torch.Tensor, token_ids: torch.Tensor
+) -> torch.Tensor:
+    """direction [B, L_new, V] plus each score [B, L_new, L_all] at the token [B, L_all] of its position."""
+    index = token_ids[:, None, :].expand(-1, scores.shape[1], -1)
+    return direction.scatter_add(-1, index, scores.to(direction.dtype))
+
+
 class GuideModule(nn.Module):
     """A few GPT-2 blocks reading the base's last hidden states (a linear projection in).
 
@@ -50,9 +86,14 @@ class GuideModule(nn.Module):
         num_heads: int,
         max_positions: int,
         with_norm: bool,
+        head: str = "full",
+        token_size: int | None = None,
+        pointer: bool = False,
     ) -> None:
         super().__init__()
         self.proj = nn.Linear(base_hidden_size, dim)
+        # read_tokens: the base's input embedding of each token, projected and added to the hidden state's
+        self.token_proj = nn.Linear(token_size, dim, bias=False) if token_size else None
         config = GPT2Config(
             vocab_size=1,  # unused: the stack reads projected hidden states, never token ids
             n_embd=dim,
@@ -66,10 +107,18 @@ class GuideModule(nn.Module):
             eos_token_id=None,
         )
         self.body = GPT2Model(config)
-        self.token_head = nn.Linear(dim, vocab_size)
+        if head == "full":
+            self.token_head = nn.Linear(dim, vocab_size)
+        elif head == "tied":  # a vector in the base's hidden space, read by the base's output embeddings
+            self.token_head = nn.Linear(dim, base_hidden_size, bias=False)
+        else:
+            raise ValueError(f"unknown head {head!r}: 'full' or 'tied'")
+        self.head = head
         nn.init.zeros_(self.token_head.weight)
-        nn.init.zeros_(self.token_head.bias)
+        if self.token_head.bias is not None:
+            nn.init.zeros_(self.token_head.bias)
         self.norm_head = NormHead(dim) if with_norm else None
+        self.pointer = PointerScores(dim, min(dim, 64)) if pointer else None
 
     def trunk(
         self,
@@ -78,11 +127,16 @@ class GuideModule(nn.Module):
         position_ids: torch.Tensor,  # [B, L_new]
         past_key_values: Cache | None = None,
         use_cache: bool = False,
+        token_embeds: torch.Tensor | None = None,  # [B, L_new, E]: the base's input embeddings (read_tokens)
     ) -> tuple[torch.Tensor, Cache | None]:
         """The stack's last hidden states [B, L_new, dim] (and its cache): what both heads read."""
         new_mask = attention_mask[:, -base_hidden.shape[1] :, None].to(base_hidden.dtype)
         # Padded positions may hold anything (even NaN); zero them so masked attention cannot spread them.
         x = self.proj(torch.where(new_mask > 0, base_hidden, torch.zeros_like(base_hidden)))
+        if self.token_proj is not None:
+            if token_embeds is None:
+                raise ValueError("this guide module reads token embeddings (read_tokens): pass token_embeds")
+            x = x + self.token_proj(torch.where(new_mask > 0, token_embeds, torch.zeros_like(token_embeds)))
         out = self.body(
             inputs_embeds=x,
             attention_mask=attention_mask,
@@ -99,7 +153,44 @@ class GuideModule(nn.Module):
         position_ids: torch.Tensor,  # [B, L_new]
         past_key_values: Cache | None = None,
         use_cache: bool = False,
+        token_embeds: torch.Tensor | None = None,
+        output_embeddings: torch.Tensor | None = None,  # [V, H]: the base's, for the tied head
+        token_ids: torch.Tensor | None = None,  # [B, L_past + L_new]: every token so far (pointer)
+        memory: dict[str, torch.Tensor] | None = None,  # the pointer keys of past positions, updated in place
     ) -> tuple[torch.Tensor, torch.Tensor | None, Cache | None]:
-        h, cache = self.trunk(base_hidden, attention_mask, position_ids, past_key_values, use_cache)
+        """(direction [B, L_new, V], norm logit [B, L_new] or None, cache).
+
+        With a pointer, ``memory["pointer_keys"]`` holds the keys of the positions before these (decoding with a
+        cache: the caller keeps the dict between steps and reorders it with the beams); None: there are none.
+        """
+        h, cache = self.trunk(
+            base_hidden, attention_mask, position_ids, past_key_values, use_cache, token_embeds
+        )
         norm = self.norm_head(h) if self.norm_head is not None else None
-        return self.token_head(h), norm, cache
+        weight, bias = self.head_weights(output_embeddings)
+        direction = F.linear(self.head_input(h), weight, bias)
+        if self.pointer is not None:
+            if token_ids is None:
+                raise ValueError("this guide module has a pointer: pass token_ids")
+            keys = self.pointer.key(h)
+            if memory is not None:
+                if "pointer_keys" in memory:
+                    keys = torch.cat([memory["pointer_keys"], keys], dim=1)
+                memory["pointer_keys"] = keys
+            direction = add_pointer_scores(direction, self.pointer(h, keys, attention_mask), token_ids)
+        return direction, norm, cache
+
+    def head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """What the [V, *] head matrix multiplies: the stack's state (full head), or its image in the base's
+        hidden space (tied head)."""
+        return h if self.head == "full" else self.token_head(h)
+
+    def head_weights(
+        self, output_embeddings: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The [V, *] matrix and [V] bias (or None) of the direction: direction = head_input(h) @ W^T + b."""
+        if self.head == "full":
+            return self.token_head.weight, self.token_head.bias
+        if output_embeddings is None:
+            raise ValueError("a tied guide head needs the base's output embeddings")
+        return output_embeddings, None
