@@ -197,3 +197,116 @@ def toy_base(
 def toy_oracle(prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
     """The testbed's oracle: tokens 1 and 2 both appear in the completion."""
     return [float(1 in c and 2 in c) for c in completions]
+
+
+# ---------------------------------------------------------------------- the conditional testbed
+# Many prompts [BOS, k], each naming the keyword k the oracle requires: "k appears in the completion". A guide
+# trained on the samples of some keywords is scored exactly on keywords it never saw: does it learn the rule
+# ("use the token the prompt names") or only the seen keywords? The base is first taught to copy the named
+# token now and then, as a pretrained LM can, so that the rule is within reach of a guide that reads the base.
+COND_VOCAB = 24
+COND_MAX_NEW_TOKENS = 3
+
+
+def keyword_oracle(prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
+    """The conditional testbed's oracle: the prompt's last token (the keyword) appears in the completion."""
+    return [float(p[-1] in c) for p, c in zip(prompts, completions, strict=True)]
+
+
+def copy_base(
+    seed: int = 0,
+    vocab_size: int = COND_VOCAB,
+    copy_rate: float = 0.08,
+    steps: int = 300,
+    max_new_tokens: int = COND_MAX_NEW_TOKENS,
+    width: int = 32,
+) -> GPT2LMHeadModel:
+    """A tiny GPT-2 pretrained (seeded, a few seconds) on sequences ``[BOS, k, x_1 .. x_n, EOS]`` in which each
+    x_i is the named keyword k with probability ``copy_rate`` and otherwise a uniformly random non-EOS token,
+    and the completion ends early with probability 1/4 per position. Every keyword is in its training data, as
+    every word is in a real LM's: the base can copy, rarely, and the guide's job is to make it copy.
+    """
+    model = toy_base(seed, vocab_size=vocab_size, width=width, init_scale=0.02)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    batch, length = 256, 2 + max_new_tokens + 1
+    for _ in range(steps):
+        keys = torch.randint(1, vocab_size, (batch,), generator=generator)
+        body = torch.randint(1, vocab_size, (batch, max_new_tokens + 1), generator=generator)
+        copy = torch.rand((batch, max_new_tokens + 1), generator=generator) < copy_rate
+        body = torch.where(copy, keys[:, None], body)
+        stop = torch.rand((batch, max_new_tokens + 1), generator=generator) < 0.25
+        stop[:, max_new_tokens] = True
+        first_stop = stop.int().argmax(1)  # the EOS position in the completion
+        cols = torch.arange(max_new_tokens + 1)[None, :]
+        body = torch.where(cols == first_stop[:, None], torch.full_like(body, TOY_EOS), body)
+        ids = torch.cat([torch.full((batch, 1), TOY_EOS), keys[:, None], body], dim=1)[:, :length]
+        labels = ids.clone()
+        labels[:, :2] = -100  # no loss on the prompt
+        labels[:, 2:][cols > first_stop[:, None]] = -100  # nor after the EOS
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@dataclass
+class ConditionalResult:
+    """Exact results of one guide on each prompt of the conditional testbed, seen and held out."""
+
+    seen: dict[int, ExactResult]
+    held_out: dict[int, ExactResult]
+
+    @staticmethod
+    def _mean(results: dict[int, ExactResult], name: str) -> float:
+        return sum(getattr(r, name) for r in results.values()) / max(1, len(results))
+
+    def summary(self) -> dict[str, float]:
+        """Mean KL(q*‖p), KL(q*‖q_theta), success under p and q_theta over the seen and the held-out prompts."""
+        out: dict[str, float] = {}
+        for split, results in (("seen", self.seen), ("held_out", self.held_out)):
+            for name in ("kl_q_star_p", "kl_q_star_q", "success_p", "success_q"):
+                out[f"{split}_{name}"] = self._mean(results, name)
+        return out
+
+    def __repr__(self) -> str:
+        values = ", ".join(f"{k}={v:.4g}" for k, v in self.summary().items())
+        return f"ConditionalResult({len(self.seen)} seen, {len(self.held_out)} held out, {values})"
+
+
+def conditional_split(
+    vocab_size: int = COND_VOCAB, held_out: int = 6, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """A seeded split of the keywords 1 .. V-1 into training keywords and held-out keywords."""
+    keys = list(range(1, vocab_size))
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    shuffled = [keys[i] for i in order]
+    return sorted(shuffled[held_out:]), sorted(shuffled[:held_out])
+
+
+def evaluate_conditional(
+    guide: Guide, seen: Sequence[int], held_out: Sequence[int], max_new_tokens: int = COND_MAX_NEW_TOKENS
+) -> ConditionalResult:
+    """Exact results on every prompt ``[BOS, k]`` of the seen and the held-out keywords."""
+
+    def run(keys: Sequence[int]) -> dict[int, ExactResult]:
+        return {k: evaluate(guide, [TOY_EOS, k], keyword_oracle, max_new_tokens, TOY_EOS) for k in keys}
+
+    return ConditionalResult(run(seen), run(held_out))
+
+
+def draw_conditional(results: dict[int, ExactResult], per_prompt: int, seed: int = 0) -> SampleSet:
+    """Exact samples from p, ``per_prompt`` for each keyword's prompt, in one SampleSet."""
+    prompts, completions, labels = [], [], []
+    for i, (k, result) in enumerate(sorted(results.items())):
+        part = result.draw(per_prompt, [TOY_EOS, k], seed=seed * 1_000_003 + i)
+        prompts += part.prompts
+        completions += part.completions
+        labels += part.labels.tolist()
+    return SampleSet.from_token_ids(
+        prompts, completions, labels, None, {"sampling": {"proposal": "exact p", "seed": seed}}
+    )
