@@ -24,7 +24,6 @@ Writes ``results.json``, ``results.md`` (the tables) and ``efficiency.png`` to `
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import platform
@@ -36,17 +35,23 @@ from pathlib import Path
 
 import torch
 
-from dinado import Guide, sample, train
+from dinado import Guide, SampleSet, sample, train
 from dinado.baselines import best_of_n, supervised_finetune
-from dinado.io import atomic_file, atomic_write_text
+from dinado.evaluation import save_figure
+from dinado.io import atomic_write_text
 from dinado.oracles import as_token_oracle
 from dinado.pretrain import PretrainConfig, pretrain
 from dinado.tasks.commongen import commongen_metrics, coverage_oracle, load_split
-from dinado.text import encode_prompts, generate_texts
+from dinado.text import PromptFormat, encode_prompts, end_of_turn_id, generate_texts, load_model
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "commongen" / "v1.1_LHRYANG"
 VARIANTS = ("nado", "dinado-hard", "dinado-soft", "dinado-merge")
+BASELINES = ("sft-lora", "prompt-tuning")
+DECODINGS = ("greedy", "beam", "sample")
+# an instruct base (one whose tokenizer has a chat template) reads this in its user turn; other bases read the
+# training format ``concepts =`` as it is
+INSTRUCTION = "Write one short sentence that uses all of these words: {keywords}."
 
 # full run / --quick; any flag given on the command line wins
 PRESETS = {
@@ -108,6 +113,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--beams", type=int, default=4)
     p.add_argument("--best-of", default="4,16", help="N for best-of-N rejection sampling, comma-separated")
     p.add_argument("--budgets", default="1,2,4,8", help="samples per concept set in the efficiency study")
+    p.add_argument(
+        "--prompt-template",
+        default=None,
+        help=f"prompt format ({{prompt}} = the 'concepts =' line, {{keywords}} = its concepts); default: "
+        f"{INSTRUCTION!r} in the chat template's user turn for a base with one, else '{{prompt}}'",
+    )
+    p.add_argument("--chat", choices=("auto", "true", "false"), default="auto", help="use the chat template")
+    p.add_argument("--systems", default=",".join(VARIANTS + BASELINES), help="guides and baselines to train")
+    p.add_argument("--decodings", default=",".join(DECODINGS), help="greedy, beam, sample (comma-separated)")
+    p.add_argument(
+        "--guide-options",
+        default="{}",
+        help='JSON Guide.create options for the module variants, e.g. {"head": "tied"}',
+    )
+    p.add_argument("--guide-lr", type=float, default=None, help="guide learning rate (default: dinado's)")
+    p.add_argument("--alpha", type=float, default=1.0, help="guidance strength of the module variants")
+    p.add_argument(
+        "--samples", default=None, help="reuse this samples.safetensors (same base, sets and seed)"
+    )
+    p.add_argument(
+        "--rows-json", default=None, help="also write the result rows in the docs/results format here"
+    )
     p.add_argument("--no-test", action="store_true", help="decode dev only")
     p.add_argument("--no-efficiency", action="store_true", help="skip the sample-efficiency study")
     p.add_argument(
@@ -126,6 +153,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.best_of = [int(x) for x in args.best_of.split(",") if x.strip()]
+    args.systems = [x.strip() for x in args.systems.split(",") if x.strip()]
+    args.decodings = [x.strip() for x in args.decodings.split(",") if x.strip()]
+    bad = sorted(set(args.systems) - set(VARIANTS + BASELINES)) + sorted(set(args.decodings) - set(DECODINGS))
+    if bad:
+        p.error(f"unknown systems or decodings {bad}: systems {VARIANTS + BASELINES}, decodings {DECODINGS}")
+    try:
+        args.guide_options = json.loads(args.guide_options)
+    except json.JSONDecodeError as exc:
+        p.error(f"--guide-options is not JSON: {exc}")
     args.budgets = sorted(int(x) for x in args.budgets.split(",") if x.strip())
     if any(b < 1 for b in args.budgets):
         p.error(f"--budgets must be positive integers, got {args.budgets}")
@@ -188,16 +224,32 @@ def build_base(args, run: Path, train_sets, timer: Timer):
     else:
         source = args.base
     with timer.stage("load base"):
-        model = AutoModelForCausalLM.from_pretrained(source).to(args.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        if args.base is None:
+            model = AutoModelForCausalLM.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        else:  # a directory, a hub id or a named offline base (smollm2-135m-instruct)
+            model, tokenizer = load_model(source)
+        model = model.to(args.device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    has_chat = getattr(tokenizer, "chat_template", None) is not None
+    chat = has_chat if args.chat == "auto" else args.chat == "true"
+    template = args.prompt_template or (INSTRUCTION if chat else "{prompt}")
+    args.prompt_format = PromptFormat(template, chat)
+    log(f"prompt format: {template!r}, chat template {'on' if chat else 'off'}")
     if args.base is not None and args.base_finetune_steps > 0:
         with timer.stage("fine-tune base on references"):
             prompts = [s.prompt for s in train_sets for _ in s.references]
             targets = [r for s in train_sets for r in s.references]
             model, _ = supervised_finetune(
-                model, tokenizer, prompts, targets, "lora", args.base_finetune_steps, seed=args.seed
+                model,
+                tokenizer,
+                prompts,
+                targets,
+                "lora",
+                args.base_finetune_steps,
+                seed=args.seed,
+                prompt_format=args.prompt_format,
             )
     for param in model.parameters():
         param.requires_grad_(False)
@@ -208,7 +260,25 @@ def decode_kwargs(args, tokenizer, mode: str) -> dict:
     common = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     if mode == "beam":
         return dict(common, do_sample=False, num_beams=args.beams, early_stopping=True)
+    if mode == "greedy":
+        return dict(common, do_sample=False, num_beams=1)
     return dict(common, do_sample=True, top_k=0, temperature=1.0)
+
+
+def decoding_name(args, mode: str) -> str:
+    return {"beam": f"beam {args.beams}", "greedy": "greedy", "sample": "sample"}[mode]
+
+
+def prompt_ids_and_oracle(args, tokenizer, lines: list[str], oracle):
+    """Token ids of each concept-set line in the run's prompt format, and the oracle on token ids (which reads
+    the concepts from the line, not from the instruction around it)."""
+    ids = encode_prompts(tokenizer, lines, prompt_format=args.prompt_format)
+    texts = {tuple(i): line for i, line in zip(ids, lines, strict=True)}
+    return ids, as_token_oracle(oracle, tokenizer, texts)
+
+
+def sample_eos(args, tokenizer) -> int | None:
+    return end_of_turn_id(tokenizer) if args.prompt_format.chat else None
 
 
 def run_systems(
@@ -217,40 +287,68 @@ def run_systems(
     """Sample, train the guides and baselines, decode every split both ways: (rows, outputs, samples)."""
     oracle = coverage_oracle()
     soft_oracle = coverage_oracle(soft=True)
-    token_oracle = as_token_oracle(oracle, tokenizer)
     prompts = [s.prompt for s in train_sets]
+    prompt_ids, token_oracle = prompt_ids_and_oracle(args, tokenizer, prompts, oracle)
     k = args.samples_per_set
-    with timer.stage("sample from the base"):
-        samples = sample(
-            model,
-            encode_prompts(tokenizer, prompts),
-            k,
-            token_oracle,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=max(args.batch_size, 1) * 4,
-            seed=args.seed,
-            tokenizer=tokenizer,
-        )
+    if args.samples is not None:
+        samples = SampleSet.load(args.samples)
+        expected = [list(i) for i in prompt_ids for _ in range(k)]
+        if samples.prompts != expected:
+            raise SystemExit(
+                f"--samples {args.samples} holds other prompts than this run's (sets, seed, format)"
+            )
+        log(f"reusing {args.samples}")
+    else:
+        with timer.stage("sample from the base"):
+            samples = sample(
+                model,
+                prompt_ids,
+                k,
+                token_oracle,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=max(args.batch_size, 1) * 4,
+                seed=args.seed,
+                tokenizer=tokenizer,
+                eos_token_id=sample_eos(args, tokenizer),
+            )
     samples.save(run / "samples.safetensors")
     guide_oracle_calls = len(samples)
     log(f"{len(samples)} samples from p, {samples.positive_rate:.1%} cover all their concepts")
 
     def make_guide(variant: str) -> Guide:
-        base = copy.deepcopy(model) if variant == "dinado-merge" else model
-        return Guide.create(base, variant, tokenizer=tokenizer, num_layers=2, lora_r=8, lora_alpha=16)
+        options = {} if variant == "dinado-merge" else args.guide_options
+        return Guide.create(
+            model, variant, tokenizer=tokenizer, num_layers=2, lora_r=8, lora_alpha=16, **options
+        )
 
     def fit(guide: Guide, data, steps: int) -> dict:
-        return train(guide, data, max_steps=steps, batch_size=args.train_batch_size, seed=args.seed).to_dict()
+        return train(
+            guide,
+            data,
+            max_steps=steps,
+            batch_size=args.train_batch_size,
+            seed=args.seed,
+            learning_rate=args.guide_lr,
+        ).to_dict()
 
-    for variant in VARIANTS:
+    for variant in [v for v in VARIANTS if v in args.systems]:
         guide = make_guide(variant)
         with timer.stage(f"train {variant}"):
             report = fit(guide, samples, args.guide_steps)
         guide.save_pretrained(run / "guides" / variant)
-        train_info[variant] = {"final_loss": report["loss"][-1], "steps": report["steps"]}
+        train_info[variant] = {
+            "final_loss": report["loss"][-1],
+            "steps": report["steps"],
+            "loss": report["loss"],
+            "cross_entropy": report["cross_entropy"],
+            "regularizer": report["regularizer"],
+            "seconds": timer.seconds[f"train {variant}"],
+        }
         systems[variant] = guide.merge() if variant == "dinado-merge" else guide
 
     for name, method in (("sft-lora", "lora"), ("prompt-tuning", "prompt")):
+        if name not in args.systems:
+            continue
         systems[name], train_info[name] = fine_tune_on_references(
             args, model, tokenizer, train_sets, method, name, timer
         )
@@ -259,7 +357,7 @@ def run_systems(
     outputs: dict[str, dict[str, list[str]]] = {}
     for split, sets in splits.items():
         split_prompts = [s.prompt for s in sets]
-        for mode in ("beam", "sample"):
+        for mode in args.decodings:
             for name, source in systems.items():
                 torch.manual_seed(args.seed)
                 key = f"decode {split} {mode} {name}"
@@ -269,13 +367,15 @@ def run_systems(
                         tokenizer,
                         split_prompts,
                         args.batch_size,
+                        alpha=args.alpha if isinstance(source, Guide) else 1.0,
+                        prompt_format=args.prompt_format,
                         **decode_kwargs(args, tokenizer, mode),
                     )
                 calls = guide_oracle_calls if name in VARIANTS else 0
                 rows.append(
                     {
                         "split": split,
-                        "decoding": mode if mode == "sample" else f"beam {args.beams}",
+                        "decoding": decoding_name(args, mode),
                         "system": name,
                         "train_oracle_calls": calls,
                         "test_oracle_calls": 0,
@@ -297,6 +397,7 @@ def run_systems(
                             args.max_new_tokens,
                             batch_size=args.batch_size,
                             seed=args.seed,
+                            prompt_format=args.prompt_format,
                         )
                     rows.append(
                         {
@@ -329,6 +430,7 @@ def fine_tune_on_references(args, model, tokenizer, train_sets, method: str, nam
             args.sft_steps,
             batch_size=args.train_batch_size,
             seed=args.seed,
+            prompt_format=args.prompt_format,
         )
     return tuned.eval(), info
 
@@ -352,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
     systems: dict[str, object] = {"base": model}
     train_info: dict[str, dict] = {}
     rows, outputs, samples = [], {}, None
-    if args.efficiency_only:
+    if args.efficiency_only or (not args.no_efficiency and "sft-lora" not in args.systems):
         systems["sft-lora"], train_info["sft-lora"] = fine_tune_on_references(
             args, model, tokenizer, train_sets, "lora", "sft-lora", timer
         )
@@ -369,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(
             ["python", "benchmarks/commongen/run.py", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "args": vars(args),
+        "args": {k: (v.to_dict() if isinstance(v, PromptFormat) else v) for k, v in vars(args).items()},
         "base": base_source,
         "base_parameters": sum(p.numel() for p in model.parameters()),
         "train_sets": len(train_sets),
@@ -385,6 +487,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     atomic_write_text(run / "results.json", json.dumps(results, indent=2))
     atomic_write_text(run / "outputs.json", json.dumps(outputs, indent=1))
+    if any("cross_entropy" in info for info in train_info.values()):
+        plot_training_curves(train_info, run / "training_curves.png")
+    if args.rows_json:
+        atomic_write_text(args.rows_json, json.dumps(machine_rows(rows), indent=1) + "\n")
     markdown = results_markdown(results)
     atomic_write_text(run / "results.md", markdown)
     print(markdown)
@@ -395,13 +501,17 @@ def main(argv: list[str] | None = None) -> dict:
 def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, timer: Timer) -> dict:
     """Dev success vs labelled samples per concept set, for NADO and DiNADO-Soft, from p and from a proposal."""
     sets = subset(all_train, args.efficiency_sets, args.seed + 2)
-    prompt_ids = encode_prompts(tokenizer, [s.prompt for s in sets])
     dev = splits["dev"][: args.efficiency_dev_sets] if args.efficiency_dev_sets > 0 else splits["dev"]
     dev_prompts = [s.prompt for s in dev]
     oracle = coverage_oracle()
-    token_oracle = as_token_oracle(oracle, tokenizer)
+    prompt_ids, token_oracle = prompt_ids_and_oracle(args, tokenizer, [s.prompt for s in sets], oracle)
     most = max(args.budgets)
-    common = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size * 4, tokenizer=tokenizer)
+    common = dict(
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size * 4,
+        tokenizer=tokenizer,
+        eos_token_id=sample_eos(args, tokenizer),
+    )
     with timer.stage("efficiency: sample from p"):
         from_p = sample(model, prompt_ids, most, token_oracle, seed=args.seed + 3, **common)
     with timer.stage("efficiency: sample from the proposal"):
@@ -415,7 +525,7 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
             data = pool.subset(indices)
             ess = effective_sample_size(data)
             for variant in ("nado", "dinado-soft"):
-                guide = Guide.create(model, variant, tokenizer=tokenizer, num_layers=2)
+                guide = Guide.create(model, variant, tokenizer=tokenizer, num_layers=2, **args.guide_options)
                 key = f"efficiency: {variant} {arm} {budget}"
                 with timer.stage(key):
                     train(
@@ -431,6 +541,7 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
                         tokenizer,
                         dev_prompts,
                         args.batch_size,
+                        prompt_format=args.prompt_format,
                         **decode_kwargs(args, tokenizer, "sample"),
                     )
                 success = sum(oracle(dev_prompts, texts)) / len(dev_prompts)
@@ -449,7 +560,12 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
                 log(f"{key}: dev success {success:.3f}")
     torch.manual_seed(args.seed)
     texts, _, _ = generate_texts(
-        model, tokenizer, dev_prompts, args.batch_size, **decode_kwargs(args, tokenizer, "sample")
+        model,
+        tokenizer,
+        dev_prompts,
+        args.batch_size,
+        prompt_format=args.prompt_format,
+        **decode_kwargs(args, tokenizer, "sample"),
     )
     base_success = sum(oracle(dev_prompts, texts)) / len(dev_prompts)
     result = {
@@ -474,6 +590,29 @@ def effective_sample_size(data) -> float:
     return float((s1 * s1 / s2).mean())
 
 
+def plot_training_curves(train_info: dict, path: Path) -> None:
+    """Cross-entropy and regulariser per training step of every guide, in one PNG (method.md: DiNADO is claimed
+    to keep the regulariser small where NADO's can grow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ce, ax_reg) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, info in train_info.items():
+        if "cross_entropy" not in info:
+            continue
+        ax_ce.plot(info["cross_entropy"], label=name)
+        if any(v != 0 for v in info["regularizer"]):
+            ax_reg.plot(info["regularizer"], label=name)
+    ax_ce.set_title("cross-entropy term")
+    ax_reg.set_title("regulariser term (KL(Bern(S) || Bern(R)))")
+    for ax in (ax_ce, ax_reg):
+        ax.set_xlabel("training step")
+        ax.legend(fontsize=8)
+    save_figure(fig, path, dpi=120)
+
+
 def plot_efficiency(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -496,12 +635,33 @@ def plot_efficiency(result: dict, path: Path) -> None:
     ax.set_ylabel("all-concepts success (dev, sampling)")
     ax.set_title(f"CommonGen sample efficiency ({result['train_sets']} concept sets)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=120)
+
+
+def machine_rows(rows: list[dict]) -> list[dict]:
+    """The rows in the format of docs/results/commongen_smollm2.json (system / decoding names fixed there)."""
+    out = []
+    for r in rows:
+        system, decoding = r["system"], r["decoding"]
+        if decoding.startswith("best of "):
+            system, decoding = f"best-of-{decoding.split()[2]}", "sample"
+        out.append(
+            {
+                "split": r["split"],
+                "decoding": decoding.replace(" ", ""),
+                "system": system,
+                "success": r["success"],
+                "coverage": r["coverage"],
+                "bleu4": r["bleu4"],
+                "cider": r["cider"],
+                "meteor": r["meteor"],
+                "rougeL": r["rouge_l"],
+                "words": r["mean_words"],
+                "oracle_calls_train": r["train_oracle_calls"],
+                "oracle_calls_test": r["test_oracle_calls"],
+            }
+        )
+    return out
 
 
 def _fmt(value, digits: int = 3) -> str:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .guide import eval_mode, is_encoder_decoder, position_ids_from_mask, wrap_peft
 from .pretrain import _batch_loss, _lr_factor
 from .samples import right_pad
-from .text import encode_prompts, new_tokens, pad_prompts
+from .text import PromptFormat, encode_prompts, end_of_turn_id, new_tokens, pad_prompts
 
 __all__ = ["METHODS", "SoftPromptLM", "best_of_n", "supervised_finetune"]
 
@@ -147,13 +147,25 @@ def _max_positions(model: nn.Module) -> int | None:
 
 
 def _training_rows(
-    tokenizer, prompts: Sequence[str], targets: Sequence[str], limit: int | None
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    limit: int | None,
+    prompt_format: PromptFormat | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Right-padded ids, attention mask and labels (-100 on prompt and padding); the truncated-row count."""
-    eos = tokenizer.eos_token_id
+    """Right-padded ids, attention mask and labels (-100 on prompt and padding); the truncated-row count.
+
+    Plain prompts: ``prompt + " " + target + EOS``. A ``prompt_format`` formats the prompt as the model will
+    read it (a chat template opens the assistant turn, which the target then fills, ended by end of turn)."""
+    chat = prompt_format is not None and prompt_format.chat
+    eos = end_of_turn_id(tokenizer) if chat else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer([" " + t for t in targets], add_special_tokens=False)["input_ids"]
+    if prompt_format is None or prompt_format.is_plain:
+        prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = encode_prompts(tokenizer, prompts, prompt_format=prompt_format)
+    lead = "" if chat else " "
+    target_ids = tokenizer([lead + t for t in targets], add_special_tokens=False)["input_ids"]
     rows, learn, truncated = [], [], 0
     for p, t in zip(prompt_ids, target_ids, strict=True):
         row, keep = [*p, *t, eos], [False] * len(p) + [True] * (len(t) + 1)
@@ -232,13 +244,16 @@ def supervised_finetune(
     lora_target_modules: str | list[str] = "all-linear",
     num_virtual_tokens: int = 8,
     progress: bool = False,
+    prompt_format: PromptFormat | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune a copy of ``model`` on ``(prompt, target)`` pairs with LoRA or prompt tuning.
 
     Each example is ``tokenizer(prompt) + tokenizer(" " + target) + [EOS]`` (no special tokens added), the
     loss taken on the target and EOS tokens only; batches are right-padded. An encoder-decoder ``model``
     (Marian, T5, BART) reads the prompt as its source (:func:`dinado.text.encode_prompts`) and learns
-    ``tokenizer(target) + [EOS]`` as its decoder labels; only ``method="lora"`` applies to it. ``model``
+    ``tokenizer(target) + [EOS]`` as its decoder labels; only ``method="lora"`` applies to it. A
+    ``prompt_format`` (decoder-only) formats each prompt as generation will (:class:`dinado.text.PromptFormat`);
+    with a chat template the target fills the assistant turn and ends with the end-of-turn token. ``model``
     itself is never changed: a deep copy is trained (so memory holds two models).
 
     ``method="lora"`` (default learning rate 1e-3) trains LoRA adapters (``lora_r``, ``lora_alpha``, on
@@ -281,8 +296,14 @@ def supervised_finetune(
             raise ValueError(
                 f"num_virtual_tokens={num_virtual_tokens} leaves no room in the model's positions"
             )
-    rows = _seq2seq_rows if seq2seq else _training_rows
-    ids, mask, labels, truncated = rows(tokenizer, prompts, targets, limit)
+    if seq2seq:
+        if prompt_format is not None and not prompt_format.is_plain:
+            raise ValueError(
+                "prompt_format applies to decoder-only models; an encoder-decoder base reads the source"
+            )
+        ids, mask, labels, truncated = _seq2seq_rows(tokenizer, prompts, targets, limit)
+    else:
+        ids, mask, labels, truncated = _training_rows(tokenizer, prompts, targets, limit, prompt_format)
 
     torch.manual_seed(seed)
     work = copy.deepcopy(model)
@@ -379,6 +400,7 @@ def best_of_n(
     batch_size: int = 32,
     seed: int = 0,
     temperature: float = 1.0,
+    prompt_format: PromptFormat | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """For each prompt, draw ``n`` samples and return the one ``score`` rates highest.
 
@@ -387,7 +409,8 @@ def best_of_n(
     other; ``torch.manual_seed(seed)`` is set once at the start. A completion is the text of the new tokens
     up to the first EOS, decoded with ``skip_special_tokens=True`` and stripped. ``score(prompts_repeated,
     completions)`` is called once on all ``n * len(prompts)`` completions (higher is better); among ties the
-    earliest sample wins.
+    earliest sample wins. A ``prompt_format`` formats each prompt as :func:`dinado.text.generate_texts` does
+    (a chat template: generation ends at its end-of-turn token); ``score`` still reads the prompt lines.
 
     Returns ``(chosen, info)`` with ``info["oracle_calls"] = n * len(prompts)``, ``info["accepted"]`` (the
     share of prompts whose chosen completion scores at least 1.0, i.e. fully satisfies a [0, 1] oracle) and
@@ -406,11 +429,15 @@ def best_of_n(
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id: set one (GPT-2 style: pad = eos)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if prompt_format is not None and prompt_format.chat:
+        eos = end_of_turn_id(tokenizer)
     start_time = time.perf_counter()
 
     seq2seq = is_encoder_decoder(model)
     if seq2seq:
         encoded = encode_prompts(tokenizer, prompts, encoder_decoder=True)
+    elif prompt_format is not None and not prompt_format.is_plain:
+        encoded = encode_prompts(tokenizer, prompts, prompt_format=prompt_format)
     else:
         encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         for prompt, ids in zip(prompts, encoded, strict=True):

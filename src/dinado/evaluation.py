@@ -164,10 +164,17 @@ def plot_training_curves(records: Sequence[dict[str, float]], path: str | os.Pat
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path, dpi: int = 100) -> None:
+    """Write a matplotlib figure to ``path`` as PNG atomically (temp file + rename), then close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
 
