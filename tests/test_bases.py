@@ -163,3 +163,25 @@ def test_smollm2_loads_offline_and_follows_an_instruction():
     [text], _, _ = generate_texts(model, tokenizer, ["dog, ball"], prompt_format=fmt, max_new_tokens=24,
                                   do_sample=False)  # fmt: skip
     assert KeywordOracle(KeywordList())(["dog, ball"], [text]) == [1.0], text
+
+
+def test_baselines_format_prompts_as_generation_does(chat_tokenizer):
+    from dinado.baselines import _training_rows, best_of_n
+
+    from .conftest import tiny_gpt2
+
+    fmt = PromptFormat("Use: {keywords}.", chat=True)
+    ids, _, labels, _ = _training_rows(chat_tokenizer, ["dog, ball"], ["the dog runs"], None, fmt)
+    [prompt] = encode_prompts(chat_tokenizer, ["dog, ball"], prompt_format=fmt)
+    im_end = end_of_turn_id(chat_tokenizer)
+    target = chat_tokenizer("the dog runs", add_special_tokens=False)["input_ids"] + [im_end]
+    assert ids[0].tolist() == prompt + target  # the target fills the assistant turn and ends it
+    assert labels[0].tolist() == [-100] * len(prompt) + target
+    model = tiny_gpt2(0, vocab_size=len(chat_tokenizer), layers=1)
+    model.generation_config.eos_token_id = None  # only the format may say where a completion ends
+    seen, calls, generate = [], [], model.generate
+    model.generate = lambda **kw: calls.append(kw) or generate(**kw)
+    best_of_n(model, chat_tokenizer, ["dog, ball"], 3, lambda p, c: seen.extend(p) or [0.0] * len(c), 4,
+              prompt_format=fmt)  # fmt: skip
+    assert seen == ["dog, ball"] * 3  # the score reads the line, not the decorated prompt
+    assert calls[0]["input_ids"][0].tolist() == prompt and calls[0]["eos_token_id"] == im_end
