@@ -24,6 +24,7 @@ import torch
 
 import dinado
 from dinado import exact
+from dinado.io import atomic_write_text
 
 # (label, variant, Guide.create options)
 SYSTEMS = [
@@ -107,8 +108,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     print(table(rows, base_summary))
     if args.json:
-        from dinado.io import atomic_write_text
-
         atomic_write_text(args.json, json.dumps(rows, indent=2) + "\n")
     return rows
 

@@ -68,17 +68,22 @@ def rollout_values(model, tokenizer, rows, oracle, k, max_new_tokens, eos, seed,
 
 @torch.no_grad()
 def guide_prefix_values(guide: Guide, samples: SampleSet, picks: list[tuple[int, int]]) -> list[float]:
-    """R_theta(prefix) for each (sample index, depth d >= 1): the value of the prefix holding d completion tokens."""
-    out = []
+    """R_theta(prefix) for each (sample index, depth d >= 1): the value of the prefix holding d completion tokens.
+    One forward pass per sample reads every depth picked from it."""
+    by_sample: dict[int, list[int]] = {}
+    for j, (index, _) in enumerate(picks):
+        by_sample.setdefault(index, []).append(j)
+    out = [0.0] * len(picks)
     with eval_mode(guide):
-        for index, depth in picks:
+        for index, rows in by_sample.items():
             batch = samples.collate([index])
             raw = guide(batch.input_ids, batch.attention_mask)
             log_values, _ = guide.parameterization.log_values(
                 raw.log_p, raw.direction, raw.norm, batch.input_ids, batch.completion_mask
             )
             log_r = prefix_log_values(log_values, batch.input_ids)[0]
-            out.append(float(log_r[len(samples.prompts[index]) + depth - 2].exp()))
+            for j in rows:
+                out[j] = float(log_r[len(samples.prompts[index]) + picks[j][1] - 2].exp())
     return out
 
 
@@ -130,8 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     table: dict[str, dict] = {}
     values: dict[str, list[float]] = {}
     for path in sorted((run / "guides").iterdir()):
-        base = load_model(results["base"])[0].eval() if path.name == "dinado-merge" else model
-        guide = Guide.from_pretrained(path, base).eval()
+        guide = Guide.from_pretrained(path, model).eval()  # a guide never changes the model it wraps
         values[path.name] = guide_prefix_values(guide, samples, picks)
         log(f"{path.name}: values computed")
     values["constant base rate"] = [sum(truth) / len(truth)] * len(truth)  # a reference that knows nothing

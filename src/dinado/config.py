@@ -121,10 +121,8 @@ class GuideConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GuideConfig:
-        data = {
-            **PRE_POINTER_DEFAULTS,
-            **data,
-        }  # configs saved before these options existed: the guide they had
+        # a config saved before the head options existed describes the guide it had: full head, no extras
+        data = {**PRE_POINTER_DEFAULTS, **data}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -65,9 +65,10 @@ class PointerScores(nn.Module):
 def add_pointer_scores(
     direction: torch.Tensor, scores: torch.Tensor, token_ids: torch.Tensor
 ) -> torch.Tensor:
-    """direction [B, L_new, V] plus each score [B, L_new, L_all] at the token [B, L_all] of its position."""
+    """direction [B, L_new, V] plus each score [B, L_new, L_all] at the token [B, L_all] of its position, in place
+    (``direction`` is a fresh head output: its linear map's backward pass does not read it)."""
     index = token_ids[:, None, :].expand(-1, scores.shape[1], -1)
-    return direction.scatter_add(-1, index, scores.to(direction.dtype))
+    return direction.scatter_add_(-1, index, scores.to(direction.dtype))
 
 
 class GuideModule(nn.Module):
