@@ -1,9 +1,11 @@
-"""Decoding cost of a guide: tokens/s of plain ``generate`` against guided generation, per variant.
+"""Decoding cost of a guide: tokens/s of plain ``generate`` against guided generation, per variant and head.
 
-The base is a randomly initialised GPT-2-small-sized model (12 layers, width 768, vocabulary 50257), so no
-download is needed; speed does not depend on the weights. Each module variant (NADO, DiNADO-Hard, -Soft)
+The default base is a randomly initialised GPT-2-small-sized model (12 layers, width 768, vocabulary 50257), so
+no download is needed; speed does not depend on the weights. ``--base smollm2-135m-instruct`` (or any name or
+path ``dinado.text.load_model`` takes) times a real model instead. Each module variant (NADO, DiNADO-Hard, -Soft)
 decodes through ``dinado.generate`` (the base plus the guide's own layers and vocabulary head, one cached
-step per token). DiNADO-Merge is timed twice: the merged model's own ``generate`` (the deployment path) and
+step per token). DiNADO-Soft is also timed with each head of ``--heads`` (``GuideConfig.head`` and
+``head_rank``: ``full``, ``tied``, ``full:R``, ``tied:R``). DiNADO-Merge is timed twice: the merged model's own ``generate`` (the deployment path) and
 the unmerged LoRA adapter through ``dinado.generate``. The guides are untrained (zero-initialised heads):
 that changes nothing about their cost.
 
@@ -34,6 +36,15 @@ import dinado
 
 MODES = ("sample", "beam")
 MODULE_VARIANTS = ("nado", "dinado-hard", "dinado-soft")
+RANDOM_BASE = "gpt2-small-random"
+
+
+def parse_head(spec: str) -> dict:
+    """``full`` / ``tied`` / ``full:R`` / ``tied:R`` -> Guide.create options."""
+    head, _, rank = spec.partition(":")
+    if head not in ("full", "tied") or (rank and not rank.isdigit()):
+        raise argparse.ArgumentTypeError(f"a head is full, tied, full:RANK or tied:RANK, got {spec!r}")
+    return {"head": head, **({"head_rank": int(rank)} if rank else {})}
 
 
 @dataclass
@@ -62,6 +73,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-beams", type=int, default=4, help="beams in beam-search mode (default 4)")
     parser.add_argument("--guide-layers", type=int, default=2, help="layers of the guide module (default 2)")
     parser.add_argument("--base-layers", type=int, default=None, help="layers of the base model (default 12)")
+    parser.add_argument(
+        "--base",
+        default=RANDOM_BASE,
+        help=f"{RANDOM_BASE} (default: GPT-2 small's shape, random weights) or a model name or path, "
+        "e.g. smollm2-135m-instruct",
+    )
+    parser.add_argument(
+        "--heads",
+        nargs="*",
+        default=["tied", "tied:64", "full:64"],
+        type=parse_head,
+        help="extra DiNADO-Soft heads to time beside the default (full, tied, full:R, tied:R)",
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and sampling")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -82,16 +106,28 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_base(args: argparse.Namespace) -> GPT2LMHeadModel:
+def build_base(args: argparse.Namespace) -> PreTrainedModel:
+    if args.base != RANDOM_BASE:
+        from dinado.text import load_model
+
+        return load_model(args.base)[0].eval()
     torch.manual_seed(args.seed)
     config = GPT2Config(n_layer=args.base_layers, n_embd=768, n_head=12, vocab_size=50257)
     return GPT2LMHeadModel(config).eval()
 
 
-def build_guide(base: PreTrainedModel, variant: str, args: argparse.Namespace) -> dinado.Guide:
-    """A guide over its own copy of the base: dinado-merge wraps its base with PEFT in place."""
+def build_guide(
+    base: PreTrainedModel, variant: str, args: argparse.Namespace, **options: object
+) -> dinado.Guide:
+    """A guide over the base; dinado-merge wraps its base with PEFT in place, so it gets its own copy."""
     torch.manual_seed(args.seed)
-    return dinado.Guide.create(copy.deepcopy(base), variant, num_layers=args.guide_layers)
+    model = copy.deepcopy(base) if variant == "dinado-merge" else base
+    return dinado.Guide.create(model, variant, num_layers=args.guide_layers, **options)
+
+
+def head_label(options: dict) -> str:
+    rank = options.get("head_rank")
+    return options["head"] + (f" rank {rank}" if rank else "")
 
 
 def mode_kwargs(mode: str, args: argparse.Namespace, eos: int) -> dict:
@@ -138,13 +174,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
     base = build_base(args)
-    eos = int(base.config.eos_token_id)
+    eos = base.generation_config.eos_token_id
+    eos = int(eos[0] if isinstance(eos, list) else eos if eos is not None else base.config.eos_token_id)
+    vocab = base.get_output_embeddings().weight.shape[0]
+    print(f"Base: {args.base} ({type(base).__name__}, vocabulary {vocab:,})\n")
     generator = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.prompt_length), generator=generator)
-    ids[ids == eos] = eos - 1  # no EOS inside the prompts
+    ids = torch.randint(0, vocab, (args.batch_size, args.prompt_length), generator=generator)
+    ids[ids == eos] = (eos + 1) % vocab  # no EOS inside the prompts
     mask = torch.ones_like(ids)
 
     guides = {variant: build_guide(base, variant, args) for variant in (*MODULE_VARIANTS, "dinado-merge")}
+    default_head = head_label({"head": guides["dinado-soft"].config.head})
+    extra_heads = {
+        f"dinado-soft, {head_label(h)} head": build_guide(base, "dinado-soft", args, **h)
+        for h in args.heads
+        if head_label(h) != default_head
+    }
     merged = guides["dinado-merge"].merge()
     base_params = count_parameters(base)
     merged_params = count_parameters(merged)
@@ -158,13 +203,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     configs = [Config("base (plain generate)", plain(base))]
     configs += [Config(f"{v} (dinado.generate)", guided(guides[v])) for v in MODULE_VARIANTS]
+    configs += [Config(f"{name} (dinado.generate)", guided(guide)) for name, guide in extra_heads.items()]
     configs.append(Config("dinado-merge, merged (plain generate)", plain(merged)))
     configs.append(Config("dinado-merge, unmerged adapter (dinado.generate)", guided(guides["dinado-merge"])))
 
     param_rows = [["base (plain generate)", "0", f"{base_params:,}"]]
-    for variant in MODULE_VARIANTS:
-        own = sum(p.numel() for p in guides[variant].trainable_state().values())
-        param_rows.append([variant, f"{own:,}", f"{base_params + own:,}"])
+    module_guides = {f"{v}, {default_head} head": guides[v] for v in MODULE_VARIANTS} | extra_heads
+    for name, guide in module_guides.items():
+        own = sum(p.numel() for p in guide.trainable_state().values())
+        param_rows.append([name, f"{own:,}", f"{base_params + own:,}"])
     lora = sum(p.numel() for p in guides["dinado-merge"].trainable_state().values())
     param_rows.append(["dinado-merge, merged", f"{lora:,} (before merging)", f"{merged_params:,}"])
     param_rows.append(

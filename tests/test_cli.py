@@ -318,6 +318,10 @@ def test_pretrain_sample_train_generate_evaluate_on_a_tiny_config(tmp_path, caps
         tmp_path / "s",
         "--variant",
         "nado",
+        "--head",
+        "tied",
+        "--head-rank",
+        4,
         "--max-steps",
         4,
         "--batch-size",
@@ -327,6 +331,8 @@ def test_pretrain_sample_train_generate_evaluate_on_a_tiny_config(tmp_path, caps
         "--allow-no-positives",
     )
     assert code == 0, err
+    saved = json.loads((tmp_path / "g" / "guide" / "dinado_config.json").read_text())
+    assert (saved["head"], saved["head_rank"]) == ("tied", 4)
     code, out, err = _run(
         capsys,
         "generate",

@@ -24,9 +24,10 @@ OPTIONS = {
     "tied": {"head": "tied"},
     "tokens": {"read_tokens": True},
     "tied+tokens": {"head": "tied", "read_tokens": True},
-    "pointer": {"pointer": True},
-    "tied+pointer": {"head": "tied", "read_tokens": True, "pointer": True},
+    "full-rank3": {"head_rank": 3},
+    "tied-rank3": {"head": "tied", "head_rank": 3},
 }
+# (the pointer is on by default for the module variants, so every option above runs with it)
 
 
 @pytest.mark.parametrize("kind", CAUSAL_KINDS)
@@ -101,6 +102,40 @@ def test_save_load_round_trip(tmp_path, option, kind):
 def test_an_unknown_head_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="head must be one of full, tied"):
         Guide.create(tiny_causal("gpt2"), "nado", head="pointer")
+
+
+@pytest.mark.parametrize("rank", [0, -2, True, 2.5])
+def test_a_bad_head_rank_is_refused(rank):
+    with pytest.raises(ValueError, match="head_rank must be a positive integer"):
+        Guide.create(tiny_causal("gpt2"), "nado", head_rank=rank)
+
+
+@pytest.mark.parametrize("head", ["full", "tied"])
+def test_a_low_rank_head_costs_rank_times_vocabulary(head):
+    base = tiny_causal("gpt2")
+    guide = Guide.create(base, "dinado-soft", module_dim=16, head=head, head_rank=3)
+    weight, _ = guide.module.head_weights(base.get_output_embeddings().weight)
+    assert weight.shape == (guide.config.base_vocab_size, 3)
+    assert guide.module.head_input(torch.zeros(2, 5, 16)).shape == (2, 5, 3)
+    assert not any(
+        p.dim() == 2 and p.shape[0] == guide.config.base_vocab_size and p.shape[1] > 3
+        for p in guide.trainable_state().values()
+    )
+
+
+def test_the_tied_low_rank_product_is_kept_while_nothing_changes_and_redone_after_a_step():
+    base = tiny_causal("gpt2")
+    guide = Guide.create(base, "dinado-soft", head="tied", head_rank=3)
+    embeddings = base.get_output_embeddings().weight
+    with torch.no_grad():
+        first = guide.module.head_weights(embeddings)[0]
+        assert guide.module.head_weights(embeddings)[0] is first
+        guide.module.head_up.weight.add_(1.0)  # what an optimiser step does
+        second = guide.module.head_weights(embeddings)[0]
+    assert second is not first
+    expected = embeddings @ guide.module.head_up.weight
+    assert (second - expected).abs().max() < 1e-5
+    assert (guide.module.head_weights(embeddings)[0] - expected).abs().max() < 1e-5  # with grad: fresh
 
 
 @pytest.mark.parametrize(

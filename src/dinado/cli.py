@@ -218,6 +218,7 @@ SPECS: dict[str, Spec] = {
             "str",
             "guide token head: 'full' (its own) or 'tied' (the base's output embeddings)",
         ),
+        "head_rank": (None, "count", "rank of the guide token head's [V, r] matrix (default: full rank)"),
         "read_tokens": (False, "bool", "the guide module also reads the base's embedding of each token"),
         "pointer": (
             True,
@@ -792,6 +793,7 @@ def cmd_train(config: dict[str, Any]) -> None:
                 if config["variant"] == "dinado-merge"
                 else {
                     "head": config["head"],
+                    "head_rank": config["head_rank"],
                     "read_tokens": config["read_tokens"],
                     "pointer": config["pointer"],
                 }

@@ -31,6 +31,10 @@ class GuideConfig:
         ``"tied"``: the module predicts a vector in the base's hidden space (a zero-initialised dim x H map) and the
         direction is its product with the base's own output embeddings, so any token the base can name can be
         boosted, whether or not it was seen in a training positive; no parameter per token.
+    head_rank: a low-rank head: the direction's [V, *] matrix has ``head_rank`` columns instead of the module's
+        width (full head: its own [V, r] matrix after a fixed-shape dim -> r projection) or the base's width (tied
+        head: E @ U with U a learned [H, r] map, computed once per decoding run), so the per-token cost of the
+        head falls from V x dim (or V x H) to V x r. ``None``: full rank.
     read_tokens: the module also reads the base's input embedding of each token (added to its projected hidden
         state), so it can see which tokens the prompt names, not only what the base predicts after them.
     pointer: the module also adds a learned score to the direction of every token that occurs earlier in the
@@ -58,6 +62,7 @@ class GuideConfig:
     consistency: str | None = None
     max_positions: int = 2048
     head: str = "full"
+    head_rank: int | None = None
     read_tokens: bool = False
     pointer: bool | None = None
     base_model_name: str | None = None
@@ -96,6 +101,14 @@ class GuideConfig:
             )
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.head_rank is not None and (
+            isinstance(self.head_rank, bool) or not isinstance(self.head_rank, int) or self.head_rank < 1
+        ):
+            raise ValueError(
+                f"head_rank must be a positive integer or None (full rank), got {self.head_rank!r}"
+            )
+        if self.head_rank is not None and self.variant == "dinado-merge":
+            raise ValueError("head_rank is an option of the guide module's head; dinado-merge has none")
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {self.num_layers}")
         if self.lora_r < 1:

@@ -137,6 +137,7 @@ class GuideLogitsProcessor(LogitsProcessor):
                 past_key_values=self._cache if self.use_cache else None,
                 use_cache=self.use_cache,
                 memory=self._memory if self.use_cache else None,
+                last_only=True,
             )
         self._cache = cache
         self._prev_ids = input_ids

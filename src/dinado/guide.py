@@ -346,6 +346,7 @@ class Guide(nn.Module):
                 head=config.head,
                 token_size=self._input_embeddings().weight.shape[1] if config.read_tokens else None,
                 pointer=config.pointer,
+                head_rank=config.head_rank,
             )
             self.norm_head = None
         self._pass_positions = not self.encoder_decoder and _accepts(self.base, "position_ids")
@@ -424,8 +425,10 @@ class Guide(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         memory: dict[str, torch.Tensor] | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """The module's (direction [B, L_new, V], norm logit or None, cache) at the newest positions.
+        """The module's (direction [B, L_new, V], norm logit or None, cache) at the newest positions
+        (``last_only``: at the newest one alone, L_new = 1).
 
         ``input_ids`` are all the tokens so far when the module has a pointer (it scores every earlier position);
         ``memory`` carries the pointer's keys of the past positions from one decoding step to the next.
@@ -439,6 +442,7 @@ class Guide(nn.Module):
             use_cache=use_cache,
             token_ids=input_ids if self.config.pointer else None,
             memory=memory,
+            last_only=last_only,
             **self.module_inputs(input_ids[:, -hidden.shape[1] :]),
         )
 

@@ -90,6 +90,7 @@ class GuideModule(nn.Module):
         head: str = "full",
         token_size: int | None = None,
         pointer: bool = False,
+        head_rank: int | None = None,
     ) -> None:
         super().__init__()
         self.proj = nn.Linear(base_hidden_size, dim)
@@ -108,16 +109,28 @@ class GuideModule(nn.Module):
             eos_token_id=None,
         )
         self.body = GPT2Model(config)
-        if head == "full":
-            self.token_head = nn.Linear(dim, vocab_size)
-        elif head == "tied":  # a vector in the base's hidden space, read by the base's output embeddings
+        # The direction is head_input(h) @ W^T + b with W the [V, r] matrix of head_weights(). Whichever factor is
+        # zero-initialised, q_theta = p at the start.
+        self.head_down = self.head_up = None
+        if head == "full" and head_rank is None:
+            self.token_head = nn.Linear(dim, vocab_size)  # W: its own [V, dim]
+        elif head == "full":  # W: its own [V, r], read through a random dim -> r projection
+            self.head_down = nn.Linear(dim, head_rank, bias=False)
+            self.token_head = nn.Linear(head_rank, vocab_size)
+        elif head == "tied" and head_rank is None:  # a vector in the base's hidden space, read by E [V, H]
             self.token_head = nn.Linear(dim, base_hidden_size, bias=False)
+        elif head == "tied":  # W = E @ U, U a random [H, r] map: r coordinates in the base's hidden space
+            self.token_head = nn.Linear(dim, head_rank, bias=False)
+            self.head_up = nn.Linear(head_rank, base_hidden_size, bias=False)
         else:
             raise ValueError(f"unknown head {head!r}: 'full' or 'tied'")
         self.head = head
         nn.init.zeros_(self.token_head.weight)
         if self.token_head.bias is not None:
             nn.init.zeros_(self.token_head.bias)
+        self._frozen_weights: tuple[tuple, torch.Tensor] | None = (
+            None  # E @ U while nothing changes (decoding)
+        )
         self.norm_head = NormHead(dim) if with_norm else None
         self.pointer = PointerScores(dim, min(dim, 64)) if pointer else None
 
@@ -158,32 +171,41 @@ class GuideModule(nn.Module):
         output_embeddings: torch.Tensor | None = None,  # [V, H]: the base's, for the tied head
         token_ids: torch.Tensor | None = None,  # [B, L_past + L_new]: every token so far (pointer)
         memory: dict[str, torch.Tensor] | None = None,  # the pointer keys of past positions, updated in place
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, Cache | None]:
         """(direction [B, L_new, V], norm logit [B, L_new] or None, cache).
 
         With a pointer, ``memory["pointer_keys"]`` holds the keys of the positions before these (decoding with a
         cache: the caller keeps the dict between steps and reorders it with the beams); None: there are none.
+        ``last_only``: the heads read only the newest position (L_new = 1 in the outputs): decoding needs no
+        more, and a prompt's prefill then costs one [*, V] product instead of one per prompt token.
         """
         h, cache = self.trunk(
             base_hidden, attention_mask, position_ids, past_key_values, use_cache, token_embeds
         )
-        norm = self.norm_head(h) if self.norm_head is not None else None
-        weight, bias = self.head_weights(output_embeddings)
-        direction = F.linear(self.head_input(h), weight, bias)
+        keys = None
         if self.pointer is not None:
             if token_ids is None:
                 raise ValueError("this guide module has a pointer: pass token_ids")
-            keys = self.pointer.key(h)
+            keys = self.pointer.key(h)  # every new position is a pointer target, even with last_only
             if memory is not None:
                 if "pointer_keys" in memory:
                     keys = torch.cat([memory["pointer_keys"], keys], dim=1)
                 memory["pointer_keys"] = keys
+        if last_only:
+            h = h[:, -1:]
+        norm = self.norm_head(h) if self.norm_head is not None else None
+        weight, bias = self.head_weights(output_embeddings)
+        direction = F.linear(self.head_input(h), weight, bias)
+        if keys is not None:
             direction = add_pointer_scores(direction, self.pointer(h, keys, attention_mask), token_ids)
         return direction, norm, cache
 
     def head_input(self, h: torch.Tensor) -> torch.Tensor:
-        """What the [V, *] head matrix multiplies: the stack's state (full head), or its image in the base's
-        hidden space (tied head)."""
+        """What the [V, *] head matrix multiplies: the stack's state (full head), its low-rank projection
+        (``head_rank``), or its image in the base's hidden space or its r coordinates there (tied head)."""
+        if self.head_down is not None:
+            return self.head_down(h)
         return h if self.head == "full" else self.token_head(h)
 
     def head_weights(
@@ -194,4 +216,15 @@ class GuideModule(nn.Module):
             return self.token_head.weight, self.token_head.bias
         if output_embeddings is None:
             raise ValueError("a tied guide head needs the base's output embeddings")
-        return output_embeddings, None
+        if self.head_up is None:
+            return output_embeddings, None
+        up = self.head_up.weight  # [H, r]
+        if torch.is_grad_enabled() and up.requires_grad:
+            return output_embeddings @ up.to(output_embeddings.dtype), None
+        # decoding: E @ U costs V x H x r, so it is computed once and kept while neither factor changes
+        key = (output_embeddings.data_ptr(), output_embeddings._version, up.data_ptr(), up._version)
+        key += (output_embeddings.dtype, tuple(output_embeddings.shape))
+        if self._frozen_weights is None or self._frozen_weights[0] != key:
+            with torch.no_grad():
+                self._frozen_weights = (key, output_embeddings @ up.to(output_embeddings.dtype))
+        return self._frozen_weights[1], None
