@@ -38,7 +38,7 @@ def _trained_like_guide(variant, kind="gpt2"):
     return guide.eval()
 
 
-def _check_steps(guide, steps, prompt_len):
+def _check_steps(guide, steps, prompt_len, **options):
     assert steps, "the processor was never called"
     worst = 0.0
     for ids, scores in steps:
@@ -51,9 +51,19 @@ def _check_steps(guide, steps, prompt_len):
             1,
         )
         with torch.no_grad():
-            ref = guide.next_token_logprobs(ids, mask)[:, -1]
+            ref = guide.next_token_logprobs(ids, mask, **options)[:, -1]
         worst = max(worst, (ref - scores).abs().max().item())
     return worst
+
+
+def decoded_steps(guide, mode, **options):
+    """Decode PROMPTS with the guide (a mode of MODES): the processor's output at every step."""
+    recorder = Recorder()
+    torch.manual_seed(0)
+    kwargs = {"max_new_tokens": 6, **options, **MODES[mode]}
+    dinado.generate(guide, PROMPTS, MASK, logits_processor=[recorder], **kwargs)
+    assert len(recorder.steps) >= 2
+    return recorder.steps
 
 
 @pytest.mark.parametrize("kind", CAUSAL_KINDS)
@@ -61,11 +71,7 @@ def _check_steps(guide, steps, prompt_len):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_processor_equals_next_token_logprobs_at_every_step(variant, mode, kind):
     guide = _trained_like_guide(variant, kind)
-    recorder = Recorder()
-    torch.manual_seed(0)
-    dinado.generate(guide, PROMPTS, MASK, logits_processor=[recorder], max_new_tokens=6, **MODES[mode])
-    assert len(recorder.steps) >= 2
-    assert _check_steps(guide, recorder.steps, PROMPTS.shape[1]) < 1e-4
+    assert _check_steps(guide, decoded_steps(guide, mode), PROMPTS.shape[1]) < 1e-4
 
 
 @pytest.mark.parametrize("kind", CAUSAL_KINDS)

@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .guide import Guide, HiddenCapture, base_body, eval_mode, position_ids_from_mask, unwrap_peft
+from .guide import (
+    Guide,
+    HiddenCapture,
+    base_body,
+    check_candidates,
+    eval_mode,
+    position_ids_from_mask,
+    unwrap_peft,
+)
 
 
 class GuideLogitsProcessor(LogitsProcessor):
@@ -24,6 +32,9 @@ class GuideLogitsProcessor(LogitsProcessor):
     ``attention_mask`` is the mask of the prompts given to ``generate()``; for an encoder-decoder base that
     is the encoder's, of which only the batch size is used (the decoder starts from its start token).
     ``use_cache=False`` re-runs the guide's module over the whole prefix at each step (a reference path).
+    ``candidates=k`` guides only the top-k tokens of p at each step and gives every other token one shared value
+    (:meth:`Parameterization.candidate_log_q`): it decodes q_k, not q_theta, for a head that costs k rows
+    instead of V; ``guide.next_token_logprobs(..., candidates=k)`` is the same distribution.
     """
 
     def __init__(
@@ -32,13 +43,16 @@ class GuideLogitsProcessor(LogitsProcessor):
         attention_mask: torch.Tensor | None = None,
         alpha: float = 1.0,
         use_cache: bool = True,
+        candidates: int | None = None,
     ) -> None:
         if guide.module is None and alpha != 1.0:
             raise ValueError(
                 "alpha != 1 is not available for dinado-merge: its adapted model is q_theta itself, and "
                 "another strength would need the base distribution at every step; use alpha=1"
             )
+        check_candidates(guide, candidates)
         self.guide = guide
+        self.candidates = candidates
         self.alpha = float(alpha)
         self.use_cache = use_cache
         if guide.encoder_decoder and attention_mask is not None:
@@ -128,6 +142,7 @@ class GuideLogitsProcessor(LogitsProcessor):
             )
             hidden_new = self._hidden
         positions = position_ids_from_mask(mask)[:, -hidden_new.shape[1] :]
+        top = None if self.candidates is None else log_p.topk(min(self.candidates, log_p.shape[-1])).indices
         with torch.no_grad():
             direction, _, cache = guide.run_module(
                 hidden_new,
@@ -138,10 +153,14 @@ class GuideLogitsProcessor(LogitsProcessor):
                 use_cache=self.use_cache,
                 memory=self._memory if self.use_cache else None,
                 last_only=True,
+                candidates=None if top is None else top[:, None, :],
             )
         self._cache = cache
         self._prev_ids = input_ids
-        log_q = guide.parameterization.log_q(log_p, direction[:, -1].float(), self.alpha)
+        if top is None:
+            log_q = guide.parameterization.log_q(log_p, direction[:, -1].float(), self.alpha)
+        else:
+            log_q = guide.parameterization.candidate_log_q(log_p, top, direction[:, -1].float(), self.alpha)
         return log_q.to(scores.dtype)
 
 
@@ -171,18 +190,20 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     alpha: float = 1.0,
     logits_processor: LogitsProcessorList | list | None = None,
+    candidates: int | None = None,
     **generate_kwargs: Any,
 ):
     """The base model's ``generate()`` with the guide applied; returns what ``generate()`` returns.
 
     Greedy, sampling and beam search all work; pass ``top_k=0`` to sample from q_theta itself
-    (transformers applies top_k=50 by default when sampling). For an encoder-decoder base, ``input_ids`` and
+    (transformers applies top_k=50 by default when sampling). ``candidates=k``: candidate-restricted guidance
+    (see :class:`GuideLogitsProcessor`). For an encoder-decoder base, ``input_ids`` and
     ``attention_mask`` are the source (pad it on the right) and the output starts with the decoder start token.
     """
     check_length(guide.base, input_ids.shape[1], generate_kwargs.get("max_new_tokens"))
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)  # no mask given: nothing is padding
-    processor = GuideLogitsProcessor(guide, attention_mask, alpha)
+    processor = GuideLogitsProcessor(guide, attention_mask, alpha, candidates=candidates)
     processors = LogitsProcessorList([processor, *(logits_processor or [])])
     with eval_mode(guide), processor:  # every submodule's own mode comes back afterwards
         return guide.base.generate(

@@ -116,9 +116,14 @@ class ExactResult:
 
 @torch.no_grad()
 def sequence_logprobs(
-    guide: Guide, prompt: Sequence[int], completions: list[list[int]], batch_size: int = 4096
+    guide: Guide,
+    prompt: Sequence[int],
+    completions: list[list[int]],
+    batch_size: int = 4096,
+    candidates: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(x | c), log q_theta(x | c)) for each completion, summed over its tokens, in float64."""
+    """(log p(x | c), log q_theta(x | c)) for each completion, summed over its tokens, in float64
+    (``candidates=k``: log q_k, what decoding with candidate-restricted guidance samples from)."""
     p_len = len(prompt)
     length = p_len + max(len(c) for c in completions)
     out_p, out_q = [], []
@@ -134,7 +139,7 @@ def sequence_logprobs(
                 comp[r, p_len : p_len + len(c)] = 1
             ids, mask = ids.to(guide.device), mask.to(guide.device)
             out = guide(ids, mask)
-            log_q = guide.parameterization.log_q(out.log_p, out.direction)
+            log_q = guide.log_q(out, candidates=candidates)
             target = ids[:, 1:, None]
             take = comp[:, 1:].to(guide.device)
             out_p.append((out.log_p[:, :-1].gather(-1, target).squeeze(-1).double() * take).sum(1).cpu())
@@ -148,8 +153,10 @@ def evaluate(
     oracle: TokenOracle | Callable,
     max_new_tokens: int,
     eos_token_id: int,
+    candidates: int | None = None,
 ) -> ExactResult:
-    """Enumerate every completion of ``prompt`` and compute exact p, q_theta and labels."""
+    """Enumerate every completion of ``prompt`` and compute exact p, q_theta (or q_k, ``candidates=k``) and
+    labels."""
     vocab = guide.config.base_vocab_size
     if vocab**max_new_tokens > 5_000_000:
         raise ValueError(
@@ -159,7 +166,7 @@ def evaluate(
     labels = torch.tensor(
         call_oracle(oracle, [list(prompt)] * len(completions), completions), dtype=torch.float64
     )
-    log_p, log_q = sequence_logprobs(guide, prompt, completions)
+    log_p, log_q = sequence_logprobs(guide, prompt, completions, candidates=candidates)
     return ExactResult(completions, labels, log_p, log_q)
 
 
@@ -289,12 +296,20 @@ def conditional_split(
 
 
 def evaluate_conditional(
-    guide: Guide, seen: Sequence[int], held_out: Sequence[int], max_new_tokens: int = COND_MAX_NEW_TOKENS
+    guide: Guide,
+    seen: Sequence[int],
+    held_out: Sequence[int],
+    max_new_tokens: int = COND_MAX_NEW_TOKENS,
+    candidates: int | None = None,
 ) -> ConditionalResult:
-    """Exact results on every prompt ``[BOS, k]`` of the seen and the held-out keywords."""
+    """Exact results on every prompt ``[BOS, k]`` of the seen and the held-out keywords (``candidates=k``: of
+    the candidate-restricted q_k that decoding with ``candidates=k`` samples from)."""
 
     def run(keys: Sequence[int]) -> dict[int, ExactResult]:
-        return {k: evaluate(guide, [TOY_EOS, k], keyword_oracle, max_new_tokens, TOY_EOS) for k in keys}
+        return {
+            k: evaluate(guide, [TOY_EOS, k], keyword_oracle, max_new_tokens, TOY_EOS, candidates=candidates)
+            for k in keys
+        }
 
     return ConditionalResult(run(seen), run(held_out))
 

@@ -288,6 +288,21 @@ def _is_quantized(model: nn.Module) -> bool:
     return getattr(config, "quant_method", None) != "gguf"
 
 
+def check_candidates(guide: Guide, candidates: int | None) -> None:
+    """Refuse a candidate count that is not a positive integer, or candidates on a guide without a module."""
+    if candidates is None:
+        return
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise ValueError(
+            f"candidates must be a positive integer (the top-k of p to guide) or None, got {candidates!r}"
+        )
+    if guide.module is None:
+        raise ValueError(
+            "candidates is an option of the module variants; dinado-merge's adapted model is q_theta itself and "
+            "costs no more than the base: decode it without candidates"
+        )
+
+
 class Guide(nn.Module):
     """A frozen base model with the learned value module of one variant.
 
@@ -426,9 +441,10 @@ class Guide(nn.Module):
         use_cache: bool = False,
         memory: dict[str, torch.Tensor] | None = None,
         last_only: bool = False,
+        candidates: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
         """The module's (direction [B, L_new, V], norm logit or None, cache) at the newest positions
-        (``last_only``: at the newest one alone, L_new = 1).
+        (``last_only``: at the newest one alone, L_new = 1; ``candidates`` [B, L_new, k]: at those tokens only).
 
         ``input_ids`` are all the tokens so far when the module has a pointer (it scores every earlier position);
         ``memory`` carries the pointer's keys of the past positions from one decoding step to the next.
@@ -443,6 +459,7 @@ class Guide(nn.Module):
             token_ids=input_ids if self.config.pointer else None,
             memory=memory,
             last_only=last_only,
+            candidates=candidates,
             **self.module_inputs(input_ids[:, -hidden.shape[1] :]),
         )
 
@@ -521,10 +538,24 @@ class Guide(nn.Module):
         alpha: float = 1.0,
         encoder_input_ids: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        candidates: int | None = None,
     ) -> torch.Tensor:
-        """log q_theta of the next token after every position, [B, L, V]: what decoding samples from."""
+        """log q_theta of the next token after every position, [B, L, V]: what decoding samples from.
+
+        ``candidates=k``: the candidate-restricted q_k that decoding with ``candidates=k`` samples from (the
+        guidance on p's top-k tokens only, :meth:`Parameterization.candidate_log_q`); here computed from the
+        full direction, as a reference for that fast path.
+        """
         out = self(input_ids, attention_mask, encoder_input_ids, encoder_attention_mask)
-        return self.parameterization.log_q(out.log_p, out.direction, alpha)
+        return self.log_q(out, alpha, candidates)
+
+    def log_q(self, out: GuideOutputs, alpha: float = 1.0, candidates: int | None = None) -> torch.Tensor:
+        """log q_theta [B, L, V] (or q_k with ``candidates``) from this guide's outputs."""
+        if candidates is None:
+            return self.parameterization.log_q(out.log_p, out.direction, alpha)
+        check_candidates(self, candidates)
+        top = out.log_p.topk(min(candidates, out.log_p.shape[-1]), dim=-1).indices
+        return self.parameterization.candidate_log_q(out.log_p, top, out.direction.gather(-1, top), alpha)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

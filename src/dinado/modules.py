@@ -172,6 +172,7 @@ class GuideModule(nn.Module):
         token_ids: torch.Tensor | None = None,  # [B, L_past + L_new]: every token so far (pointer)
         memory: dict[str, torch.Tensor] | None = None,  # the pointer keys of past positions, updated in place
         last_only: bool = False,
+        candidates: torch.Tensor | None = None,  # [B, L_new (1 with last_only), k] token ids
     ) -> tuple[torch.Tensor, torch.Tensor | None, Cache | None]:
         """(direction [B, L_new, V], norm logit [B, L_new] or None, cache).
 
@@ -179,6 +180,7 @@ class GuideModule(nn.Module):
         cache: the caller keeps the dict between steps and reorders it with the beams); None: there are none.
         ``last_only``: the heads read only the newest position (L_new = 1 in the outputs): decoding needs no
         more, and a prompt's prefill then costs one [*, V] product instead of one per prompt token.
+        ``candidates``: the direction at those tokens only, [B, L_new, k] (the head costs k rows, not V).
         """
         h, cache = self.trunk(
             base_hidden, attention_mask, position_ids, past_key_values, use_cache, token_embeds
@@ -196,10 +198,35 @@ class GuideModule(nn.Module):
             h = h[:, -1:]
         norm = self.norm_head(h) if self.norm_head is not None else None
         weight, bias = self.head_weights(output_embeddings)
+        if candidates is not None:
+            return (
+                self._candidate_direction(h, weight, bias, candidates, keys, attention_mask, token_ids),
+                norm,
+                cache,
+            )
         direction = F.linear(self.head_input(h), weight, bias)
         if keys is not None:
             direction = add_pointer_scores(direction, self.pointer(h, keys, attention_mask), token_ids)
         return direction, norm, cache
+
+    def _candidate_direction(
+        self,
+        h: torch.Tensor,  # [B, L, dim]
+        weight: torch.Tensor,  # [V, r]
+        bias: torch.Tensor | None,  # [V]
+        candidates: torch.Tensor,  # [B, L, k]
+        keys: torch.Tensor | None,  # [B, L_all, width]
+        attention_mask: torch.Tensor,  # [B, L_all]
+        token_ids: torch.Tensor | None,  # [B, L_all]
+    ) -> torch.Tensor:  # [B, L, k]: what forward() gives at those tokens
+        direction = (weight[candidates] @ self.head_input(h)[..., None]).squeeze(-1)
+        if bias is not None:
+            direction = direction + bias[candidates]
+        if keys is not None:  # each candidate collects the scores of the positions that hold it
+            scores = self.pointer(h, keys, attention_mask)  # [B, L, L_all]
+            holds = token_ids[:, None, None, :] == candidates[..., None]  # [B, L, k, L_all]
+            direction = direction + (holds * scores[:, :, None, :].to(direction.dtype)).sum(-1)
+        return direction
 
     def head_input(self, h: torch.Tensor) -> torch.Tensor:
         """What the [V, *] head matrix multiplies: the stack's state (full head), its low-rank projection

@@ -94,6 +94,27 @@ class Parameterization:
         """log q_theta(v | .) = log_softmax(log p + alpha * guidance)."""
         return F.log_softmax(log_p + alpha * self.guidance(direction), dim=-1)
 
+    def candidate_log_q(
+        self,
+        log_p: torch.Tensor,  # [..., V]
+        candidates: torch.Tensor,  # [..., k] token ids (the top-k of p)
+        direction: torch.Tensor,  # [..., k] the direction at those tokens
+        alpha: float = 1.0,
+    ) -> torch.Tensor:
+        """log q_k(v | .): candidate-restricted guidance, an approximation of :meth:`log_q` (method.md §5).
+
+        On the k candidates the guidance is the guide's own, alpha * g(v); every other token gets one shared
+        value, the candidates' p-weighted log-mean-exp ``log sum_K p(v) exp(alpha g(v)) / sum_K p(v)``. So the
+        candidates keep their exact ratios to each other, the tail keeps p's ratios within itself and is scaled
+        as if it were an average candidate; q_k = q_theta when k = V or when the guidance is flat off K. The
+        direction is needed at k tokens only, which is what makes it cheap on a large vocabulary.
+        """
+        boost = alpha * self.guidance(direction)
+        log_p_k = log_p.gather(-1, candidates)
+        tail = torch.logsumexp(log_p_k + boost, -1, keepdim=True) - torch.logsumexp(log_p_k, -1, keepdim=True)
+        scores = (log_p + tail).scatter(-1, candidates, log_p_k + boost)
+        return F.log_softmax(scores, dim=-1)
+
     def log_values(
         self,
         log_p: torch.Tensor,
