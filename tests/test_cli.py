@@ -362,6 +362,13 @@ def test_pretrain_sample_train_generate_evaluate_on_a_tiny_config(tmp_path, caps
     )
     assert code == 0, err
     code, out, err = _run(
+        capsys, *gen, "--max-new-tokens", 4, "--candidates", 5, "--output", tmp_path / "out-top5"
+    )
+    assert code == 0, err
+    assert len((tmp_path / "out-top5" / "generations.jsonl").read_text().splitlines()) == 2
+    code, out, err = _run(capsys, *gen[:3], *gen[5:], "--candidates", 5, "--output", tmp_path / "no")
+    assert code == 2 and "--candidates restricts a guide module's head" in err
+    code, out, err = _run(
         capsys,
         "evaluate",
         "--generations",

@@ -257,6 +257,11 @@ SPECS: dict[str, Spec] = {
         "num_beams": (1, "count", "beam width"),
         "num_return_sequences": (1, "count", "outputs per prompt (with --do-sample true)"),
         "alpha": (1.0, "nonnegative", "guidance strength (1 = the method)"),
+        "candidates": (
+            None,
+            "count",
+            "guide only the base's top-k tokens at each step (cheaper head; decodes an approximation of q_theta)",
+        ),  # fmt: skip
         **_OVERWRITE,
         **_MISMATCH,
     },
@@ -906,6 +911,11 @@ def cmd_generate(config: dict[str, Any]) -> None:
     _check_output(Path(config["output"]), config["overwrite"])
     model, tokenizer = load_base(config)
     guide = load_guide(config, model, tokenizer) if config.get("guide") else None
+    if config["candidates"] is not None and (guide is None or guide.module is None):
+        raise CLIError(
+            "--candidates restricts a guide module's head to the top-k tokens: it needs --guide with a NADO, "
+            "DiNADO-Hard or DiNADO-Soft guide (a merged or Merge guide already decodes at the base's cost)"
+        )
     fmt = prompt_format(config, tokenizer, model)
     rows = encode_prompts(tokenizer, prompts, is_encoder_decoder(model), fmt)
     check_prompt_lengths(model, rows, config["max_new_tokens"], config["prompts"], lines)
@@ -920,6 +930,8 @@ def cmd_generate(config: dict[str, Any]) -> None:
         )
         if config["do_sample"]:
             kwargs.update(top_k=0, temperature=config["temperature"], top_p=config["top_p"])
+        if config["candidates"] is not None:
+            kwargs["candidates"] = config["candidates"]
         expanded = [p for p in prompts for _ in range(copies)]  # each prompt's samples side by side
         outputs, new_tokens, seconds = generate_texts(
             guide if guide is not None else model,
