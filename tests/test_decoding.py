@@ -93,6 +93,36 @@ def test_processor_without_its_cache_gives_the_same_steps(variant, kind):
 
 
 @pytest.mark.parametrize("kind", CAUSAL_KINDS)
+@pytest.mark.parametrize("mode", ["sampling", "beam3"])
+def test_chunked_prefill_reads_every_chunk(mode, kind):
+    # generate(prefill_chunk_size=2) runs the base over the prompt in pieces before the first step
+    guide = _trained_like_guide("dinado-soft", kind)
+    steps = decoded_steps(guide, mode, prefill_chunk_size=2)
+    assert _check_steps(guide, steps, PROMPTS.shape[1]) < 1e-4
+
+
+@pytest.mark.parametrize("option", ["assistant_model", "prompt_lookup_num_tokens"])
+def test_assisted_decoding_is_refused_with_the_reason(option):
+    guide = _trained_like_guide("dinado-soft")
+    value = tiny_causal("gpt2", vocab_size=12) if option == "assistant_model" else 2
+    with pytest.raises(ValueError, match="assisted \\(speculative\\) decoding"):
+        dinado.generate(guide, PROMPTS, MASK, max_new_tokens=3, **{option: value})
+
+
+def test_a_step_that_saw_the_wrong_positions_fails_loudly():
+    guide = _trained_like_guide("dinado-soft")
+    processor = GuideLogitsProcessor(guide, MASK)
+    with processor, torch.no_grad():
+        scores = guide.base(PROMPTS, attention_mask=MASK).logits[:, -1]
+        processor(PROMPTS, scores)  # a prefill that read the 5 prompt positions: fine
+    with processor, torch.no_grad():
+        guide.base(PROMPTS, attention_mask=MASK)
+        guide.base(PROMPTS, attention_mask=MASK)  # two passes: 10 positions for a 5-token sequence
+        with pytest.raises(RuntimeError, match="covered \\(2, 10\\) \\(rows, positions\\)"):
+            processor(PROMPTS, scores)
+
+
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
 def test_beam_search_really_reorders_beams_in_this_setting(kind):
     """Guards the reorder test above: some step must hand a beam a different parent than its own row."""
     guide = _trained_like_guide("dinado-soft", kind)

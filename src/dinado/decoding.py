@@ -23,6 +23,9 @@ from .guide import (
     unwrap_peft,
 )
 
+# generate() arguments that turn on assisted decoding (a draft model, prompt lookup or early exit)
+ASSISTED_DECODING = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
 
 class GuideLogitsProcessor(LogitsProcessor):
     """Turns base scores into log q_theta = log_softmax(log p + alpha * guidance).
@@ -126,6 +129,14 @@ class GuideLogitsProcessor(LogitsProcessor):
         rows, length = input_ids.shape
         mask = self._full_mask(rows, length, input_ids.device)
         fresh = self._prev_ids is None or hidden_new.shape[1] == length
+        # the base read the whole sequence (prefill, or generate without a cache) or exactly the newest token
+        step = self._prev_ids is not None and hidden_new.shape[1] == length - self._prev_ids.shape[1]
+        if hidden_new.shape[0] != rows or not (hidden_new.shape[1] == length or step):
+            raise RuntimeError(
+                f"the base's forward passes since the previous step covered {tuple(hidden_new.shape[:2])} "
+                f"(rows, positions) for {rows} sequences of {length} tokens: guided decoding needs the whole "
+                "sequence or the newest token per step (speculative/assisted decoding is not supported)"
+            )
         if not fresh:
             src = self._beam_sources(input_ids)
             if src is not None:
@@ -200,6 +211,13 @@ def generate(
     (see :class:`GuideLogitsProcessor`). For an encoder-decoder base, ``input_ids`` and
     ``attention_mask`` are the source (pad it on the right) and the output starts with the decoder start token.
     """
+    refused = sorted(k for k in ASSISTED_DECODING if generate_kwargs.get(k) is not None)
+    if refused:
+        raise ValueError(
+            f"{', '.join(refused)}: assisted (speculative) decoding scores several drafted tokens in one base "
+            "pass and then calls the logits processors once per token; dinado's guide reads one step at a time, "
+            "so it is not supported: decode without it"
+        )
     check_length(guide.base, input_ids.shape[1], generate_kwargs.get("max_new_tokens"))
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)  # no mask given: nothing is padding

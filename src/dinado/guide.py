@@ -182,19 +182,31 @@ def shared_weight_copy(model: nn.Module) -> nn.Module:
 
 
 class HiddenCapture:
-    """Holds the last hidden state of the latest forward pass of a base model's body."""
+    """Holds the last hidden states of every forward pass of a base model's body since the last ``pop``.
+
+    A chunked prefill (``prefill_chunk_size``) runs the body once per chunk before the first decoding step: the
+    chunks are joined along the positions, so the guide reads every prompt position.
+    """
 
     def __init__(self) -> None:
-        self.hidden: torch.Tensor | None = None
+        self.parts: list[torch.Tensor] = []
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        self.parts.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
     def pop(self) -> torch.Tensor:
-        if self.hidden is None:
+        if not self.parts:
             raise RuntimeError("the base model ran no forward pass that dinado could observe")
-        hidden, self.hidden = self.hidden, None
-        return hidden
+        parts, self.parts = self.parts, []
+        if len(parts) == 1:
+            return parts[0]
+        if len({p.shape[0] for p in parts}) > 1:
+            raise RuntimeError(
+                f"the base ran {len(parts)} forward passes of different batch sizes "
+                f"({[p.shape[0] for p in parts]}) between two decoding steps: dinado cannot tell which states "
+                "belong to which sequence"
+            )
+        return torch.cat(parts, dim=1)
 
 
 @contextmanager

@@ -101,7 +101,7 @@ class Parameterization:
         direction: torch.Tensor,  # [..., k] the direction at those tokens
         alpha: float = 1.0,
     ) -> torch.Tensor:
-        """log q_k(v | .): candidate-restricted guidance, an approximation of :meth:`log_q` (method.md §5).
+        """log q_k(v | .): candidate-restricted guidance, an approximation of :meth:`log_q` (not in the papers).
 
         On the k candidates the guidance is the guide's own, alpha * g(v); every other token gets one shared
         value, the candidates' p-weighted log-mean-exp ``log sum_K p(v) exp(alpha g(v)) / sum_K p(v)``. So the
