@@ -86,6 +86,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=parse_head,
         help="extra DiNADO-Soft heads to time beside the default (full, tied, full:R, tied:R)",
     )
+    parser.add_argument(
+        "--candidates",
+        nargs="*",
+        type=int,
+        default=[64],
+        help="also time the default DiNADO-Soft guide with candidate-restricted guidance (top-k of p)",
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and sampling")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -195,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     merged_params = count_parameters(merged)
     assert merged_params == base_params, f"merged model has {merged_params} parameters, base {base_params}"
 
-    def guided(guide: dinado.Guide) -> Callable[..., torch.Tensor]:
-        return lambda i, m, kw: dinado.generate(guide, i, m, **kw)
+    def guided(guide: dinado.Guide, **options: object) -> Callable[..., torch.Tensor]:
+        return lambda i, m, kw: dinado.generate(guide, i, m, **options, **kw)
 
     def plain(model: PreTrainedModel) -> Callable[..., torch.Tensor]:
         return lambda i, m, kw: model.generate(input_ids=i, attention_mask=m, **kw)
@@ -204,6 +211,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     configs = [Config("base (plain generate)", plain(base))]
     configs += [Config(f"{v} (dinado.generate)", guided(guides[v])) for v in MODULE_VARIANTS]
     configs += [Config(f"{name} (dinado.generate)", guided(guide)) for name, guide in extra_heads.items()]
+    configs += [
+        Config(
+            f"dinado-soft, top-{k} candidates (dinado.generate)", guided(guides["dinado-soft"], candidates=k)
+        )
+        for k in args.candidates
+    ]
     configs.append(Config("dinado-merge, merged (plain generate)", plain(merged)))
     configs.append(Config("dinado-merge, unmerged adapter (dinado.generate)", guided(guides["dinado-merge"])))
 

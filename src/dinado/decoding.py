@@ -101,12 +101,14 @@ class GuideLogitsProcessor(LogitsProcessor):
 
     def _beam_sources(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """For each running row, the previous row it extends (None when nothing moved)."""
-        prefix = input_ids[:, :-1]
-        if torch.equal(prefix, self._prev_ids):
-            return None
         rows = input_ids.shape[0]
         groups = self.initial_mask.shape[0] if self.initial_mask is not None else 1
         k = rows // groups
+        if k == 1:  # one sequence per prompt (greedy, sampling): nothing can move, and no host sync is needed
+            return None
+        prefix = input_ids[:, :-1]
+        if torch.equal(prefix, self._prev_ids):
+            return None
         cur = prefix.view(groups, k, -1)
         prev = self._prev_ids.view(groups, k, -1)
         match = (cur[:, :, None, :] == prev[:, None, :, :]).all(-1)  # [groups, k(cur), k(prev)]
