@@ -87,6 +87,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="extra DiNADO-Soft heads to time beside the default (full, tied, full:R, tied:R)",
     )
     parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(MODULE_VARIANTS),
+        choices=MODULE_VARIANTS,
+        help="module variants to time with the default head (all three cost the same within noise)",
+    )
+    parser.add_argument(
         "--candidates",
         nargs="*",
         type=int,
@@ -190,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ids[ids == eos] = (eos + 1) % vocab  # no EOS inside the prompts
     mask = torch.ones_like(ids)
 
-    guides = {variant: build_guide(base, variant, args) for variant in (*MODULE_VARIANTS, "dinado-merge")}
+    variants = sorted(set(args.variants) | {"dinado-soft"}, key=MODULE_VARIANTS.index)
+    guides = {variant: build_guide(base, variant, args) for variant in (*variants, "dinado-merge")}
     default_head = head_label({"head": guides["dinado-soft"].config.head})
     extra_heads = {
         f"dinado-soft, {head_label(h)} head": build_guide(base, "dinado-soft", args, **h)
@@ -209,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return lambda i, m, kw: model.generate(input_ids=i, attention_mask=m, **kw)
 
     configs = [Config("base (plain generate)", plain(base))]
-    configs += [Config(f"{v} (dinado.generate)", guided(guides[v])) for v in MODULE_VARIANTS]
+    configs += [Config(f"{v} (dinado.generate)", guided(guides[v])) for v in variants]
     configs += [Config(f"{name} (dinado.generate)", guided(guide)) for name, guide in extra_heads.items()]
     configs += [
         Config(
@@ -221,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     configs.append(Config("dinado-merge, unmerged adapter (dinado.generate)", guided(guides["dinado-merge"])))
 
     param_rows = [["base (plain generate)", "0", f"{base_params:,}"]]
-    module_guides = {f"{v}, {default_head} head": guides[v] for v in MODULE_VARIANTS} | extra_heads
+    module_guides = {f"{v}, {default_head} head": guides[v] for v in variants} | extra_heads
     for name, guide in module_guides.items():
         own = sum(p.numel() for p in guide.trainable_state().values())
         param_rows.append([name, f"{own:,}", f"{base_params + own:,}"])

@@ -1,4 +1,5 @@
-"""Candidate-restricted guidance (``candidates=k``): the guide's direction on p's top-k tokens only.
+"""Candidate-restricted guidance (``candidates=k``): the guide's direction on p's top-k tokens and the tokens
+already in the sequence only (dinado.parameterizations.candidate_set).
 
 It decodes q_k (Parameterization.candidate_log_q), not q_theta: the candidates keep their guided ratios, the
 other tokens share the candidates' p-weighted mean boost. The fast path in the processor computes the head at
@@ -11,7 +12,7 @@ import torch
 
 import dinado
 from dinado import Guide, exact
-from dinado.parameterizations import parameterization_for
+from dinado.parameterizations import candidate_set, parameterization_for
 
 from .conftest import tiny_causal
 from .test_decoding import MASK, PROMPTS
@@ -69,3 +70,25 @@ def test_on_the_exact_testbed_more_candidates_cost_less_kl(toy_base):
     kl = {k: exact.evaluate(guide, *args, candidates=k).kl_q_star_q for k in (1, 3, exact.TOY_VOCAB)}
     assert abs(kl[exact.TOY_VOCAB] - exact.evaluate(guide, *args).kl_q_star_q) < 1e-6
     assert kl[1] > kl[3] > kl[exact.TOY_VOCAB]
+
+
+def test_the_candidates_are_the_top_k_and_the_tokens_so_far_each_counted_once():
+    log_p = torch.log_softmax(torch.tensor([[5.0, 4.0, 3.0, 0.0, -1.0, -2.0]]), -1)
+    tokens = torch.tensor([[4, 0, 4, 5]])
+    present = torch.tensor([[True, True, True, False]])  # token 5 is not there yet (or is padding)
+    ids, valid = candidate_set(log_p, 2, tokens, present)
+    assert sorted(ids[valid].tolist()) == [0, 1, 4]
+    assert set(ids[~valid].tolist()) == {0}  # repeats and absent positions stand as p's top token
+    # so a token the prompt names is guided though p ranks it low, and the repeats do not count twice
+    param = parameterization_for("dinado-soft", "soft")
+    direction = torch.tensor([[0.0, 1.0, 3.0, 0.0, 3.0, 0.0]]).gather(-1, ids)
+    q = param.candidate_log_q(log_p, ids, direction, 1.0, valid)
+    kept = torch.tensor([0, 1, 4])
+    full = param.log_q(log_p, torch.tensor([[0.0, 1.0, 3.0, 0.0, 3.0, 0.0]]))
+    ratio = (q - full)[0, kept]
+    assert (ratio - ratio[0]).abs().max() < 1e-5
+    mean = torch.logsumexp(log_p[0, kept] + torch.tensor([0.0, 1.0, 3.0]), 0) - log_p[0, kept].logsumexp(0)
+    gap = (q - log_p)[0]
+    assert (
+        abs((gap[2] - gap[0]) - mean.item()) < 1e-5
+    )  # a tail token: the candidates' mean boost, counted once

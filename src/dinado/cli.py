@@ -260,7 +260,7 @@ SPECS: dict[str, Spec] = {
         "candidates": (
             None,
             "count",
-            "guide only the base's top-k tokens at each step (cheaper head; decodes an approximation of q_theta)",
+            "guide only the base's top-k tokens and the tokens so far (cheaper head; approximates q_theta)",
         ),  # fmt: skip
         **_OVERWRITE,
         **_MISMATCH,

@@ -139,7 +139,7 @@ def sequence_logprobs(
                 comp[r, p_len : p_len + len(c)] = 1
             ids, mask = ids.to(guide.device), mask.to(guide.device)
             out = guide(ids, mask)
-            log_q = guide.log_q(out, candidates=candidates)
+            log_q = guide.log_q(out, 1.0, candidates, ids, mask)
             target = ids[:, 1:, None]
             take = comp[:, 1:].to(guide.device)
             out_p.append((out.log_p[:, :-1].gather(-1, target).squeeze(-1).double() * take).sum(1).cpu())

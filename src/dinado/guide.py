@@ -28,7 +28,7 @@ from .config import GuideConfig
 from .io import atomic_file, atomic_write_text, tokenizer_fingerprint
 from .modules import GuideModule, NormHead, default_num_heads
 from .numerics import LOG_FLOOR
-from .parameterizations import Parameterization, parameterization_for
+from .parameterizations import Parameterization, candidate_set, parameterization_for
 
 CONFIG_NAME = "dinado_config.json"
 WEIGHTS_NAME = "guide.safetensors"
@@ -559,15 +559,32 @@ class Guide(nn.Module):
         full direction, as a reference for that fast path.
         """
         out = self(input_ids, attention_mask, encoder_input_ids, encoder_attention_mask)
-        return self.log_q(out, alpha, candidates)
+        return self.log_q(out, alpha, candidates, input_ids, attention_mask)
 
-    def log_q(self, out: GuideOutputs, alpha: float = 1.0, candidates: int | None = None) -> torch.Tensor:
-        """log q_theta [B, L, V] (or q_k with ``candidates``) from this guide's outputs."""
+    def log_q(
+        self,
+        out: GuideOutputs,
+        alpha: float = 1.0,
+        candidates: int | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log q_theta [B, L, V] from this guide's outputs on ``input_ids`` (or, with ``candidates=k``, q_K: the
+        guidance on p's top-k tokens and the tokens so far at each position, :func:`candidate_set`)."""
         if candidates is None:
             return self.parameterization.log_q(out.log_p, out.direction, alpha)
         check_candidates(self, candidates)
-        top = out.log_p.topk(min(candidates, out.log_p.shape[-1]), dim=-1).indices
-        return self.parameterization.candidate_log_q(out.log_p, top, out.direction.gather(-1, top), alpha)
+        if input_ids is None:
+            raise ValueError("candidates need the input_ids (the sequence's own tokens are candidates)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        length = input_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+        present = causal[None] & attention_mask.bool()[:, None, :]  # [B, t, j]: token j is there at t
+        tokens = input_ids[:, None, :].expand(-1, length, -1)
+        ids, valid = candidate_set(out.log_p, candidates, tokens, present)
+        direction = out.direction.gather(-1, ids)
+        return self.parameterization.candidate_log_q(out.log_p, ids, direction, alpha, valid)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

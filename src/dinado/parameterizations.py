@@ -97,23 +97,49 @@ class Parameterization:
     def candidate_log_q(
         self,
         log_p: torch.Tensor,  # [..., V]
-        candidates: torch.Tensor,  # [..., k] token ids (the top-k of p)
-        direction: torch.Tensor,  # [..., k] the direction at those tokens
+        candidates: torch.Tensor,  # [..., n] token ids (see candidate_set)
+        direction: torch.Tensor,  # [..., n] the direction at those tokens
         alpha: float = 1.0,
+        valid: torch.Tensor | None = None,  # [..., n] bool: False for repeats, counted once
     ) -> torch.Tensor:
-        """log q_k(v | .): candidate-restricted guidance, an approximation of :meth:`log_q` (not in the papers).
+        """log q_K(v | .): candidate-restricted guidance, an approximation of :meth:`log_q` (not in the papers).
 
-        On the k candidates the guidance is the guide's own, alpha * g(v); every other token gets one shared
+        On the candidate set K the guidance is the guide's own, alpha * g(v); every other token gets one shared
         value, the candidates' p-weighted log-mean-exp ``log sum_K p(v) exp(alpha g(v)) / sum_K p(v)``. So the
         candidates keep their exact ratios to each other, the tail keeps p's ratios within itself and is scaled
-        as if it were an average candidate; q_k = q_theta when k = V or when the guidance is flat off K. The
-        direction is needed at k tokens only, which is what makes it cheap on a large vocabulary.
+        as if it were an average candidate; q_K = q_theta when K is the vocabulary or when the guidance is flat
+        off K. The direction is needed on K only, which is what makes it cheap on a large vocabulary. A token
+        may be listed more than once (with the same direction); ``valid`` marks the copy to count.
         """
         boost = alpha * self.guidance(direction)
         log_p_k = log_p.gather(-1, candidates)
-        tail = torch.logsumexp(log_p_k + boost, -1, keepdim=True) - torch.logsumexp(log_p_k, -1, keepdim=True)
+        weights = log_p_k if valid is None else log_p_k.masked_fill(~valid, float("-inf"))
+        tail = torch.logsumexp(weights + boost, -1, keepdim=True) - torch.logsumexp(weights, -1, keepdim=True)
         scores = (log_p + tail).scatter(-1, candidates, log_p_k + boost)
         return F.log_softmax(scores, dim=-1)
+
+
+def candidate_set(
+    log_p: torch.Tensor,  # [..., V]
+    k: int,
+    token_ids: torch.Tensor,  # [..., L] the tokens of the sequence so far
+    present: torch.Tensor,  # [..., L] bool: which of them count (causal, not padding)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates of ``candidates=k``: p's top-k tokens and every token present in the sequence so far.
+
+    The sequence's own tokens are there for lexical constraints: the word the oracle wants is often one p ranks
+    low but the prompt names, and the pointer can only raise tokens that are candidates. Returns ``(ids [..., n],
+    valid [..., n])``, n = k + L: repeats and absent positions are not valid and stand as copies of p's top
+    token, so a scatter of per-candidate values writes each token once.
+    """
+    top = log_p.topk(min(k, log_p.shape[-1]), dim=-1).indices
+    ids = torch.cat([top, token_ids], dim=-1)
+    valid = torch.cat([torch.ones_like(top, dtype=torch.bool), present.bool()], dim=-1)
+    n = ids.shape[-1]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril(-1)  # [j, i]: i < j
+    repeat = ((ids[..., :, None] == ids[..., None, :]) & earlier & valid[..., None, :]).any(-1)
+    valid = valid & ~repeat
+    return torch.where(valid, ids, top[..., :1]), valid
 
     def log_values(
         self,
