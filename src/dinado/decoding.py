@@ -36,8 +36,8 @@ class GuideLogitsProcessor(LogitsProcessor):
     ``attention_mask`` is the mask of the prompts given to ``generate()``; for an encoder-decoder base that
     is the encoder's, of which only the batch size is used (the decoder starts from its start token).
     ``use_cache=False`` re-runs the guide's module over the whole prefix at each step (a reference path).
-    ``candidates=k`` guides only p's top-k tokens and the tokens already in the sequence at each step and gives
-    every other token one shared value (:meth:`Parameterization.candidate_log_q`): it decodes q_K, not q_theta,
+    ``candidates=k`` guides only p's top-k tokens and the tokens already in the sequence at each step; every other
+    token keeps a zero direction (:meth:`Parameterization.candidate_log_q`): it decodes q_K, not q_theta,
     for a head that costs k + L rows instead of V; ``guide.next_token_logprobs(..., candidates=k)`` is the same
     distribution.
     """
@@ -157,9 +157,9 @@ class GuideLogitsProcessor(LogitsProcessor):
             )
             hidden_new = self._hidden
         positions = position_ids_from_mask(mask)[:, -hidden_new.shape[1] :]
-        top = valid = None
+        top = None
         if self.candidates is not None:  # p's top-k and the sequence's own tokens (candidate_set)
-            top, valid = candidate_set(log_p, self.candidates, input_ids, mask.bool())
+            top = candidate_set(log_p, self.candidates, input_ids, mask.bool())
         with torch.no_grad():
             direction, _, cache = guide.run_module(
                 hidden_new,
@@ -177,9 +177,7 @@ class GuideLogitsProcessor(LogitsProcessor):
         if top is None:
             log_q = guide.parameterization.log_q(log_p, direction[:, -1].float(), self.alpha)
         else:
-            log_q = guide.parameterization.candidate_log_q(
-                log_p, top, direction[:, -1].float(), self.alpha, valid
-            )
+            log_q = guide.parameterization.candidate_log_q(log_p, top, direction[:, -1].float(), self.alpha)
         return log_q.to(scores.dtype)
 
 

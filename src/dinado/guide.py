@@ -582,9 +582,8 @@ class Guide(nn.Module):
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
         present = causal[None] & attention_mask.bool()[:, None, :]  # [B, t, j]: token j is there at t
         tokens = input_ids[:, None, :].expand(-1, length, -1)
-        ids, valid = candidate_set(out.log_p, candidates, tokens, present)
-        direction = out.direction.gather(-1, ids)
-        return self.parameterization.candidate_log_q(out.log_p, ids, direction, alpha, valid)
+        ids = candidate_set(out.log_p, candidates, tokens, present)
+        return self.parameterization.candidate_log_q(out.log_p, ids, out.direction.gather(-1, ids), alpha)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

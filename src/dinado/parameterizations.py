@@ -97,25 +97,22 @@ class Parameterization:
     def candidate_log_q(
         self,
         log_p: torch.Tensor,  # [..., V]
-        candidates: torch.Tensor,  # [..., n] token ids (see candidate_set)
+        candidates: torch.Tensor,  # [..., n] token ids (see candidate_set; repeats allowed)
         direction: torch.Tensor,  # [..., n] the direction at those tokens
         alpha: float = 1.0,
-        valid: torch.Tensor | None = None,  # [..., n] bool: False for repeats, counted once
     ) -> torch.Tensor:
         """log q_K(v | .): candidate-restricted guidance, an approximation of :meth:`log_q` (not in the papers).
 
-        On the candidate set K the guidance is the guide's own, alpha * g(v); every other token gets one shared
-        value, the candidates' p-weighted log-mean-exp ``log sum_K p(v) exp(alpha g(v)) / sum_K p(v)``. So the
-        candidates keep their exact ratios to each other, the tail keeps p's ratios within itself and is scaled
-        as if it were an average candidate; q_K = q_theta when K is the vocabulary or when the guidance is flat
-        off K. The direction is needed on K only, which is what makes it cheap on a large vocabulary. A token
-        may be listed more than once (with the same direction); ``valid`` marks the copy to count.
+        On the candidate set K the guidance is the guide's own, alpha * g(d_v); every other token keeps the
+        guidance of a zero direction, alpha * g(0), the value a zero-initialised head starts from and keeps for
+        tokens it learned nothing about. So q_K = q_theta exactly when the direction is 0 off K, and the direction
+        is needed on K only, which is what makes it cheap on a large vocabulary. (Giving the other tokens the
+        candidates' mean boost instead was measured and is worse: the one keyword the guide raises inflates the
+        mean, and the whole tail with it; docs/benchmarks.md.)
         """
         boost = alpha * self.guidance(direction)
-        log_p_k = log_p.gather(-1, candidates)
-        weights = log_p_k if valid is None else log_p_k.masked_fill(~valid, float("-inf"))
-        tail = torch.logsumexp(weights + boost, -1, keepdim=True) - torch.logsumexp(weights, -1, keepdim=True)
-        scores = (log_p + tail).scatter(-1, candidates, log_p_k + boost)
+        rest = alpha * self.guidance(direction.new_zeros(()))
+        scores = (log_p + rest).scatter(-1, candidates, log_p.gather(-1, candidates) + boost)
         return F.log_softmax(scores, dim=-1)
 
 
@@ -124,22 +121,15 @@ def candidate_set(
     k: int,
     token_ids: torch.Tensor,  # [..., L] the tokens of the sequence so far
     present: torch.Tensor,  # [..., L] bool: which of them count (causal, not padding)
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """The candidates of ``candidates=k``: p's top-k tokens and every token present in the sequence so far.
 
     The sequence's own tokens are there for lexical constraints: the word the oracle wants is often one p ranks
-    low but the prompt names, and the pointer can only raise tokens that are candidates. Returns ``(ids [..., n],
-    valid [..., n])``, n = k + L: repeats and absent positions are not valid and stand as copies of p's top
-    token, so a scatter of per-candidate values writes each token once.
+    low but the prompt names, and the pointer can only raise tokens that are candidates. Returns ids [..., k + L];
+    absent positions stand as copies of p's top token (a token may be listed more than once).
     """
     top = log_p.topk(min(k, log_p.shape[-1]), dim=-1).indices
-    ids = torch.cat([top, token_ids], dim=-1)
-    valid = torch.cat([torch.ones_like(top, dtype=torch.bool), present.bool()], dim=-1)
-    n = ids.shape[-1]
-    earlier = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril(-1)  # [j, i]: i < j
-    repeat = ((ids[..., :, None] == ids[..., None, :]) & earlier & valid[..., None, :]).any(-1)
-    valid = valid & ~repeat
-    return torch.where(valid, ids, top[..., :1]), valid
+    return torch.cat([top, torch.where(present.bool(), token_ids, top[..., :1])], dim=-1)
 
     def log_values(
         self,
