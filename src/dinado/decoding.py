@@ -157,9 +157,9 @@ class GuideLogitsProcessor(LogitsProcessor):
             )
             hidden_new = self._hidden
         positions = position_ids_from_mask(mask)[:, -hidden_new.shape[1] :]
-        top = None
-        if self.candidates is not None:  # p's top-k and the sequence's own tokens (candidate_set)
-            top = candidate_set(log_p, self.candidates, input_ids, mask.bool())
+        ids = None  # the candidates: p's top-k and the sequence's own tokens (candidate_set)
+        if self.candidates is not None:
+            ids = candidate_set(log_p, self.candidates, input_ids, mask.bool())
         with torch.no_grad():
             direction, _, cache = guide.run_module(
                 hidden_new,
@@ -170,14 +170,14 @@ class GuideLogitsProcessor(LogitsProcessor):
                 use_cache=self.use_cache,
                 memory=self._memory if self.use_cache else None,
                 last_only=True,
-                candidates=None if top is None else top[:, None, :],
+                candidates=None if ids is None else ids[:, None, :],
             )
         self._cache = cache
         self._prev_ids = input_ids
-        if top is None:
+        if ids is None:
             log_q = guide.parameterization.log_q(log_p, direction[:, -1].float(), self.alpha)
         else:
-            log_q = guide.parameterization.candidate_log_q(log_p, top, direction[:, -1].float(), self.alpha)
+            log_q = guide.parameterization.candidate_log_q(log_p, ids, direction[:, -1].float(), self.alpha)
         return log_q.to(scores.dtype)
 
 
