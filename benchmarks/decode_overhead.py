@@ -2,7 +2,7 @@
 
 The default base is a randomly initialised GPT-2-small-sized model (12 layers, width 768, vocabulary 50257), so
 no download is needed; speed does not depend on the weights. ``--base smollm2-135m-instruct`` (or any name or
-path ``dinado.text.load_model`` takes) times a real model instead. Each module variant (NADO, DiNADO-Hard, -Soft)
+path ``dinado.load_model`` takes) times a real model instead. Each module variant (NADO, DiNADO-Hard, -Soft)
 decodes through ``dinado.generate`` (the base plus the guide's own layers and vocabulary head, one cached
 step per token). DiNADO-Soft is also timed with each head of ``--heads`` (``GuideConfig.head`` and
 ``head_rank``: ``full``, ``tied``, ``full:R``, ``tied:R``). DiNADO-Merge is timed twice: the merged model's own ``generate`` (the deployment path) and
@@ -122,7 +122,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def build_base(args: argparse.Namespace) -> PreTrainedModel:
     if args.base != RANDOM_BASE:
-        from dinado.text import load_model
+        from dinado.hf import load_model
 
         return load_model(args.base)[0].eval()
     torch.manual_seed(args.seed)

@@ -24,7 +24,7 @@ import torch
 
 import dinado
 from dinado import exact
-from dinado.io import atomic_write_text
+from dinado._utils import atomic_write_text
 
 # (label, variant, Guide.create options)
 SYSTEMS = [

@@ -33,7 +33,7 @@ import torch
 
 import dinado
 from dinado import exact
-from dinado.io import atomic_file
+from dinado._utils import atomic_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FIGURE = REPO_ROOT / "docs" / "figures" / "exact_kl_vs_samples.png"

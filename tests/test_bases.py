@@ -9,8 +9,9 @@ import torch
 
 from dinado import bases
 from dinado.bases import BaseNotFound, NamedBase, resolve_base
+from dinado.hf import load_model
 from dinado.oracles import KeywordList, KeywordOracle, TextOracle
-from dinado.text import PromptFormat, encode_prompts, end_of_turn_id, load_model
+from dinado.text import PromptFormat, encode_prompts, end_of_turn_id
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -142,7 +142,7 @@ def test_sample_train_generate_merge_end_to_end(tmp_path, base_dir, capsys):
     )
     assert code == 0, err
     assert (tmp_path / "m" / "model.safetensors").is_file()
-    from dinado.io import plain_file_mode
+    from dinado._utils import plain_file_mode
 
     for name in ("model.safetensors", "config.json", "config.yaml"):  # safetensors itself writes 0600
         assert (tmp_path / "m" / name).stat().st_mode & 0o777 == plain_file_mode(), name

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import dinado
 from dinado import VARIANTS, Guide, SampleSet
-from dinado.guide import shared_weight_copy, unwrap_peft
+from dinado.hf import shared_weight_copy, unwrap_peft
 from dinado.objectives import prefix_log_values
 
 from .conftest import (

@@ -5,7 +5,7 @@ import torch
 
 import dinado
 from dinado import VARIANTS, Guide, SampleSet
-from dinado.guide import base_body, unwrap_peft
+from dinado.hf import base_body, unwrap_peft
 from dinado.objectives import guide_loss
 
 from .conftest import SEQ2SEQ_KINDS, randomize_guide, tiny_gpt2, tiny_marian_with_tokenizer, tiny_seq2seq
@@ -246,7 +246,8 @@ def test_encode_prompts_ends_every_source_with_eos(seq2seq_with_tokenizer):
 
 
 def test_generate_texts_on_a_seq2seq_guide_equals_token_level_generate(seq2seq_with_tokenizer):
-    from dinado.text import encode_prompts, generate_texts, new_tokens, pad_prompts
+    from dinado.data import pad_prompts
+    from dinado.text import encode_prompts, generate_texts, new_tokens
 
     model, tokenizer = seq2seq_with_tokenizer
     guide = Guide.create(model, "dinado-soft")

@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 from dinado import Guide, sample
+from dinado._utils import atomic_write_text
+from dinado.data import SampleSet, pad_prompts
 from dinado.evaluation import save_figure
-from dinado.guide import eval_mode
-from dinado.io import atomic_write_text
+from dinado.hf import eval_mode, load_model
 from dinado.objectives import prefix_log_values
 from dinado.oracles import as_token_oracle
-from dinado.samples import SampleSet
 from dinado.tasks.commongen import coverage_oracle, load_split
-from dinado.text import PromptFormat, encode_prompts, end_of_turn_id, load_model, pad_prompts
+from dinado.text import PromptFormat, encode_prompts, end_of_turn_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diagnose import auc  # noqa: E402

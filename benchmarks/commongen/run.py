@@ -36,13 +36,14 @@ from pathlib import Path
 import torch
 
 from dinado import Guide, SampleSet, sample, train
+from dinado._utils import atomic_write_text
 from dinado.baselines import best_of_n, supervised_finetune
 from dinado.evaluation import save_figure
-from dinado.io import atomic_write_text
+from dinado.hf import load_model
 from dinado.oracles import as_token_oracle
 from dinado.pretrain import PretrainConfig, pretrain
 from dinado.tasks.commongen import commongen_metrics, coverage_oracle, load_split
-from dinado.text import PromptFormat, encode_prompts, end_of_turn_id, generate_texts, load_model
+from dinado.text import PromptFormat, encode_prompts, end_of_turn_id, generate_texts
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "commongen" / "v1.1_LHRYANG"

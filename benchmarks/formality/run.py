@@ -38,13 +38,13 @@ import sacrebleu
 import torch
 
 from dinado import Guide, SampleSet, sample, train
+from dinado._utils import atomic_write_text
 from dinado.baselines import supervised_finetune
 from dinado.classifier import evaluate_classifier
-from dinado.guide import is_encoder_decoder
-from dinado.io import atomic_write_text
+from dinado.hf import is_encoder_decoder, load_model
 from dinado.oracles import ClassifierOracle, as_token_oracle
 from dinado.tasks.formality import load_cocoa, train_formality_classifier, tv_register
-from dinado.text import encode_prompts, generate_texts, load_model
+from dinado.text import encode_prompts, generate_texts
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "cocoa-mt" / "CoCoA-MT"

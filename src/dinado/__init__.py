@@ -1,12 +1,14 @@
 """dinado: controlled generation with NADO and DiNADO (Hard, Soft, Merge) guides over Hugging Face models."""
 
 from . import exact, features
+from ._version import __version__ as __version__
 from .config import VARIANTS, GuideConfig
+from .data import SampleSet
 from .decoding import GuideLogitsProcessor, generate
 from .features import FeatureCache, precompute_features
 from .guide import Guide
+from .hf import load_model
 from .oracles import TextOracle
-from .samples import SampleSet
 from .sampling import sample
 from .training import TrainReport, train
 
@@ -22,8 +24,8 @@ __all__ = [
     "exact",
     "features",
     "generate",
+    "load_model",
     "precompute_features",
     "sample",
     "train",
 ]
-__version__ = "0.1.0"

@@ -33,10 +33,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .guide import eval_mode, is_encoder_decoder, position_ids_from_mask, wrap_peft
+from .data import pad_prompts, right_pad
+from .hf import eval_mode, is_encoder_decoder, lora_config, position_ids_from_mask, wrap_peft
 from .pretrain import _batch_loss, _lr_factor
-from .samples import right_pad
-from .text import PromptFormat, encode_prompts, end_of_turn_id, new_tokens, pad_prompts
+from .text import PromptFormat, encode_prompts, end_of_turn_id, new_tokens
 
 __all__ = ["METHODS", "SoftPromptLM", "best_of_n", "supervised_finetune"]
 
@@ -178,15 +178,12 @@ def _training_rows(
         learn.append(keep)
     if not rows:
         raise ValueError(f"no trainable rows: every prompt fills the model's {limit} positions")
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (row, keep) in enumerate(zip(rows, learn, strict=True)):
-        n = len(row)
-        ids[i, :n] = torch.tensor(row)
-        mask[i, :n] = 1
-        labels[i, :n] = torch.where(torch.tensor(keep), torch.tensor(row), torch.tensor(-100))
+    ids, mask = right_pad(rows, pad)
+    targets = [
+        [t if k else -100 for t, k in zip(row, keep, strict=True)]
+        for row, keep in zip(rows, learn, strict=True)
+    ]
+    labels, _ = right_pad(targets, -100)
     return ids, mask, labels, truncated
 
 
@@ -273,8 +270,7 @@ def supervised_finetune(
     ``train_loss_last`` (the loss of the first and of the last step's batch), ``wall_seconds``,
     ``trainable_parameters``, ``examples`` (rows trained on) and ``truncated``.
     """
-    from peft import LoraConfig, PromptTuningConfig
-    from transformers.pytorch_utils import Conv1D
+    from peft import PromptTuningConfig
 
     _check_finetune_args(
         method, prompts, targets, max_steps, batch_size, learning_rate, lora_r, num_virtual_tokens
@@ -308,16 +304,7 @@ def supervised_finetune(
     torch.manual_seed(seed)
     work = copy.deepcopy(model)
     if method == "lora":
-        peft_config = LoraConfig(
-            task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
-            r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=0.0,
-            target_modules=lora_target_modules,
-            bias="none",
-            # GPT-2 style Conv1D layers store weights transposed; tell PEFT instead of letting it guess
-            fan_in_fan_out=any(isinstance(m, Conv1D) for m in work.modules()),
-        )
+        peft_config = lora_config(work, lora_r, lora_alpha, 0.0, lora_target_modules)
         trained = wrap_peft(work, peft_config)
     else:
         peft_config = PromptTuningConfig(

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .guide import eval_mode
-from .io import make_temp_dir, set_plain_modes
+from ._utils import make_temp_dir, set_plain_modes
+from .data import right_pad
+from .hf import eval_mode
 from .oracles import ClassifierOracle
 from .pretrain import (
     EOS_TOKEN,
@@ -211,13 +212,7 @@ def _build_model(tokenizer: Any, label_names: tuple[str, ...], h: dict[str, Any]
 
 
 def _batch(rows: list[list[int]], index: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(rows[i]) for i in index)
-    ids = torch.full((len(index), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(index), width), dtype=torch.long)
-    for j, i in enumerate(index):
-        ids[j, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
-        mask[j, : len(rows[i])] = 1
-    return ids, mask
+    return right_pad([rows[i] for i in index], pad)
 
 
 def _accuracy(reader: ClassifierOracle, texts: list[str], ids: list[int]) -> float:

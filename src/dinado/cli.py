@@ -25,8 +25,8 @@ from typing import Any
 
 import yaml
 
-from . import __version__
-from .io import atomic_directory, atomic_write_text
+from ._utils import atomic_directory, atomic_write_text
+from ._version import __version__
 from .oracles import OracleError
 
 EXAMPLES = {
@@ -446,7 +446,7 @@ def fresh_run(config: dict[str, Any]) -> Iterator[Run]:
 
 # ---------------------------------------------------------------------- loading
 def load_base(config: dict[str, Any]):
-    from .text import load_model
+    from .hf import load_model
 
     name = config["base"]
     try:
@@ -502,7 +502,7 @@ def read_prompts(path: str) -> list[str]:
 
 def prompt_format(config: dict[str, Any], tokenizer, model=None):
     """The PromptFormat of --prompt-template and --chat (auto: chat when the tokenizer has a template)."""
-    from .guide import is_encoder_decoder
+    from .hf import is_encoder_decoder
     from .text import PromptFormat
 
     chat = config.get("chat", "auto")
@@ -575,7 +575,7 @@ def check_prompt_lengths(
     model, rows: list[list[int]], max_new_tokens: int, file: str, lines: list[int]
 ) -> None:
     """Name the first prompt line that, with --max-new-tokens, runs past the model's positions."""
-    from .decoding import check_length
+    from .hf import check_length
 
     for row, line in zip(rows, lines, strict=True):
         try:
@@ -595,7 +595,7 @@ def _sample_summary(samples) -> str:
 
 def cmd_sample(config: dict[str, Any]) -> None:
     """Sample completions from a base (or a guide as proposal) and label them with an oracle."""
-    from .guide import is_encoder_decoder
+    from .hf import is_encoder_decoder
     from .sampling import sample
     from .text import encode_prompts, end_of_turn_id
 
@@ -764,8 +764,8 @@ def cmd_train(config: dict[str, Any]) -> None:
     """Train a guide (NADO or DiNADO) on labelled samples; checkpoints, resume, metrics, TensorBoard."""
     import torch
 
+    from .data import SampleSet
     from .guide import Guide
-    from .samples import SampleSet
     from .training import check_samples, latest_checkpoint, train
 
     _require(config, "output", "base", "samples")
@@ -897,7 +897,7 @@ def cmd_generate(config: dict[str, Any]) -> None:
     """Decode prompts with the base alone or with a guide (greedy, sampling or beam search)."""
     import torch
 
-    from .guide import is_encoder_decoder
+    from .hf import is_encoder_decoder
     from .text import encode_prompts, generate_texts
 
     _require(config, "output", "base", "prompts")

@@ -13,15 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .guide import (
-    Guide,
-    HiddenCapture,
-    base_body,
-    check_candidates,
-    eval_mode,
-    position_ids_from_mask,
-    unwrap_peft,
-)
+from .guide import Guide, check_candidates
+from .hf import HiddenCapture, base_body, check_length, eval_mode, position_ids_from_mask
 from .parameterizations import candidate_set
 
 # generate() arguments that turn on assisted decoding (a draft model, prompt lookup or early exit)
@@ -179,26 +172,6 @@ class GuideLogitsProcessor(LogitsProcessor):
         else:
             log_q = guide.parameterization.candidate_log_q(log_p, ids, direction[:, -1].float(), self.alpha)
         return log_q.to(scores.dtype)
-
-
-def check_length(model, prompt_length: int, max_new_tokens: int | None) -> None:
-    """Refuse a generation that would run past the model's position embeddings (an opaque IndexError)."""
-    config = getattr(unwrap_peft(model), "config", None)
-    limit = getattr(config.get_text_config(), "max_position_embeddings", None) if config is not None else None
-    if limit is None or max_new_tokens is None:
-        return
-    if getattr(config, "is_encoder_decoder", False):
-        if prompt_length > limit or 1 + max_new_tokens > limit:
-            raise ValueError(
-                f"a source of {prompt_length} tokens or 1 + max_new_tokens={max_new_tokens} decoder tokens "
-                f"exceeds the model's {limit} positions: lower max_new_tokens or shorten the sources"
-            )
-        return
-    if prompt_length + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt of {prompt_length} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-            f"{limit} positions: lower max_new_tokens or shorten the prompts"
-        )
 
 
 def generate(

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from ._utils import atomic_write_text
 from .evaluation import evaluate_texts, markdown_report, plot_training_curves
 from .guide import Guide
-from .io import atomic_write_text
 from .oracles import KeywordOracle, as_token_oracle
 from .pretrain import PretrainConfig, pretrain
 from .sampling import sample

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .guide import decoder_start_token_id, eval_mode, is_encoder_decoder
-from .io import atomic_file
+from ._utils import atomic_file
+from .data import right_pad
+from .hf import decoder_start_token_id, eval_mode, is_encoder_decoder
 from .oracles import call_oracle
-from .samples import right_pad
 from .text import PromptFormat, encode_prompts
 
 
@@ -65,12 +65,7 @@ def _causal_perplexity(model, tokenizer, prompts, completions, batch_size: int, 
             row = (p + c)[:limit]  # tokens past the model's window are not scored
             rows.append(row)
             spans.append((len(p), len(row)))
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(row)
-            mask[r, : len(row)] = 1
+        ids, mask = right_pad(rows, tokenizer.pad_token_id or 0)
         log_p = F.log_softmax(
             model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1
         )

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .guide import Guide, eval_mode
+from .data import SampleSet
+from .guide import Guide
+from .hf import eval_mode
 from .oracles import TokenOracle, call_oracle
-from .samples import SampleSet
 
 
 def enumerate_completions(vocab_size: int, max_new_tokens: int, eos_token_id: int) -> list[list[int]]:

@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .guide import Guide, capture_hidden, eval_mode, position_ids_from_mask, unwrap_peft
-from .io import atomic_file
-from .objectives import Batch
+from ._utils import atomic_file
+from .data import Batch, SampleSet
+from .guide import Guide
+from .hf import capture_hidden, eval_mode, position_ids_from_mask, unwrap_peft
 from .parameterizations import PositionStats
-from .samples import SampleSet
 
 CHUNK_ELEMENTS = 1 << 24  # rows x vocabulary per chunk of the full-vocabulary statistics (64 MiB in float32)
 SAVE_LIMIT_BYTES = (

@@ -3,29 +3,36 @@
 from __future__ import annotations
 
 import copy
-import functools
-import hashlib
-import inspect
 import json
 import os
-import types
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
+from ._utils import atomic_file, atomic_write_text
 from .config import GuideConfig
-from .io import atomic_file, atomic_write_text, tokenizer_fingerprint
+from .hf import (
+    accepts_argument,
+    base_fingerprint,
+    base_hidden_size,
+    base_vocab_size,
+    capture_hidden,
+    decoder_start_token_id,
+    is_encoder_decoder,
+    is_quantized,
+    lora_config,
+    position_ids_from_mask,
+    shared_weight_copy,
+    tokenizer_fingerprint,
+    unwrap_peft,
+    wrap_peft,
+)
 from .modules import GuideModule, NormHead, default_num_heads
 from .numerics import LOG_FLOOR
 from .parameterizations import Parameterization, candidate_set, parameterization_for
@@ -41,217 +48,6 @@ class GuideOutputs:
     log_p: torch.Tensor  # [B, L, V] base log-probabilities, float32
     direction: torch.Tensor  # [B, L, V]
     norm: torch.Tensor | None  # [B, L]
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions as transformers' generate() computes them for left-padded batches."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 1)
-
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def wrap_peft(model: nn.Module, peft_config: Any) -> nn.Module:
-    """``peft.get_peft_model`` without the FutureWarning it triggers in transformers 5.x.
-
-    PEFT reads the model's deprecated ``is_gradient_checkpointing`` property, which warns on every guide or
-    adapter built; only that warning, raised by this call, is hidden.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
-        )
-        return get_peft_model(model, peft_config)
-
-
-@contextmanager
-def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
-    """Run ``modules`` in eval mode (dropout off) inside the block; ``None`` entries are skipped.
-
-    Afterwards every submodule gets back its own ``training`` flag exactly as it was, so a caller's mixed
-    modes (a model in training with one part frozen in eval) survive. For sampling and scoring passes: a
-    model built from a config starts in training mode, and its dropout would change every probability.
-    """
-    saved: dict[int, tuple[nn.Module, bool]] = {}
-    for module in modules:
-        if isinstance(module, nn.Module):
-            for sub in module.modules():
-                saved.setdefault(id(sub), (sub, sub.training))
-    try:
-        for module in modules:
-            if isinstance(module, nn.Module):
-                module.eval()
-        yield
-    finally:
-        for sub, training in saved.values():
-            sub.training = training
-
-
-def is_encoder_decoder(model: nn.Module) -> bool:
-    """True for sequence-to-sequence bases (Marian, T5, BART, ...), whose output is the decoder's."""
-    return bool(getattr(getattr(unwrap_peft(model), "config", None), "is_encoder_decoder", False))
-
-
-def decoder_start_token_id(model: nn.Module) -> int:
-    """The token an encoder-decoder base's decoder starts from (generation config first, then config)."""
-    inner = unwrap_peft(model)
-    for cfg in (getattr(inner, "generation_config", None), inner.config):
-        start = getattr(cfg, "decoder_start_token_id", None) if cfg is not None else None
-        if start is not None:
-            return int(start)
-    raise ValueError(
-        f"{type(inner).__name__} has no decoder_start_token_id in its config or generation config: "
-        "set model.generation_config.decoder_start_token_id"
-    )
-
-
-def base_body(model: nn.Module) -> nn.Module:
-    """The module whose first output is the last hidden state the LM head reads.
-
-    GPT2Model inside GPT2LMHeadModel, ...; for an encoder-decoder base, its decoder (the guide conditions on
-    the source through the decoder's cross-attention, as the LM head does).
-    """
-    inner = unwrap_peft(model)
-    if is_encoder_decoder(inner):
-        decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-        if decoder is None:
-            raise TypeError(
-                f"{type(inner).__name__} is an encoder-decoder model without get_decoder(); dinado reads "
-                "the decoder's hidden states and cannot find them"
-            )
-        return decoder
-    body = getattr(inner, "base_model", None)
-    if body is None or body is inner:
-        raise TypeError(
-            f"{type(inner).__name__} does not expose its transformer body as .base_model; "
-            "dinado needs a transformers PreTrainedModel with a language-model head"
-        )
-    return body
-
-
-def shared_weight_copy(model: nn.Module) -> nn.Module:
-    """A new module tree over the same weight memory: what a guide wraps instead of the caller's model.
-
-    Every submodule is a new object (its own ``training`` flag, hooks and child registry, so ``eval()`` and
-    PEFT's in-place LoRA injection touch only the copy), and every parameter a new ``nn.Parameter`` viewing
-    the original's storage (its own ``requires_grad``). Buffers, configs, generation configs and any other
-    attribute are shared. Tied weights stay tied and shared submodules stay shared. Extra memory: the module
-    and parameter objects only, no weights. Weights changed in place later through the caller's model (an
-    optimizer step) are seen by the copy; ``model.to(...)`` is not (move the guide itself).
-
-    Methods and ``functools.partial`` objects bound to a module as instance attributes (the forward that
-    accelerate installs on a dispatched model) are rebound to its copy. Parameter subclasses (e.g. quantised
-    weights carrying their quantisation state) are shared as they are: freezing the copy then freezes them in
-    the caller's model too (quantised weights are frozen anyway).
-    """
-    params: dict[int, nn.Parameter] = {}
-    modules: dict[int, nn.Module] = {}
-
-    def alias(p: nn.Parameter | None) -> nn.Parameter | None:
-        if p is None or type(p) is not nn.Parameter:
-            return p
-        if id(p) not in params:
-            params[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-        return params[id(p)]
-
-    def copy_module(m: nn.Module | None) -> nn.Module | None:
-        if m is None:
-            return None
-        if id(m) not in modules:
-            new = copy.copy(m)  # shallow: a new object whose __dict__ values are still m's
-            modules[id(m)] = new
-            for key, value in list(vars(new).items()):
-                if isinstance(value, (dict, set, list)):  # parameter/child/buffer/hook registries
-                    vars(new)[key] = copy.copy(value)
-                elif isinstance(value, types.MethodType) and value.__self__ is m:
-                    vars(new)[key] = types.MethodType(value.__func__, new)  # e.g. accelerate's _old_forward
-                elif isinstance(value, functools.partial) and value.args and value.args[0] is m:
-                    # e.g. the forward accelerate installs on a dispatched model: partial(new_forward, module)
-                    rebound = functools.partial(value.func, new, *value.args[1:], **value.keywords)
-                    vars(rebound).update(vars(value))
-                    vars(new)[key] = rebound
-            for k, v in m._parameters.items():
-                new._parameters[k] = alias(v)
-            for k, v in m._modules.items():
-                new._modules[k] = copy_module(v)
-        return modules[id(m)]
-
-    return copy_module(model)
-
-
-class HiddenCapture:
-    """Holds the last hidden states of every forward pass of a base model's body since the last ``pop``.
-
-    A chunked prefill (``prefill_chunk_size``) runs the body once per chunk before the first decoding step: the
-    chunks are joined along the positions, so the guide reads every prompt position.
-    """
-
-    def __init__(self) -> None:
-        self.parts: list[torch.Tensor] = []
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.parts.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
-    def pop(self) -> torch.Tensor:
-        if not self.parts:
-            raise RuntimeError("the base model ran no forward pass that dinado could observe")
-        parts, self.parts = self.parts, []
-        if len(parts) == 1:
-            return parts[0]
-        if len({p.shape[0] for p in parts}) > 1:
-            raise RuntimeError(
-                f"the base ran {len(parts)} forward passes of different batch sizes "
-                f"({[p.shape[0] for p in parts]}) between two decoding steps: dinado cannot tell which states "
-                "belong to which sequence"
-            )
-        return torch.cat(parts, dim=1)
-
-
-@contextmanager
-def capture_hidden(model: nn.Module) -> Iterator[HiddenCapture]:
-    """Record the base body's last hidden states through a forward hook: no extra compute."""
-    capture = HiddenCapture()
-    handle = base_body(model).register_forward_hook(capture)
-    try:
-        yield capture
-    finally:
-        handle.remove()
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(unwrap_peft(model).forward).parameters
-
-
-def base_vocab_size(model: nn.Module) -> int:
-    head = unwrap_peft(model).get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    return int(model.config.get_text_config().vocab_size)
-
-
-def base_hidden_size(model: nn.Module) -> int:
-    return int(model.config.get_text_config().hidden_size)
-
-
-def base_fingerprint(model: nn.Module, entries: int = 64) -> str:
-    """A short hash of a base model's weights: up to ``entries`` evenly spaced values of every parameter, as
-    float32, in order. LoRA parameters (a DiNADO-Merge guide's adapter) are left out, so a base wrapped by
-    a guide hashes as it did before. Cheap (no pass over all weights) and exact: another model, other
-    weights or another dtype give another hash.
-    """
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, param in unwrap_peft(model).named_parameters():
-            if "lora_" in name:
-                continue
-            flat = param.detach().reshape(-1)
-            step = max(1, flat.numel() // entries)
-            values = flat[::step][:entries].to("cpu", torch.float32).contiguous()
-            digest.update(str(tuple(param.shape)).encode())
-            digest.update(values.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 class BaseMismatchError(ValueError):
@@ -278,26 +74,6 @@ def check_same_base(
             f"differs ({'; '.join(problems)}): use the base and tokenizer it was made with, or override with "
             "--allow-base-mismatch (allow_base_mismatch=True in Python) if you are sure they are the same model"
         )
-
-
-def _is_quantized(model: nn.Module) -> bool:
-    """True when the weights are held quantised (LoRA cannot be folded into them).
-
-    Integer-typed parameters (bitsandbytes, GGUF blocks kept packed, ...) are quantised. A model loaded
-    through a transformers quantizer is too, unless its weights were unpacked at load time into plain float
-    ones: ``quantization_config.dequantize``, or a GGUF file (SmolLM2's named base) that transformers
-    dequantises when it has no matmul kernel for it (its packed blocks would be uint8 parameters).
-    """
-    inner = unwrap_peft(model)
-    if any(not p.dtype.is_floating_point for p in inner.parameters()):
-        return True
-    quantizer = getattr(inner, "hf_quantizer", None)
-    if quantizer is None:
-        return bool(getattr(inner, "is_quantized", False))
-    config = getattr(quantizer, "quantization_config", None)
-    if getattr(config, "dequantize", False):
-        return False
-    return getattr(config, "quant_method", None) != "gguf"
 
 
 def check_candidates(guide: Guide, candidates: int | None) -> None:
@@ -346,15 +122,8 @@ class Guide(nn.Module):
         if self.encoder_decoder:
             decoder_start_token_id(base_model)  # fail now, not at the first batch
         if config.uses_lora:
-            lora = LoraConfig(
-                r=config.lora_r,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout,
-                target_modules=config.lora_target_modules,
-                bias="none",
-                task_type="SEQ_2_SEQ_LM" if self.encoder_decoder else "CAUSAL_LM",
-                # GPT-2 style Conv1D layers store weights transposed; tell PEFT instead of letting it guess
-                fan_in_fan_out=any(isinstance(m, Conv1D) for m in base_model.modules()),
+            lora = lora_config(
+                base_model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
             )
             self.base = wrap_peft(base_model, lora)
             self.module = None
@@ -376,7 +145,7 @@ class Guide(nn.Module):
                 head_rank=config.head_rank,
             )
             self.norm_head = None
-        self._pass_positions = not self.encoder_decoder and _accepts(self.base, "position_ids")
+        self._pass_positions = not self.encoder_decoder and accepts_argument(self.base, "position_ids")
         self.base.eval()
 
     # ------------------------------------------------------------------ construction
@@ -665,7 +434,7 @@ class Guide(nn.Module):
                 f"merge() needs variant 'dinado-merge'; a {self.config.variant} guide keeps a separate module "
                 "that must run beside the base (use dinado.generate, or `dinado generate --guide`)"
             )
-        if _is_quantized(self.base):
+        if is_quantized(self.base):
             raise ValueError(
                 "refusing to merge a LoRA adapter into quantised weights: load the base in float"
             )

@@ -13,26 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .data import Batch
+from .features import cached_position_stats
 from .numerics import bernoulli_cross_entropy, bernoulli_kl
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, L] prompt + completion, right-padded
-    attention_mask: torch.Tensor  # [B, L] 1 on real tokens
-    completion_mask: torch.Tensor  # [B, L] 1 on completion tokens
-    terminal_mask: torch.Tensor  # [B, L] 1 on the terminal completion token (EOS or last at the cap)
-    labels: torch.Tensor  # [B] oracle values in [0, 1]
-    weights: torch.Tensor  # [B] importance weights (1 for samples from p)
-    # encoder-decoder bases: the source, right-padded; input_ids are then the decoder rows [start | completion]
-    encoder_input_ids: torch.Tensor | None = None
-    encoder_attention_mask: torch.Tensor | None = None
-    # the frozen base's last hidden states of these rows [B, L, H], from a FeatureCache: when set, the loss
-    # reads them instead of running the base (module variants only; see features.py)
-    base_hidden: torch.Tensor | None = None
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{k: v.to(device) if v is not None else None for k, v in self.__dict__.items()})
 
 
 @dataclass
@@ -86,8 +69,6 @@ def guide_loss(
     weight = cfg.effective_regularizer_weight if regularizer_weight is None else regularizer_weight
     positions = ce_positions or cfg.ce_positions
     if batch.base_hidden is not None:
-        from .features import cached_position_stats
-
         stats = cached_position_stats(guide, batch, positions, weight > 0)
     else:
         out = guide(

@@ -758,7 +758,8 @@ class ClassifierOracle(OracleBase):
         """The model's logits ``[len(texts), num_labels]`` (float32, on the CPU), in the order given."""
         import torch
 
-        from .guide import eval_mode
+        from .data import right_pad
+        from .hf import eval_mode
 
         _check_text(texts, "texts")
         rows = self._encode(list(texts))
@@ -766,12 +767,7 @@ class ClassifierOracle(OracleBase):
         out = torch.zeros((len(rows), self.num_labels), dtype=torch.float32)
         with torch.inference_mode(), eval_mode(self.model):
             for batch in self._batches(rows):
-                width = max(len(rows[i]) for i in batch)
-                ids = torch.full((len(batch), width), pad if pad is not None else 0, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for j, i in enumerate(batch):
-                    ids[j, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
-                    mask[j, : len(rows[i])] = 1
+                ids, mask = right_pad([rows[i] for i in batch], pad if pad is not None else 0)
                 result = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
                 out[torch.tensor(batch)] = result.logits.float().cpu()
         return out

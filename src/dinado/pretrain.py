@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .io import make_temp_dir, set_plain_modes
+from ._utils import make_temp_dir, set_plain_modes
+from .data import right_pad
 
 __all__ = [
     "EOS_TOKEN",
@@ -455,15 +456,10 @@ class _Rows:
 
 
 def _pad_rows(rows: list[tuple[list[int], list[bool]]], context: int, pad_id: int, truncated: int) -> _Rows:
-    lengths = torch.tensor([len(row) for row, _ in rows], dtype=torch.long)
-    mask = torch.arange(context).unsqueeze(0) < lengths.unsqueeze(1)  # row-major order = the flat order
-    flat_ids = torch.tensor([t for row, _ in rows for t in row], dtype=torch.long)
-    flat_learn = torch.tensor([keep for _, learn in rows for keep in learn], dtype=torch.bool)
-    input_ids = torch.full((len(rows), context), pad_id, dtype=torch.long)
-    input_ids[mask] = flat_ids
-    labels = torch.full((len(rows), context), -100, dtype=torch.long)
-    labels[mask] = torch.where(flat_learn, flat_ids, torch.tensor(-100))
-    return _Rows(input_ids, mask.long(), labels, truncated)
+    input_ids, mask = right_pad([row for row, _ in rows], pad_id, context)
+    targets = [[t if keep else -100 for t, keep in zip(row, learn, strict=True)] for row, learn in rows]
+    labels, _ = right_pad(targets, -100, context)
+    return _Rows(input_ids, mask, labels, truncated)
 
 
 def _text_rows(lines: Sequence[str], tokenizer, context: int, pack: bool) -> _Rows:
@@ -549,14 +545,6 @@ class _Seq2SeqRows:
         }
 
 
-def _pad(seqs: list[list[int]], width: int, value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)  # row-major order = the flat order
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    out[mask] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
-    return out, mask.long()
-
-
 def _seq2seq_rows(pairs: Sequence[tuple[str, str]], tokenizer, context: int) -> _Seq2SeqRows:
     """One example per row: the encoder reads ``source ids + EOS``, the decoder reads ``EOS + target ids``
     (EOS is the decoder start token) and predicts ``target ids + EOS``.
@@ -578,9 +566,9 @@ def _seq2seq_rows(pairs: Sequence[tuple[str, str]], tokenizer, context: int) -> 
         label = [*tgt, eos][:context]
         labels.append(label)
         decoder.append([eos, *label[:-1]])
-    input_ids, attention_mask = _pad(encoder, context, eos)
-    decoder_input_ids, decoder_attention_mask = _pad(decoder, context, eos)
-    label_ids, _ = _pad(labels, context, -100)
+    input_ids, attention_mask = right_pad(encoder, eos, context)
+    decoder_input_ids, decoder_attention_mask = right_pad(decoder, eos, context)
+    label_ids, _ = right_pad(labels, -100, context)
     return _Seq2SeqRows(
         input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, label_ids, truncated
     )

@@ -16,20 +16,20 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, PreTrainedModel, TemperatureLogitsWarper, TopPLogitsWarper
 
-from .decoding import check_length
+from .data import SampleSet, left_pad, right_pad
 from .decoding import generate as guided_generate
-from .guide import (
-    Guide,
+from .guide import Guide
+from .hf import (
     base_fingerprint,
     base_vocab_size,
+    check_length,
     decoder_start_token_id,
     eval_mode,
     is_encoder_decoder,
     position_ids_from_mask,
+    tokenizer_fingerprint,
 )
-from .io import tokenizer_fingerprint
 from .oracles import call_oracle, describe
-from .samples import SampleSet, left_pad, right_pad
 
 # Sampling warpers a model's generation config may set besides temperature, top-k and top-p, with the values that
 # switch them off: dinado.sample samples with temperature and top-p only (it records the distribution it samples

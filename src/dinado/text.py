@@ -11,96 +11,13 @@ import string
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .guide import Guide, eval_mode, is_encoder_decoder
-from .samples import left_pad, right_pad
-
-
-def _named() -> list[str]:
-    from .bases import NAMED_BASES
-
-    return sorted(NAMED_BASES)
-
-
-def _looks_like_path(name: str) -> bool:
-    """True for a name that can only be a local path (a hub id is ``name`` or ``org/name``)."""
-    if name.startswith(("/", "./", "../", "~", ".")) or "\\" in name or name.count("/") > 1:
-        return True
-    head, sep, _ = name.partition("/")
-    return bool(sep) and Path(head).is_dir()  # runs/base, where ./runs exists
-
-
-def check_local_model(name_or_path: str, gguf_file: str | None = None) -> None:
-    """Fail at once, with a hint, on a local path that holds no transformers model (never ask the hub)."""
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        if _looks_like_path(name_or_path):
-            raise FileNotFoundError(
-                f"no such directory: {name_or_path} (a local model path; check the path, or give a hub id "
-                "such as 'gpt2' or 'org/name', or a named base: " + ", ".join(_named()) + ")"
-            )
-        return
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{name_or_path} is a file: give the directory of a saved model (config.json and weights)"
-        )
-    if (path / "config.json").is_file() or gguf_file is not None:
-        return
-    hint = "give the directory that holds the model's config.json and weights"
-    if (path / "guide" / "dinado_config.json").is_file():
-        hint = (
-            f"it is a `dinado train` run: pass {path / 'guide'} as --guide and the base it was trained on as "
-            "--base"
-        )
-    elif (path / "dinado_config.json").is_file():
-        hint = "it is a saved guide: pass it as --guide and the base it was trained on as --base"
-    elif (path / "model" / "config.json").is_file():
-        hint = f"the model is in {path / 'model'}"
-    elif (path / "samples.safetensors").is_file():
-        hint = "it is a `dinado sample` run: pass it as --samples"
-    raise FileNotFoundError(f"{name_or_path} holds no config.json, so it is not a saved model: {hint}")
-
-
-def load_model(
-    name_or_path: str, tokenizer: str | None = None, gguf_file: str | None = None
-) -> tuple[Any, Any]:
-    """A base model and its tokenizer, in eval mode, with a pad token.
-
-    ``name_or_path``: a hub id, a local directory, a ``.gguf`` file, or a named offline base such as
-    ``"smollm2-135m-instruct"`` (:mod:`dinado.bases`); ``gguf_file`` names a GGUF file inside the directory or
-    hub repository. GGUF weights are dequantised to float32 by transformers (needs the ``gguf`` package).
-    ``AutoModelForSeq2SeqLM`` for an encoder-decoder config (Marian, T5, BART), else ``AutoModelForCausalLM``;
-    a tokenizer without a pad token pads with EOS (GPT-2 style). The model's ``config._name_or_path`` is the
-    name given here, so guides and samples record it.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from .bases import NAMED_BASES, resolve_base
-
-    if name_or_path not in NAMED_BASES and not name_or_path.lower().endswith(".gguf"):
-        check_local_model(name_or_path, gguf_file)
-    source, gguf = resolve_base(name_or_path, gguf_file)
-    kwargs: dict[str, Any] = {"gguf_file": gguf, "dtype": torch.float32} if gguf is not None else {}
-    seq2seq = getattr(AutoConfig.from_pretrained(source, **kwargs), "is_encoder_decoder", False)
-    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(source, **kwargs)
-    if tokenizer is not None:
-        tok = AutoTokenizer.from_pretrained(tokenizer)
-    else:
-        tok = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf is not None else {}))
-    if gguf is not None:
-        model.config._name_or_path = name_or_path if gguf_file is None else f"{name_or_path}/{gguf_file}"
-    model.eval()
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok
-
+from .data import pad_prompts
+from .guide import Guide
+from .hf import eval_mode, is_encoder_decoder
 
 # End-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma, Phi-3); an instruct model stops there.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
@@ -201,13 +118,6 @@ def encode_prompts(
     return [list(row) if row else [bos] for row in rows]
 
 
-def pad_prompts(
-    rows: Sequence[Sequence[int]], pad_id: int, encoder_decoder: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt ids and mask as ``generate()`` wants them: left-padded, or right-padded for an encoder."""
-    return (right_pad if encoder_decoder else left_pad)(rows, pad_id)
-
-
 def new_tokens(sequences: torch.Tensor, prompt_width: int, encoder_decoder: bool) -> torch.Tensor:
     """The generated part of ``generate()``'s output: after the prompt, or after the decoder start token."""
     return sequences[:, 1:] if encoder_decoder else sequences[:, prompt_width:]
@@ -226,8 +136,8 @@ def generate_texts(
 
     With a chat ``prompt_format``, generation ends at the chat template's end-of-turn token unless
     ``eos_token_id`` is given."""
-    from .decoding import check_length
     from .decoding import generate as guided_generate
+    from .hf import check_length
 
     model = source.base if isinstance(source, Guide) else source
     seq2seq = is_encoder_decoder(model)

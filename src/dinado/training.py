@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ._utils import make_temp_dir, set_plain_modes
+from .data import SampleSet
 from .features import (
     FeatureCache,
     FeatureCacheError,
@@ -26,9 +28,7 @@ from .features import (
     unsupported_reason,
 )
 from .guide import CONFIG_NAME, WEIGHTS_NAME, Guide, check_same_base
-from .io import make_temp_dir, set_plain_modes
 from .objectives import guide_loss, term_counts
-from .samples import SampleSet
 
 # Defaults measured on the exact testbed (see docs/benchmarks.md): they train every variant well there.
 DEFAULT_LEARNING_RATES = {"module": 1e-3, "lora": 1e-3}

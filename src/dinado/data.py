@@ -1,4 +1,5 @@
-"""SampleSet: labelled completions with importance weights, stored as safetensors + JSON metadata."""
+"""The data a guide learns from: SampleSet (labelled completions with importance weights, stored as safetensors +
+JSON metadata), the training Batch it collates into, and the padding helpers every stage uses."""
 
 from __future__ import annotations
 
@@ -6,16 +7,35 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_file
-from .objectives import Batch
+from ._utils import atomic_file
 
 FORMAT_VERSION = 1
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L] prompt + completion, right-padded
+    attention_mask: torch.Tensor  # [B, L] 1 on real tokens
+    completion_mask: torch.Tensor  # [B, L] 1 on completion tokens
+    terminal_mask: torch.Tensor  # [B, L] 1 on the terminal completion token (EOS or last at the cap)
+    labels: torch.Tensor  # [B] oracle values in [0, 1]
+    weights: torch.Tensor  # [B] importance weights (1 for samples from p)
+    # encoder-decoder bases: the source, right-padded; input_ids are then the decoder rows [start | completion]
+    encoder_input_ids: torch.Tensor | None = None
+    encoder_attention_mask: torch.Tensor | None = None
+    # the frozen base's last hidden states of these rows [B, L, H], from a FeatureCache: when set, the loss
+    # reads them instead of running the base (module variants only; see features.py)
+    base_hidden: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{k: v.to(device) if v is not None else None for k, v in self.__dict__.items()})
 
 
 def _check_id_lists(name: str, rows: Sequence[Sequence[int]], allow_empty: bool) -> list[list[int]]:
@@ -45,15 +65,30 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, max length] ids padded on the right with ``pad_id``, and the attention mask."""
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
-        mask[r, : len(row)] = 1
-    return ids, mask
+def right_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, width] ids padded on the right with ``pad_id``, and the attention mask (1 on the rows' own tokens).
+
+    ``width`` defaults to the longest row; a fixed width (a model's context) must hold every row.
+    """
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    longest = int(lengths.max()) if len(rows) else 0
+    width = longest if width is None else width
+    if width < longest:
+        raise ValueError(f"a row of {longest} tokens does not fit the padded width {width}")
+    mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)  # row-major order = the rows' order
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    if len(rows):
+        ids[mask] = torch.cat([torch.as_tensor(list(r), dtype=torch.long).reshape(-1) for r in rows])
+    return ids, mask.long()
+
+
+def pad_prompts(
+    rows: Sequence[Sequence[int]], pad_id: int, encoder_decoder: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt ids and mask as ``generate()`` wants them: left-padded, or right-padded for an encoder."""
+    return (right_pad if encoder_decoder else left_pad)(rows, pad_id)
 
 
 def _flatten(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Atomic writes (dinado.io): every writer leaves files and directories with the modes plain open() and
+"""Atomic writes (dinado._utils): every writer leaves files and directories with the modes plain open() and
 mkdir() would give under the current umask, and a failure part-way leaves neither the target nor a
 temporary behind."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import dinado
-from dinado import io as dio
-from dinado.samples import SampleSet
+from dinado import _utils as dio
+from dinado.data import SampleSet
 
 from .conftest import load_benchmark, tiny_gpt2
 
@@ -197,13 +197,13 @@ def test_sampleset_save(tmp_path, umask):
 
 
 def test_sampleset_save_failure_leaves_nothing(tmp_path, monkeypatch):
-    import dinado.samples
+    import dinado.data
 
     def half_then_fail(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dinado.samples, "save_file", half_then_fail)
+    monkeypatch.setattr(dinado.data, "save_file", half_then_fail)
     with pytest.raises(KeyboardInterrupt):
         _sample_set().save(tmp_path / "samples.safetensors")
     assert names(tmp_path) == []

@@ -1,9 +1,7 @@
-"""Small file helpers: atomic writes (with the modes plain open() and mkdir() give) and tokenizer fingerprints."""
+"""Small file helpers: atomic writes with the modes plain open() and mkdir() give, and temporary run directories."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import stat
@@ -11,7 +9,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 PARTIAL_MARK = ".partial-"
 
@@ -161,11 +158,3 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A short stable hash of a tokenizer's vocabulary and special tokens."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    special = sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []))
-    payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
