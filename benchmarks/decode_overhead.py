@@ -40,11 +40,18 @@ RANDOM_BASE = "gpt2-small-random"
 
 
 def parse_head(spec: str) -> dict:
-    """``full`` / ``tied`` / ``full:R`` / ``tied:R`` -> Guide.create options."""
+    """``full`` / ``tied`` / ``full:R`` / ``tied:R``, optionally ``/W`` (module width W) -> Guide.create options."""
+    spec, _, width = spec.partition("/")
     head, _, rank = spec.partition(":")
-    if head not in ("full", "tied") or (rank and not rank.isdigit()):
-        raise argparse.ArgumentTypeError(f"a head is full, tied, full:RANK or tied:RANK, got {spec!r}")
-    return {"head": head, **({"head_rank": int(rank)} if rank else {})}
+    if head not in ("full", "tied") or (rank and not rank.isdigit()) or (width and not width.isdigit()):
+        raise argparse.ArgumentTypeError(
+            f"a head is full, tied, full:RANK or tied:RANK, optionally /WIDTH (the module's width), got {spec!r}"
+        )
+    return {
+        "head": head,
+        **({"head_rank": int(rank)} if rank else {}),
+        **({"module_dim": int(width)} if width else {}),
+    }
 
 
 @dataclass
@@ -84,7 +91,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="*",
         default=["tied", "tied:64", "full:64"],
         type=parse_head,
-        help="extra DiNADO-Soft heads to time beside the default (full, tied, full:R, tied:R)",
+        help="extra DiNADO-Soft heads to time beside the default (full, tied, full:R, tied:R; /W: module width W)",
     )
     parser.add_argument(
         "--variants",
@@ -140,8 +147,8 @@ def build_guide(
 
 
 def head_label(options: dict) -> str:
-    rank = options.get("head_rank")
-    return options["head"] + (f" rank {rank}" if rank else "")
+    rank, width = options.get("head_rank"), options.get("module_dim")
+    return options["head"] + (f" rank {rank}" if rank else "") + (f", width {width}" if width else "")
 
 
 def mode_kwargs(mode: str, args: argparse.Namespace, eos: int) -> dict:

@@ -128,6 +128,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="{}",
         help='JSON Guide.create options for the module variants, e.g. {"head": "tied"}',
     )
+    p.add_argument(
+        "--merge-options",
+        default="{}",
+        help="JSON Guide.create options for dinado-merge (default LoRA r 8, alpha 16 on every linear layer), e.g. "
+        '{"lora_target_modules": ".*layers\\.2[4-9]\\..*_proj"} to adapt only the top layers (backward stops there)',
+    )
     p.add_argument("--guide-lr", type=float, default=None, help="guide learning rate (default: dinado's)")
     p.add_argument("--alpha", type=float, default=1.0, help="guidance strength of the module variants")
     p.add_argument(
@@ -159,10 +165,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = sorted(set(args.systems) - set(VARIANTS + BASELINES)) + sorted(set(args.decodings) - set(DECODINGS))
     if bad:
         p.error(f"unknown systems or decodings {bad}: systems {VARIANTS + BASELINES}, decodings {DECODINGS}")
-    try:
-        args.guide_options = json.loads(args.guide_options)
-    except json.JSONDecodeError as exc:
-        p.error(f"--guide-options is not JSON: {exc}")
+    for flag in ("guide_options", "merge_options"):
+        try:
+            setattr(args, flag, json.loads(getattr(args, flag)))
+        except json.JSONDecodeError as exc:
+            p.error(f"--{flag.replace('_', '-')} is not JSON: {exc}")
     args.budgets = sorted(int(x) for x in args.budgets.split(",") if x.strip())
     if any(b < 1 for b in args.budgets):
         p.error(f"--budgets must be positive integers, got {args.budgets}")
@@ -317,10 +324,11 @@ def run_systems(
     log(f"{len(samples)} samples from p, {samples.positive_rate:.1%} cover all their concepts")
 
     def make_guide(variant: str) -> Guide:
-        options = {} if variant == "dinado-merge" else args.guide_options
-        return Guide.create(
-            model, variant, tokenizer=tokenizer, num_layers=2, lora_r=8, lora_alpha=16, **options
-        )
+        if variant == "dinado-merge":
+            options = {"lora_r": 8, "lora_alpha": 16, **args.merge_options}
+        else:
+            options = {"num_layers": 2, **args.guide_options}
+        return Guide.create(model, variant, tokenizer=tokenizer, **options)
 
     def fit(guide: Guide, data, steps: int) -> dict:
         return train(

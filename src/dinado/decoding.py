@@ -116,10 +116,12 @@ class GuideLogitsProcessor(LogitsProcessor):
         return (match.int().argmax(-1) + offsets).flatten()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        log_p = F.log_softmax(scores.float(), dim=-1)
         guide = self.guide
         if guide.module is None:  # dinado-merge: generate() runs the adapted model, whose scores are q_theta
-            return log_p.to(scores.dtype)
+            return F.log_softmax(scores.float(), dim=-1).to(scores.dtype)
+        # log q renormalises log p + guidance, so the logits stand in for log p (one pass over V less per step);
+        # the top-k of the candidates is the same on either
+        logits = scores.float()
         if self._capture is None:
             raise RuntimeError("use the processor inside `with processor:` or call dinado.generate()")
         hidden_new = self._capture.pop()
@@ -152,7 +154,7 @@ class GuideLogitsProcessor(LogitsProcessor):
         positions = position_ids_from_mask(mask)[:, -hidden_new.shape[1] :]
         ids = None  # the candidates: p's top-k and the sequence's own tokens (candidate_set)
         if self.candidates is not None:
-            ids = candidate_set(log_p, self.candidates, input_ids, mask.bool())
+            ids = candidate_set(logits, self.candidates, input_ids, mask.bool())
         with torch.no_grad():
             direction, _, cache = guide.run_module(
                 hidden_new,
@@ -168,9 +170,9 @@ class GuideLogitsProcessor(LogitsProcessor):
         self._cache = cache
         self._prev_ids = input_ids
         if ids is None:
-            log_q = guide.parameterization.log_q(log_p, direction[:, -1].float(), self.alpha)
+            log_q = guide.parameterization.log_q(logits, direction[:, -1].float(), self.alpha)
         else:
-            log_q = guide.parameterization.candidate_log_q(log_p, ids, direction[:, -1].float(), self.alpha)
+            log_q = guide.parameterization.candidate_log_q(logits, ids, direction[:, -1].float(), self.alpha)
         return log_q.to(scores.dtype)
 
 

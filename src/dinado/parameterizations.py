@@ -91,8 +91,12 @@ class Parameterization:
         raise NotImplementedError
 
     def log_q(self, log_p: torch.Tensor, direction: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """log q_theta(v | .) = log_softmax(log p + alpha * guidance)."""
-        return F.log_softmax(log_p + alpha * self.guidance(direction), dim=-1)
+        """log q_theta(v | .) = log_softmax(log p + alpha * guidance).
+
+        ``log_p`` may be the base's logits instead (any shift per row): the softmax renormalises. One [..., V]
+        temporary besides the result, for DiNADO none (decoding is memory-bound on a large vocabulary).
+        """
+        return F.log_softmax(torch.add(log_p, self.guidance(direction), alpha=alpha), dim=-1)
 
     def candidate_log_q(
         self,
@@ -110,9 +114,9 @@ class Parameterization:
         candidates' mean boost instead was measured and is worse: the one keyword the guide raises inflates the
         mean, and the whole tail with it; docs/benchmarks.md.)
         """
-        boost = alpha * self.guidance(direction)
-        rest = alpha * self.guidance(direction.new_zeros(()))
-        scores = (log_p + rest).scatter(-1, candidates, log_p.gather(-1, candidates) + boost)
+        # the tail's alpha * g(0) is one shift of every token: adding it to K's boost instead is the same softmax
+        boost = alpha * (self.guidance(direction) - self.guidance(direction.new_zeros(())))
+        scores = log_p.scatter(-1, candidates, log_p.gather(-1, candidates) + boost)
         return F.log_softmax(scores, dim=-1)
 
 
