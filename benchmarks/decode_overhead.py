@@ -28,11 +28,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 import dinado
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for benchmarks.common
+from benchmarks.common import logger, markdown_table  # noqa: E402
+
+log = logger()
 
 MODES = ("sample", "beam")
 MODULE_VARIANTS = ("nado", "dinado-hard", "dinado-soft")
@@ -61,10 +67,6 @@ class Config:
     name: str
     run: Callable[..., torch.Tensor]
     timings: dict[str, list[float]] = field(default_factory=dict)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -161,12 +163,6 @@ def mode_kwargs(mode: str, args: argparse.Namespace, eos: int) -> dict:
     if mode == "sample":
         return {**common, "do_sample": True, "top_k": 0}
     return {**common, "do_sample": False, "num_beams": args.num_beams}
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def timed_call(

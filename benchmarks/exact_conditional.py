@@ -19,12 +19,18 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import dinado
 from dinado import exact
 from dinado._utils import atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for benchmarks.common
+from benchmarks.common import logger  # noqa: E402
+
+log = logger()
 
 # (label, variant, Guide.create options)
 SYSTEMS = [
@@ -52,10 +58,6 @@ SYSTEMS = [
 CANDIDATES = (4, 8)
 FULL = {"per_prompt": 1000, "steps": 1500}
 QUICK = {"per_prompt": 300, "steps": 400}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

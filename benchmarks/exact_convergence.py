@@ -35,6 +35,11 @@ import dinado
 from dinado import exact
 from dinado._utils import atomic_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for benchmarks.common
+from benchmarks.common import logger, markdown_table, pooled_ess  # noqa: E402
+
+log = logger()
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FIGURE = REPO_ROOT / "docs" / "figures" / "exact_kl_vs_samples.png"
 
@@ -80,10 +85,6 @@ def source_fingerprint() -> str:
     for path in sorted(Path(dinado.__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:12]
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -166,17 +167,6 @@ def fit(
     )
     result = evaluate(guide)
     return guide, Fit(result.kl_q_star_q, result.success_q, report.wall_seconds)
-
-
-def effective_sample_size(samples: dinado.SampleSet) -> float:
-    w = samples.normalized_weights().double()
-    return float(w.sum() ** 2 / (w**2).sum())
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def budget_label(n: int) -> str:
@@ -275,7 +265,7 @@ def run_importance(
             proposal_success=proposal_success,
             positives=int(samples.labels.sum()),
             num_samples=n,
-            ess=effective_sample_size(samples),
+            ess=pooled_ess(samples),
             sample_seconds=sample_seconds,
             weighted=weighted,
             unweighted=unweighted,

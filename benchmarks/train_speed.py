@@ -41,13 +41,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for benchmarks.common
+from benchmarks.common import logger, markdown_table  # noqa: E402
+
+log = logger()
+
 MODULE_VARIANTS = ("nado", "dinado-soft", "dinado-hard")
 VARIANTS = (*MODULE_VARIANTS, "dinado-merge")
 PATHS = ("before", "uncached", "cached")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -224,10 +225,6 @@ def run_child(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the parent
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _prepared_base(args: argparse.Namespace, workdir: Path) -> tuple[str | None, str | None, str]:

@@ -34,9 +34,10 @@ from dinado.text import PromptFormat, encode_prompts, end_of_turn_id
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diagnose import auc  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
+from benchmarks.common import logger  # noqa: E402
 
-def log(message: str) -> None:
-    print(f"[calibration] {message}", file=sys.stderr, flush=True)
+log = logger("calibration")
 
 
 @torch.no_grad()

@@ -30,7 +30,6 @@ import platform
 import random
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,6 +43,11 @@ from dinado.oracles import as_token_oracle
 from dinado.pretrain import PretrainConfig, pretrain
 from dinado.tasks.commongen import commongen_metrics, coverage_oracle, load_split
 from dinado.text import PromptFormat, encode_prompts, end_of_turn_id, generate_texts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
+from benchmarks.common import Timer, logger, mean_group_ess  # noqa: E402
+
+log = logger("commongen", "stdout")
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "commongen" / "v1.1_LHRYANG"
@@ -174,23 +178,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(b < 1 for b in args.budgets):
         p.error(f"--budgets must be positive integers, got {args.budgets}")
     return args
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str):
-        log(f"{name} ...")
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = time.perf_counter() - start
-        log(f"{name}: {self.seconds[name]:.1f} s")
-
-
-def log(message: str) -> None:
-    print(f"[commongen] {message}", flush=True)
 
 
 def subset(items: list, n: int, seed: int) -> list:
@@ -450,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     run = Path(args.output)
     run.mkdir(parents=True, exist_ok=True)
-    timer = Timer()
+    timer = Timer(log)
     total_start = time.perf_counter()
 
     with timer.stage("load data"):
@@ -532,7 +519,7 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
         for budget in args.budgets:
             indices = [i * most + j for i in range(len(sets)) for j in range(budget)]
             data = pool.subset(indices)
-            ess = effective_sample_size(data)
+            ess = mean_group_ess(data)
             for variant in ("nado", "dinado-soft"):
                 guide = Guide.create(model, variant, tokenizer=tokenizer, num_layers=2, **args.guide_options)
                 key = f"efficiency: {variant} {arm} {budget}"
@@ -587,16 +574,6 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
     }
     plot_efficiency(result, Path(args.output) / "efficiency.png")
     return result
-
-
-def effective_sample_size(data) -> float:
-    """Mean over concept sets of the effective sample size (sum w)^2 / sum w^2 (samples from p: all w = 1)."""
-    w = data.normalized_weights().double()
-    groups = data.group_ids()
-    count = int(groups.max()) + 1
-    s1 = torch.zeros(count, dtype=torch.float64).index_add_(0, groups, w)
-    s2 = torch.zeros(count, dtype=torch.float64).index_add_(0, groups, w * w)
-    return float((s1 * s1 / s2).mean())
 
 
 def plot_training_curves(train_info: dict, path: Path) -> None:

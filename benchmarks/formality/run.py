@@ -46,6 +46,11 @@ from dinado.oracles import ClassifierOracle, as_token_oracle
 from dinado.tasks.formality import load_cocoa, train_formality_classifier, tv_register
 from dinado.text import encode_prompts, generate_texts
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
+from benchmarks.common import logger  # noqa: E402
+
+log = logger("formality", "stdout")
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "cocoa-mt" / "CoCoA-MT"
 VARIANTS = ("nado", "dinado-soft", "dinado-merge")
@@ -93,10 +98,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.lang not in ("de", "es"):
         p.error(f"--pair {args.pair}: the rule-based check covers en-de and en-es only")
     return args
-
-
-def log(message: str) -> None:
-    print(f"[formality] {message}", flush=True)
 
 
 def timed(seconds: dict, name: str, fn, *a, **kw):

@@ -1,0 +1,47 @@
+"""benchmarks/common.py: the shared logger, markdown tables, stage timer and the two effective sample sizes."""
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from dinado.data import SampleSet
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import Timer, logger, markdown_table, mean_group_ess, pooled_ess  # noqa: E402
+
+
+def weighted(log_weights):
+    # two prompt groups of two samples: weights (1, 3) in group 0, (2, 2) in group 1
+    return SampleSet(
+        prompts=[[1], [1], [2], [2]],
+        completions=[[5], [6], [7], [8]],
+        labels=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+        log_weights=torch.tensor(log_weights),
+    )
+
+
+def test_the_two_effective_sample_sizes_differ_as_defined():
+    samples = weighted([0.0, math.log(3.0), 0.0, 0.0])
+    # (float32 weights: 1e-5)
+    # normalised to mean 1 per group: (0.5, 1.5) and (1, 1); pooled: 4^2 / (0.25 + 2.25 + 1 + 1) = 3.555...
+    assert abs(pooled_ess(samples) - 16 / 4.5) < 1e-5
+    # per group: 2^2 / 2.5 = 1.6 and 2^2 / 2 = 2; mean 1.8
+    assert abs(mean_group_ess(samples) - 1.8) < 1e-5
+    plain = weighted([0.0, 0.0, 0.0, 0.0])
+    assert abs(pooled_ess(plain) - 4) < 1e-5 and abs(mean_group_ess(plain) - 2) < 1e-5
+
+
+def test_logger_table_and_timer(capsys):
+    logger("x", "stdout")("hello")
+    logger()("to stderr")
+    out, err = capsys.readouterr()
+    assert out == "[x] hello\n" and err == "to stderr\n"
+    assert markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
+    lines = []
+    timer = Timer(lines.append)
+    with timer.stage("work"):
+        pass
+    assert list(timer.seconds) == ["work"] and timer.seconds["work"] >= 0
+    assert lines[0] == "work ..." and lines[1].startswith("work: ")
