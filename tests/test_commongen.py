@@ -1,6 +1,15 @@
 import pytest
 
-from dinado.tasks.commongen import caption_metrics, commongen_metrics, format_prompt, load_pairs, load_split
+from dinado.oracles import KeywordOracle, oracle_from_config
+from dinado.tasks.commongen import (
+    CommonGenConcepts,
+    caption_metrics,
+    commongen_metrics,
+    coverage_oracle,
+    format_prompt,
+    load_pairs,
+    load_split,
+)
 
 from .conftest import SHARED_DATA
 
@@ -39,6 +48,40 @@ def test_bad_files_are_named(tmp_path):
         load_pairs(tmp_path / "missing_src.txt", tmp_path / "t.txt")
     with pytest.raises(ValueError, match="unknown CommonGen split 'val'"):
         load_split(tmp_path, "val")
+
+
+def test_keywords_per_sample_from_commongen_prompts():
+    oracle = coverage_oracle(soft=True)
+    prompts = [
+        "dog frisbee catch =",
+        "cat sofa sleep = The cat sleeps on the sofa.\nski mountain snow =",  # few-shot: the last line counts
+    ]
+    completions = ["The dog caught a frisbee.", "We skied down the snowy mountain slopes."]
+    assert oracle.keywords_for(prompts) == [("dog", "frisbee", "catch"), ("ski", "mountain", "snow")]
+    assert oracle.coverage(prompts, completions) == [[True, True, True], [True, True, False]]
+    assert oracle(prompts, completions) == [1.0, pytest.approx(2 / 3)]
+
+
+def test_commongen_parser_options():
+    assert CommonGenConcepts()("dog frisbee catch =") == ["dog", "frisbee", "catch"]
+    assert CommonGenConcepts(sep=",")("ice cream, dog =") == ["ice cream", "dog"]
+    assert CommonGenConcepts(marker=None)("a b") == ["a", "b"]
+    assert CommonGenConcepts(marker="->")("x y -> ") == ["x", "y"]
+    with pytest.raises(ValueError, match="has no '=' marker"):
+        CommonGenConcepts()("dog frisbee")
+    oracle = coverage_oracle(sep=",")
+    assert oracle(["ice cream, dog ="], ["The dog licked the ice cream."]) == [1.0]
+    assert oracle(["ice cream, dog ="], ["The dog licked the cream."]) == [0.0]
+
+
+def test_the_concept_reader_is_written_as_a_keywords_config():
+    oracle = coverage_oracle(soft=True, sep=",")
+    config = {"type": "keywords", "from_prompt": "commongen", "marker": "=", "sep": ",", "soft": True}
+    assert oracle.to_config() == config
+    rebuilt = oracle_from_config(config)
+    assert isinstance(rebuilt, KeywordOracle) and isinstance(rebuilt.from_prompt, CommonGenConcepts)
+    assert repr(rebuilt) == repr(oracle) == "KeywordOracle(CommonGenConcepts(marker='=', sep=','), soft=True)"
+    assert rebuilt(["ice cream, dog ="], ["The dog licked the cream."]) == [0.5]
 
 
 def test_caption_metrics_reward_the_references_and_report_spice_unavailable():

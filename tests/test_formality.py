@@ -281,6 +281,23 @@ def test_oracle_conventions_and_bad_arguments():
         oracle([[1, 2]], [[3, 4]])
 
 
+def test_the_tv_type_is_registered_by_its_module_and_loaded_by_name_on_first_use(monkeypatch):
+    """The core imports no task: a `tv` config imports dinado.tasks.formality by name, which registers `tv`."""
+    import sys
+
+    import dinado.tasks
+    from dinado.oracles import oracle_from_config, registry
+
+    assert registry._BUILDERS["tv"].__module__ == "dinado.tasks.formality"
+    monkeypatch.setattr(registry, "_BUILDERS", {k: v for k, v in registry._BUILDERS.items() if k != "tv"})
+    monkeypatch.setattr(dinado.tasks, "formality", sys.modules["dinado.tasks.formality"])  # restored after
+    monkeypatch.delitem(sys.modules, "dinado.tasks.formality")
+    oracle = oracle_from_config({"type": "tv", "lang": "de", "target": "informal"})
+    fresh = sys.modules["dinado.tasks.formality"]  # imported again, by the registry
+    assert type(oracle) is fresh.TVOracle and registry._BUILDERS["tv"] is fresh._build_tv
+    assert oracle([""], ["Kannst du das?"]) == [1.0]
+
+
 def test_tv_accuracy_counts():
     texts = ["Können Sie kommen?", "Kommst du?", "Kommst du?", "Es regnet."]
     result = tv_accuracy(texts, ["formal", "informal", "formal", "informal"], "de")

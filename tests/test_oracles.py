@@ -11,9 +11,9 @@ from dinado.oracles import (
     AnyOf,
     CallableOracle,
     ClassifierOracle,
-    CommonGenConcepts,
     KeywordOracle,
     Not,
+    OracleBase,
     RegexOracle,
     TextOracle,
     WeightedProduct,
@@ -21,7 +21,11 @@ from dinado.oracles import (
     call_oracle,
     load_callable,
     oracle_from_config,
+    register_oracle,
+    registry,
 )
+from dinado.oracles import base as oracle_base
+from dinado.tasks.commongen import coverage_oracle
 
 from .conftest import tiny_gpt2, with_dropout
 
@@ -126,30 +130,6 @@ def test_keywords_judge_the_completion_not_the_prompt():
     assert KeywordOracle(["dog"])(["a dog"], ["a cat"]) == [0.0]
 
 
-def test_keywords_per_sample_from_commongen_prompts():
-    oracle = KeywordOracle.commongen(soft=True)
-    prompts = [
-        "dog frisbee catch =",
-        "cat sofa sleep = The cat sleeps on the sofa.\nski mountain snow =",  # few-shot: the last line counts
-    ]
-    completions = ["The dog caught a frisbee.", "We skied down the snowy mountain slopes."]
-    assert oracle.keywords_for(prompts) == [("dog", "frisbee", "catch"), ("ski", "mountain", "snow")]
-    assert oracle.coverage(prompts, completions) == [[True, True, True], [True, True, False]]
-    assert oracle(prompts, completions) == [1.0, pytest.approx(2 / 3)]
-
-
-def test_commongen_parser_options():
-    assert CommonGenConcepts()("dog frisbee catch =") == ["dog", "frisbee", "catch"]
-    assert CommonGenConcepts(sep=",")("ice cream, dog =") == ["ice cream", "dog"]
-    assert CommonGenConcepts(marker=None)("a b") == ["a", "b"]
-    assert CommonGenConcepts(marker="->")("x y -> ") == ["x", "y"]
-    with pytest.raises(ValueError, match="has no '=' marker"):
-        CommonGenConcepts()("dog frisbee")
-    oracle = KeywordOracle.commongen(sep=",")
-    assert oracle(["ice cream, dog ="], ["The dog licked the ice cream."]) == [1.0]
-    assert oracle(["ice cream, dog ="], ["The dog licked the cream."]) == [0.0]
-
-
 def test_keywords_from_any_callable():
     oracle = KeywordOracle(first_word_of_prompt)
     assert oracle(["dog cat", "cat dog"], ["dogs", "dogs"]) == [1.0, 0.0]
@@ -163,12 +143,12 @@ def test_empty_keyword_sets_raise():
     with pytest.raises(ValueError, match="empty keyword set"):
         KeywordOracle([])
     with pytest.raises(ValueError, match="empty keyword set for sample 1"):
-        KeywordOracle.commongen()(["dog =", " ="], ["dog", "dog"])
+        coverage_oracle()(["dog =", " ="], ["dog", "dog"])
     with pytest.raises(
         RuntimeError,
         match=r"raised on a batch of 1 samples \(first failing: sample 0, .*\): empty keyword set",
     ):
-        call_oracle(KeywordOracle.commongen(), [" ="], ["dog"])
+        call_oracle(coverage_oracle(), [" ="], ["dog"])
     with pytest.raises(ValueError, match="keyword '!!' contains no words"):
         KeywordOracle(["dog", "!!"])
     with pytest.raises(TypeError, match="list of strings"):
@@ -221,7 +201,9 @@ def test_regex_errors_and_repr():
 
 def test_load_callable_and_its_errors():
     assert load_callable("tests.test_oracles:ends_with_question") is ends_with_question
-    assert load_callable("dinado.oracles:KeywordOracle.commongen") == KeywordOracle.commongen
+    assert (
+        load_callable("dinado.oracles:ClassifierOracle.from_pretrained") == ClassifierOracle.from_pretrained
+    )
     with pytest.raises(ValueError, match="of the form 'package.module:function', got 'tests.test_oracles'"):
         load_callable("tests.test_oracles")
     with pytest.raises(ValueError, match="of the form"):
@@ -320,7 +302,7 @@ def test_composition_errors():
 
 def test_text_oracles_read_token_ids_through_the_tokenizer(gpt2_tokenizer):
     tok = gpt2_tokenizer
-    oracle = as_token_oracle(AllOf(KeywordOracle.commongen(), Not(RegexOracle("cat"))), tok)
+    oracle = as_token_oracle(AllOf(coverage_oracle(), Not(RegexOracle("cat"))), tok)
     assert isinstance(oracle, TextOracle)
     prompts = [tok.encode("dog run ="), tok.encode("dog run =")]
     completions = [tok.encode(" The dogs ran.<|endoftext|>"), tok.encode(" The dogs ran after a cat.")]
@@ -559,10 +541,7 @@ def test_reprs_describe_the_oracle():
         repr(KeywordOracle(["dog", "ice cream"], soft=True))
         == "KeywordOracle(['dog', 'ice cream'], soft=True)"
     )
-    assert (
-        repr(KeywordOracle.commongen())
-        == "KeywordOracle(CommonGenConcepts(marker='=', sep=None), soft=False)"
-    )
+    assert repr(coverage_oracle()) == "KeywordOracle(CommonGenConcepts(marker='=', sep=None), soft=False)"
     assert repr(AnyOf(RegexOracle("a"), Not(RegexOracle("b")))) == (
         "AnyOf(RegexOracle('a', flags=0, mode='search'), Not(RegexOracle('b', flags=0, mode='search')))"
     )
@@ -579,3 +558,118 @@ def test_classifier_scores_in_eval_mode_even_if_the_model_was_put_back_in_traini
     torch.manual_seed(0)
     assert oracle(blank(len(TEXTS)), TEXTS) == pytest.approx(expected, abs=1e-5)
     assert [m.training for m in model.modules()] == modes and model.training
+
+
+# the registry and the template method -------------------------------------------------------------------
+
+
+class EndsWith(OracleBase):
+    """An oracle of a new type: implements only ``_score`` (the base class checks the inputs)."""
+
+    def __init__(self, suffix):
+        self.suffix = suffix
+        self.scored = []
+
+    def _score(self, prompts, completions):
+        self.scored.append(list(completions))
+        return [float(c.endswith(self.suffix)) for c in completions]
+
+    def __repr__(self):
+        return f"EndsWith({self.suffix!r})"
+
+    def to_config(self):
+        return {"type": "ends_with", "suffix": self.suffix}
+
+
+def build_ends_with(config, where):
+    registry.check_keys(config, {"suffix"}, set(), where)
+    return EndsWith(config["suffix"])
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """The registry's table, restored after the test."""
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))
+    return registry._BUILDERS
+
+
+def test_a_registered_type_round_trips_through_configs(scratch_registry):
+    register_oracle("ends_with", build_ends_with)
+    oracle = oracle_from_config({"type": "ends_with", "suffix": "?"})
+    assert isinstance(oracle, EndsWith) and oracle(blank(2), ["Why?", "No."]) == [1.0, 0.0]
+    config = {
+        "type": "all_of",
+        "oracles": [{"type": "ends_with", "suffix": "?"}, {"type": "regex", "pattern": "W"}],
+    }
+    nested = oracle_from_config(config)
+    assert nested(blank(2), ["Why?", "How?"]) == [1.0, 0.0]
+    assert oracle_from_config(nested.to_config()).to_config() == nested.to_config()
+    with pytest.raises(
+        ValueError, match=r"oracle config.oracles\[0\]: unknown key 'x'; valid keys: suffix, type"
+    ):
+        oracle_from_config({"type": "all_of", "oracles": [{"type": "ends_with", "suffix": "?", "x": 1}]})
+
+
+def test_register_oracle_refuses_a_second_builder_a_non_callable_and_a_bad_name(scratch_registry):
+    register_oracle("ends_with", build_ends_with)
+    register_oracle("ends_with", build_ends_with)  # the same builder again: nothing changes
+    with pytest.raises(
+        ValueError, match=r"'ends_with' is already registered \(by tests.test_oracles.build_ends_with\)"
+    ):
+        register_oracle("ends_with", lambda c, where: EndsWith("!"))
+    with pytest.raises(ValueError, match="'regex' is already registered"):
+        register_oracle("regex", build_ends_with)
+    with pytest.raises(
+        TypeError, match="the builder of 'shouts' must be callable as builder\\(config, where\\), got 3"
+    ):
+        register_oracle("shouts", 3)
+    with pytest.raises(TypeError, match="the type name must be a non-empty string, got ''"):
+        register_oracle("", build_ends_with)
+    assert "shouts" not in scratch_registry and scratch_registry["ends_with"] is build_ends_with
+
+
+def test_an_unknown_type_names_every_known_type(scratch_registry):
+    register_oracle("ends_with", build_ends_with)
+    with pytest.raises(ValueError) as err:
+        oracle_from_config({"type": "shouts"})
+    message = str(err.value)
+    assert message.startswith(
+        "oracle config: unknown oracle type 'shouts'; valid types: keywords, regex, callable, classifier, all_of, "
+        "any_of, not, weighted_product, "
+    )
+    assert set(message.split("valid types: ")[1].split(", ")) == {*registry._BUILDERS, "tv"}
+
+
+def test_a_task_type_is_imported_by_module_name_and_must_register(monkeypatch, scratch_registry):
+    monkeypatch.setitem(registry.TASK_TYPES, "nothing", "json")  # a module that registers no oracle
+    with pytest.raises(ValueError, match="unknown oracle type 'nothing'; valid types: .*nothing"):
+        oracle_from_config({"type": "nothing"})
+
+
+def test_the_base_class_checks_the_inputs_once_before_score():
+    oracle = EndsWith("?")
+    with pytest.raises(ValueError, match="prompts and completions must have the same length; got 1 and 2"):
+        oracle(["a"], ["b?", "c"])
+    with pytest.raises(TypeError, match=r"completions\[1\] is a list, not a str: .*wrap it in TextOracle"):
+        oracle(blank(2), ["b?", [1, 2]])
+    assert oracle.scored == []  # _score never saw a bad batch
+    assert oracle(blank(2), ["b?", "c"]) == [1.0, 0.0] and oracle.scored == [["b?", "c"]]
+
+
+def test_the_checks_run_once_per_call(monkeypatch):
+    checked = []
+    real = oracle_base.check_text
+    monkeypatch.setattr(
+        oracle_base, "check_text", lambda rows, what: checked.append(what) or real(rows, what)
+    )
+    oracle = coverage_oracle()
+    assert oracle(["dog ="], ["dogs"]) == [1.0]
+    assert checked == ["completions", "prompts"]  # the prompts are read: checked too, each once
+    checked.clear()
+    assert oracle.coverage(["dog ="], ["cats"]) == [[False]]
+    assert checked == ["completions", "prompts"]
+    checked.clear()
+    assert AllOf(RegexOracle("a"), Not(KeywordOracle(["dog"])))(blank(1), ["a cat"]) == [1.0]
+    assert checked == ["completions", "completions"]  # by each text-reading part, none by the compositions
+    with pytest.raises(TypeError, match="prompts\\[0\\] is a int"):
+        coverage_oracle()([1], ["dog"])

@@ -20,9 +20,10 @@ import torch
 from ._utils import atomic_write_text
 from .evaluation import evaluate_texts, markdown_report, plot_training_curves
 from .guide import Guide
-from .oracles import KeywordOracle, as_token_oracle
+from .oracles import as_token_oracle
 from .pretrain import PretrainConfig, pretrain
 from .sampling import sample
+from .tasks.commongen import coverage_oracle
 from .tasks.toy import ToyLanguage
 from .text import generate_texts
 from .training import train
@@ -99,7 +100,7 @@ def run_demo(output: str, seed: int = 0, quick: bool = False, threads: int | Non
     run.mkdir(parents=True, exist_ok=True)
     train_prompts, held_out = _corpus(run / "data", 20_000, 60 if quick else 150, seed)
     model, tokenizer = _base(run, run / "data", seed)
-    oracle = KeywordOracle.commongen()
+    oracle = coverage_oracle()
     token_oracle = as_token_oracle(oracle, tokenizer)
     encode = lambda texts: [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 

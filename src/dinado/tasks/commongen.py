@@ -1,4 +1,5 @@
-"""CommonGen: loaders (paths as arguments), the `concepts =` prompt format, the coverage oracle and metrics.
+"""CommonGen: loaders (paths as arguments), the `concepts =` prompt format and its concept reader, the coverage
+oracle and metrics.
 
 Files: parallel line files ``{split}_src.txt`` (space-separated concepts) and ``{split}_trg.txt`` (one reference
 per line), as in shared/data/commongen/v1.1_LHRYANG; a concept set with k references spans k lines.
@@ -18,6 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..oracles import KeywordOracle
 
@@ -116,9 +118,47 @@ def load_hf(split: str, name: str = "allenai/common_gen", **load_kwargs) -> list
     return list(sets.values())
 
 
-def coverage_oracle(soft: bool = False) -> KeywordOracle:
-    """Inflection-aware concept coverage read from the prompt: all-or-nothing, or the covered share."""
-    return KeywordOracle.commongen(marker=PROMPT_MARKER, soft=soft)
+class CommonGenConcepts:
+    """Reads the concept set from a CommonGen-style prompt ``"dog frisbee catch ="``.
+
+    The concepts are the text between the start of the last line and the last ``marker`` (so few-shot prompts
+    with one example per line work), split on whitespace, or on ``sep`` (e.g. ``","`` for multi-word
+    concepts like ``"ice cream, dog ="``). ``marker=None`` takes the whole last line. A keyword oracle holding
+    it is written as the config ``{"type": "keywords", "from_prompt": "commongen", "marker": ..., "sep": ...}``.
+    """
+
+    def __init__(self, marker: str | None = PROMPT_MARKER, sep: str | None = None) -> None:
+        if marker is not None and (not isinstance(marker, str) or not marker.strip()):
+            raise ValueError(f"marker must be a non-blank string or None, got {marker!r}")
+        if sep is not None and (not isinstance(sep, str) or not sep):
+            raise ValueError(f"sep must be a non-empty string or None, got {sep!r}")
+        self.marker = marker
+        self.sep = sep
+
+    def __call__(self, prompt: str) -> list[str]:
+        head = prompt
+        if self.marker is not None:
+            head, found, _ = prompt.rpartition(self.marker)
+            if not found:
+                raise ValueError(f"the prompt {prompt!r} has no {self.marker!r} marker after its concepts")
+        head = head.rstrip().split("\n")[-1]
+        parts = head.split(self.sep) if self.sep is not None else head.split()
+        return [p.strip() for p in parts if p.strip()]
+
+    def __repr__(self) -> str:
+        return f"CommonGenConcepts(marker={self.marker!r}, sep={self.sep!r})"
+
+    def to_config(self) -> dict[str, Any]:
+        """The ``from_prompt`` keys of a keywords oracle config."""
+        return {"from_prompt": "commongen", "marker": self.marker, "sep": self.sep}
+
+
+def coverage_oracle(
+    soft: bool = False, *, marker: str | None = PROMPT_MARKER, sep: str | None = None
+) -> KeywordOracle:
+    """Inflection-aware concept coverage read from each prompt (:class:`CommonGenConcepts`): all-or-nothing,
+    or the covered share (``soft=True``). (Formerly ``KeywordOracle.commongen(marker=, sep=, soft=)``.)"""
+    return KeywordOracle(CommonGenConcepts(marker=marker, sep=sep), soft=soft)
 
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")

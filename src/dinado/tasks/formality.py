@@ -57,12 +57,13 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..oracles import OracleBase, _check_batch, _check_text
+from ..oracles import OracleBase, register_oracle
+from ..oracles.registry import check_keys
 
 SPLITS = ("train", "test")
 REGISTERS = ("formal", "informal")
@@ -381,7 +382,8 @@ class TVOracle(OracleBase):
     when in the other one, ``neutral`` when :func:`tv_register` cannot tell (no address, or both).
 
     ``to_config()`` gives ``{"type": "tv", "lang": ..., "target": ..., "neutral": ...}``, which
-    :func:`dinado.oracles.oracle_from_config` (and the CLI's ``--oracle``) builds back.
+    :func:`dinado.oracles.oracle_from_config` (and the CLI's ``--oracle``) builds back: this module registers
+    the ``tv`` type when imported (and the registry imports it on the type's first use).
     """
 
     level = "text"
@@ -399,9 +401,7 @@ class TVOracle(OracleBase):
         self.target = target
         self.neutral = float(neutral)
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        _check_batch(prompts, completions)
-        _check_text(completions, "completions")
+    def _score(self, prompts: list[str], completions: list[str]) -> list[float]:
         values = []
         for completion in completions:
             register = tv_register(completion, self.lang)
@@ -413,6 +413,17 @@ class TVOracle(OracleBase):
 
     def to_config(self) -> dict[str, Any]:
         return {"type": "tv", "lang": self.lang, "target": self.target, "neutral": self.neutral}
+
+
+def _build_tv(c: Mapping, where: str) -> TVOracle:
+    check_keys(c, {"lang"}, {"target", "neutral"}, where)
+    try:
+        return TVOracle(c["lang"], target=c.get("target", "formal"), neutral=c.get("neutral", 0.0))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+register_oracle("tv", _build_tv)
 
 
 # ----------------------------------------------------------------------------------------------------------
