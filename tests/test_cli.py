@@ -1,5 +1,6 @@
 """The `dinado` CLI end to end on a tiny saved model, and its bad-input behaviour."""
 
+import dataclasses
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import yaml
 
 from dinado.cli import main
+from dinado.config import GuideConfig
 
 from .conftest import tiny_gpt2, tiny_marian_with_tokenizer
 
@@ -545,3 +547,88 @@ def test_an_encoder_decoder_base_runs_sample_train_generate_evaluate_merge(tmp_p
     )
     assert code == 0, err
     assert json.loads((tmp_path / "m" / "config.json").read_text())["is_encoder_decoder"] is True
+
+
+# Every Guide.create option (a GuideConfig field other than what a guide records about its base) is a `train` flag
+# and a config key: a new GuideConfig field without one fails here.
+def _guide_options():
+    bookkeeping = ("extra",)
+    return [
+        f
+        for f in dataclasses.fields(GuideConfig)
+        if not (f.name.startswith("base_") or f.name.endswith("_fingerprint") or f.name in bookkeeping)
+    ]
+
+
+def _example(f):
+    """(flag text, value) for a GuideConfig field, other than its default."""
+    parts = [part.strip() for part in str(f.type).split("|")]
+    if "list[str]" in parts:
+        return "a,b", ["a", "b"]
+    examples = {"int": ("3", 3), "float": ("0.25", 0.25), "str": (f"x-{f.name}", f"x-{f.name}")}
+    if parts[0] == "bool":
+        return ("true", True) if f.default is False else ("false", False)
+    assert parts[0] in examples, f"no example value for GuideConfig.{f.name}: {f.type}"
+    return examples[parts[0]]
+
+
+def test_every_guide_config_option_is_settable_from_train(tmp_path, base_dir, capsys, monkeypatch):
+    from dinado import Guide, SampleSet
+
+    SampleSet.from_token_ids([[464]] * 2, [[50256], [262, 50256]], [1.0, 0.0]).save(
+        tmp_path / "s.safetensors"
+    )
+    created = []
+
+    def create(cls, base, variant, tokenizer=None, **options):
+        created.append({"variant": variant, **options})
+        raise ValueError("recorded")
+
+    monkeypatch.setattr(Guide, "create", classmethod(create))
+    fields = _guide_options()
+    assert {"num_layers", "module_dim", "lora_dropout", "consistency", "head_rank", "pointer"} <= {
+        f.name for f in fields
+    }
+    flags = [arg for f in fields for arg in ("--" + f.name.replace("_", "-"), _example(f)[0])]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({f.name: _example(f)[1] for f in fields}))
+    common = [
+        "train",
+        "--base",
+        base_dir,
+        "--samples",
+        tmp_path / "s.safetensors",
+        "--output",
+        tmp_path / "g",
+    ]
+    for argv in ([*common, *flags], [*common, "--config", tmp_path / "c.yaml"]):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2 and "error: recorded" in err, err  # stopped in Guide.create, not at a flag or key
+        assert created.pop() == {f.name: _example(f)[1] for f in fields}
+
+
+def test_new_guide_options_reach_the_saved_guide_config(tmp_path, base_dir, capsys):
+    from dinado import SampleSet
+
+    SampleSet.from_token_ids([[464]] * 2, [[50256], [262, 50256]], [1.0, 0.0]).save(
+        tmp_path / "s.safetensors"
+    )
+    common = ["train", "--base", base_dir, "--samples", tmp_path / "s.safetensors", "--max-steps", 1]
+    module = ["--variant", "nado", "--num-layers", 1, "--module-dim", 16, "--num-heads", 2, "--head-rank", 4,
+              "--max-positions", 64]  # fmt: skip
+    merge = ["--variant", "dinado-merge", "--lora-dropout", 0.1, "--lora-target-modules", "c_attn",
+             "--consistency", "hard"]  # fmt: skip
+    for name, options in (("module", module), ("merge", merge)):
+        code, _, err = _run(capsys, *common, *options, "--output", tmp_path / name)
+        assert code == 0, err
+    saved = json.loads((tmp_path / "module" / "guide" / "dinado_config.json").read_text())
+    assert (saved["num_layers"], saved["module_dim"], saved["num_heads"]) == (1, 16, 2)
+    assert (saved["head_rank"], saved["max_positions"]) == (4, 64)
+    saved = json.loads((tmp_path / "merge" / "guide" / "dinado_config.json").read_text())
+    assert (saved["lora_dropout"], saved["lora_target_modules"], saved["consistency"]) == (
+        0.1,
+        ["c_attn"],
+        "hard",
+    )
+    assert yaml.safe_load((tmp_path / "merge" / "config.yaml").read_text())["lora_target_modules"] == [
+        "c_attn"
+    ]

@@ -49,22 +49,48 @@ class GuideConfig:
         and of the tokenizer), checked when it is loaded onto a base model or trained on samples.
     """
 
-    variant: str
-    num_layers: int = 2
-    module_dim: int | None = None
-    num_heads: int | None = None
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: str | list[str] = "all-linear"
-    regularizer_weight: float | None = None
-    ce_positions: str = "all"
-    consistency: str | None = None
-    max_positions: int = 2048
-    head: str = "full"
-    head_rank: int | None = None
-    read_tokens: bool = False
-    pointer: bool | None = None
+    variant: str = field(metadata={"help": "nado, dinado-hard, dinado-soft or dinado-merge"})
+    num_layers: int = field(default=2, metadata={"help": "guide module layers"})
+    module_dim: int | None = field(
+        default=None, metadata={"help": "guide module width (default: the base's width, at most 1024)"}
+    )
+    num_heads: int | None = field(
+        default=None, metadata={"help": "attention heads of the guide module (default: from its width)"}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (dinado-merge)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (dinado-merge)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (dinado-merge)"})
+    lora_target_modules: str | list[str] = field(
+        default="all-linear",
+        metadata={"help": "layers LoRA adapts (dinado-merge): all-linear or comma-separated module names"},
+    )
+    regularizer_weight: float | None = field(
+        default=None, metadata={"help": "consistency regulariser weight (default: the variant's)"}
+    )
+    ce_positions: str = field(
+        default="all", metadata={"help": "cross-entropy on 'all' prefixes or the 'terminal' one"}
+    )
+    consistency: str | None = field(
+        default=None,
+        metadata={"help": "'soft' or 'hard' (fixed by the module variants; dinado-merge: either)"},
+    )
+    max_positions: int = field(default=2048, metadata={"help": "positions the guide module can read"})
+    head: str = field(
+        default="full",
+        metadata={"help": "guide token head: 'full' (its own) or 'tied' (the base's output embeddings)"},
+    )
+    head_rank: int | None = field(
+        default=None, metadata={"help": "rank of the guide token head's [V, r] matrix (default: full rank)"}
+    )
+    read_tokens: bool = field(
+        default=False, metadata={"help": "the guide module also reads the base's embedding of each token"}
+    )
+    pointer: bool | None = field(
+        default=None,
+        metadata={
+            "help": "the guide module scores earlier tokens for copying, e.g. prompt keywords (module variants)"
+        },
+    )
     base_model_name: str | None = None
     base_vocab_size: int | None = None
     base_hidden_size: int | None = None
