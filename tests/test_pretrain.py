@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from dinado import pretrain as pt
 from dinado.pretrain import (
     EOS_TOKEN,
     PretrainConfig,
@@ -19,6 +18,9 @@ from dinado.pretrain import (
     read_pairs,
     read_text_lines,
 )
+from dinado.pretrain import data as pt_data
+from dinado.pretrain import loop as pt_loop
+from dinado.pretrain import model as pt_model
 
 COMMONGEN = Path("/work/shared/data/commongen/v1.1_LHRYANG")
 
@@ -135,7 +137,7 @@ def test_read_pairs(tmp_path):
 
 def test_split_holds_out_whole_prompts(tmp_path):
     pairs = [(f"p{i % 40}", f"target {i}") for i in range(200)]  # 40 prompts with 5 targets each
-    train, val = pt._split(pairs, [p for p, _ in pairs], 0.1, torch.Generator().manual_seed(0))
+    train, val = pt_data._split(pairs, [p for p, _ in pairs], 0.1, torch.Generator().manual_seed(0))
     assert len(train) + len(val) == 200 and sorted(train + val) == sorted(pairs)
     assert len(val) == 4 * 5  # 10% of the prompts, with all their targets
     assert not {p for p, _ in train} & {p for p, _ in val}
@@ -143,16 +145,16 @@ def test_split_holds_out_whole_prompts(tmp_path):
     src = write_lines(tmp_path / "s.txt", [p for p, _ in pairs])
     tgt = write_lines(tmp_path / "t.txt", [t for _, t in pairs])
     config = PretrainConfig(data_format="pairs", source_file=src, target_file=tgt, validation_fraction=0.1)
-    train, val = pt._load_examples(config, torch.Generator().manual_seed(0))
+    train, val = pt_data._load_examples(config, torch.Generator().manual_seed(0))
     assert len(val) == 20 and not {p for p, _ in train} & {p for p, _ in val}
     # without keys, examples are held out one by one
-    train, val = pt._split(list(range(200)), None, 0.1, torch.Generator().manual_seed(0))
+    train, val = pt_data._split(list(range(200)), None, 0.1, torch.Generator().manual_seed(0))
     assert len(val) == 20 and sorted(train + val) == list(range(200))
 
 
 def test_pair_rows_mask_prompt_and_padding():
     tok = build_tokenizer(["dog frisbee catch = A dog catches a frisbee."] * 5, vocab_size=300)
-    rows = pt._pair_rows(
+    rows = pt_data._pair_rows(
         [("dog frisbee catch", "A dog catches a frisbee.")], tok, 64, " =", prompt_loss=False
     )
     prompt = tok("dog frisbee catch =")["input_ids"]
@@ -166,7 +168,9 @@ def test_pair_rows_mask_prompt_and_padding():
     assert labels[len(prompt) : n].tolist() == target + [tok.eos_token_id]  # target and EOS are learned
     assert labels[n:].eq(-100).all()  # nor on padding (which is EOS too)
     # prompt_loss=True learns the prompt as well; truncation cuts long examples to the context
-    rows = pt._pair_rows([("dog frisbee catch", "A dog catches a frisbee.")], tok, 8, " =", prompt_loss=True)
+    rows = pt_data._pair_rows(
+        [("dog frisbee catch", "A dog catches a frisbee.")], tok, 8, " =", prompt_loss=True
+    )
     assert rows.input_ids.shape == (1, 8) and rows.truncated == 1
     assert rows.labels[0].tolist() == rows.input_ids[0].tolist()
 
@@ -174,13 +178,13 @@ def test_pair_rows_mask_prompt_and_padding():
 def test_packed_text_rows_predict_every_token_once():
     lines = sentences(WORDS_A, 30, seed=1)
     tok = build_tokenizer(lines, vocab_size=300)
-    rows = pt._text_rows(lines, tok, 16, pack=True)
+    rows = pt_data._text_rows(lines, tok, 16, pack=True)
     stream_len = 1 + sum(len(tok(line)["input_ids"]) + 1 for line in lines)
     # labels[:, 0] is never a target (nothing precedes it); every other stream token is a target exactly once
     assert int((rows.labels[:, 1:] != -100).sum()) == stream_len - 1
     assert rows.input_ids[0, 0] == tok.eos_token_id
     # unpacked: one line per row, EOS before and after
-    rows = pt._text_rows(lines[:2], tok, 32, pack=False)
+    rows = pt_data._text_rows(lines[:2], tok, 32, pack=False)
     first = [tok.eos_token_id, *tok(lines[0])["input_ids"], tok.eos_token_id]
     assert rows.input_ids[0, : len(first)].tolist() == first
 
@@ -279,8 +283,8 @@ def test_early_stopping_keeps_best_weights(overfit_text, tmp_path):
     # ... and score the best validation loss, not the last one
     tok = AutoTokenizer.from_pretrained(tmp_path / "es")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "es")
-    rows = pt._text_rows(read_text_lines(val), tok, TINY["context"], pack=False)
-    saved_loss = pt._evaluate(model, rows, 16, torch.device("cpu"))
+    rows = pt_data._text_rows(read_text_lines(val), tok, TINY["context"], pack=False)
+    saved_loss = pt_loop._evaluate(model, rows, 16, torch.device("cpu"))
     assert saved_loss == pytest.approx(result.best_val_loss, abs=1e-5)
     assert saved_loss < result.val_loss[-1] - 0.1
 
@@ -497,7 +501,7 @@ def test_failure_during_training_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("boom")
         return 1.0
 
-    monkeypatch.setattr(pt, "_evaluate", failing_evaluate)
+    monkeypatch.setattr(pt_loop, "_evaluate", failing_evaluate)
     config = PretrainConfig(
         text_file=train, max_steps=30, eval_every=2, **{k: v for k, v in TINY.items() if k != "eval_every"}
     )
@@ -581,11 +585,13 @@ def test_marian_learns_to_translate(marian_run):
     # the model reads the source: the same targets after mismatched sources score far worse
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
-    rows = pt._seq2seq_rows(val_pairs, tok, config.context)
-    matched = pt._evaluate(model, rows, 16, torch.device("cpu"))
+    rows = pt_data._seq2seq_rows(val_pairs, tok, config.context)
+    matched = pt_loop._evaluate(model, rows, 16, torch.device("cpu"))
     assert matched == pytest.approx(result.best_val_loss, abs=1e-5)  # the saved weights are the best ones
     shuffled = [(val_pairs[(i + 1) % 40][0], t) for i, (_, t) in enumerate(val_pairs)]
-    mismatched = pt._evaluate(model, pt._seq2seq_rows(shuffled, tok, config.context), 16, torch.device("cpu"))
+    mismatched = pt_loop._evaluate(
+        model, pt_data._seq2seq_rows(shuffled, tok, config.context), 16, torch.device("cpu")
+    )
     assert mismatched > matched + 1.0
 
     # greedy translations of the held-out sources, decoded with the tokenizer: mostly word-perfect
@@ -653,7 +659,7 @@ def test_marian_rows_and_truncation(tmp_path):
     tok = build_tokenizer(texts, vocab_size=300, append_eos=True)
     eos = tok.eos_token_id
     pairs = [("the cat sees a fish", "der katze sieht ein fisch"), ("a dog", "ein hund")]
-    rows = pt._seq2seq_rows(pairs, tok, context=32)
+    rows = pt_data._seq2seq_rows(pairs, tok, context=32)
     src, tgt = tok(pairs[0][0])["input_ids"], tok(pairs[0][1])["input_ids"]  # both end in EOS
     assert src[-1] == tgt[-1] == eos and eos not in src[:-1] + tgt[:-1]
     assert rows.input_ids[0, : len(src)].tolist() == src
@@ -668,12 +674,14 @@ def test_marian_rows_and_truncation(tmp_path):
     # the same rows from a tokenizer that appends nothing (the GPT-2 one): EOS is added by the rows
     plain = build_tokenizer(texts, vocab_size=300)
     assert plain("a dog")["input_ids"][-1] != eos
-    assert torch.equal(pt._seq2seq_rows(pairs, plain, context=32).input_ids, rows.input_ids)
+    assert torch.equal(pt_data._seq2seq_rows(pairs, plain, context=32).input_ids, rows.input_ids)
     assert batch["labels"].shape == batch["decoder_input_ids"].shape == batch["decoder_attention_mask"].shape
 
     # longer than the context: the source keeps its EOS, the target is cut; each example counted once
     long_src, long_tgt = " ".join(EN_WORDS * 3), " ".join(DE_WORDS * 3)
-    rows = pt._seq2seq_rows([(long_src, long_tgt), (long_src, "ein hund"), ("a dog", "ein hund")], tok, 8)
+    rows = pt_data._seq2seq_rows(
+        [(long_src, long_tgt), (long_src, "ein hund"), ("a dog", "ein hund")], tok, 8
+    )
     assert rows.truncated == 2
     assert rows.input_ids[0].tolist() == [*tok(long_src)["input_ids"][:7], eos]
     assert rows.labels[0].tolist() == tok(long_tgt)["input_ids"][:8]
@@ -714,10 +722,14 @@ def test_marian_eos_embedding_is_trained():
     tok = build_tokenizer([s for p in pairs for s in p], vocab_size=300, append_eos=True)
     config = PretrainConfig(source_file="s", target_file="t", max_steps=1, **MARIAN)
     torch.manual_seed(0)
-    model = pt._build_model(config, tok).eval()  # no dropout: the two backward passes below are comparable
+    model = pt_model._build_model(
+        config, tok
+    ).eval()  # no dropout: the two backward passes below are comparable
     shared = model.get_input_embeddings().weight
     assert shared[tok.eos_token_id].abs().sum() > 0
-    loss, count = pt._rows_loss(model, pt._seq2seq_rows(pairs, tok, 32), range(8), torch.device("cpu"))
+    loss, count = pt_loop._rows_loss(
+        model, pt_data._seq2seq_rows(pairs, tok, 32), range(8), torch.device("cpu")
+    )
     assert count == sum(len(tok(t)["input_ids"]) for _, t in pairs)
     loss.backward()
     grad = shared.grad[tok.eos_token_id].clone()
@@ -727,7 +739,9 @@ def test_marian_eos_embedding_is_trained():
     assert [m.padding_idx for m in modules] == [None] * 3
     for module in modules:
         module.padding_idx = tok.eos_token_id
-    pt._rows_loss(model, pt._seq2seq_rows(pairs, tok, 32), range(8), torch.device("cpu"))[0].backward()
+    pt_loop._rows_loss(model, pt_data._seq2seq_rows(pairs, tok, 32), range(8), torch.device("cpu"))[
+        0
+    ].backward()
     assert (grad - shared.grad[tok.eos_token_id]).abs().sum() > 1e-3 * grad.abs().sum() > 0
     assert model.generation_config.decoder_start_token_id == tok.eos_token_id
 

@@ -1,7 +1,8 @@
-"""Atomic writes (dinado._utils): every writer leaves files and directories with the modes plain open() and
+"""dinado._utils. Atomic writes: every writer leaves files and directories with the modes plain open() and
 mkdir() would give under the current umask, and a failure part-way leaves neither the target nor a
-temporary behind."""
+temporary behind. The training-loop helpers: AdamW, the learning-rate schedule, clipping, the causal LM loss."""
 
+import math
 import os
 import stat
 from pathlib import Path
@@ -377,3 +378,108 @@ def test_commongen_plot_failure_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(Boom):
         bench.plot_efficiency(COMMONGEN_RESULT, tmp_path / "efficiency.png")
     assert names(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------- staged directories
+
+
+def test_staged_directory_renames_into_place_and_replaces_only_at_the_end(tmp_path, umask):
+    file_mode, dir_mode = plain_modes(tmp_path)
+    out = tmp_path / "a" / "b" / "out"
+    with dio.staged_directory(out) as tmp:
+        assert tmp.parent == out.parent and tmp.name.startswith(".out.tmp-") and not out.exists()
+        os.close(os.open(tmp / "weights", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors writes
+    assert names(out) == ["weights"] and names(out.parent) == ["out"]
+    assert_plain_tree(tmp_path / "a", file_mode, dir_mode)
+    with pytest.raises(FileExistsError, match="exists and is not empty; .*overwrite=True"):
+        dio.check_output_dir(out, overwrite=False)
+    with pytest.raises(Boom), dio.staged_directory(out, overwrite=True) as tmp:
+        (tmp / "new").write_text("half")
+        raise Boom
+    assert names(out) == ["weights"] and names(out.parent) == ["out"]  # the old one is left as it was
+    with dio.staged_directory(out, overwrite=True) as tmp:
+        (tmp / "new").write_text("x")
+        assert names(out) == ["weights"]  # replaced only once the new one is complete
+    assert names(out) == ["new"] and names(out.parent) == ["out"]
+
+
+def test_staged_directory_failure_removes_the_parents_it_made(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(KeyboardInterrupt), dio.staged_directory(tmp_path / "a" / "b" / "c" / "out") as tmp:
+        (tmp / "half").write_text("x")
+        raise KeyboardInterrupt
+    assert names(tmp_path) == ["a"] and names(tmp_path / "a") == []  # "a" was there before: it stays
+
+
+# ------------------------------------------------------------------------------------------- training loops
+
+
+def test_lr_schedule_warms_up_linearly_then_decays():
+    linear = dio.LRSchedule(lr=2.0, total=10, warmup=4, decay="linear")
+    # warm-up: (step + 1) / (warmup + 1), reaching the full rate at step `warmup`
+    assert [linear.factor(s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    # then linear decay over the remaining total - warmup = 6 steps, to 0 at step `total`
+    assert [linear.factor(s) for s in (5, 7, 9, 10, 11)] == pytest.approx([5 / 6, 0.5, 1 / 6, 0.0, 0.0])
+    cosine = dio.LRSchedule(lr=2.0, total=10, warmup=4, decay="cosine")
+    assert [cosine.factor(s) for s in (0, 3, 4, 7, 10)] == pytest.approx([0.2, 0.8, 1.0, 0.5, 0.0])
+    assert cosine.factor(5) == pytest.approx(0.5 * (1 + math.cos(math.pi / 6)))
+    constant = dio.LRSchedule(lr=2.0, total=10, warmup=4)
+    assert [constant.factor(s) for s in (0, 4, 9)] == pytest.approx([0.2, 1.0, 1.0])
+    assert dio.LRSchedule(lr=1.0, total=10).factor(0) == 1.0  # no warm-up, no decay: the rate as given
+    # the three loops with a warm-up give it as a fraction of the steps, rounded down
+    assert dio.LRSchedule.from_fraction(1e-3, 99, 0.05, "cosine").warmup == 4
+    assert dio.LRSchedule.from_fraction(1e-3, 10, 0.05, "linear").warmup == 0
+    optimizer = dio.adamw([torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))], 2.0)
+    linear.apply(optimizer, 7)
+    assert [g["lr"] for g in optimizer.param_groups] == [2.0 * linear.factor(7)]
+    with pytest.raises(ValueError, match="decay must be one of"):
+        dio.LRSchedule(lr=1.0, total=10, decay="step")
+
+
+def test_adamw_decays_every_parameter_or_matrices_only():
+    matrix, vector = torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.ones(2))
+    plain = dio.adamw([matrix, vector], 1e-3, 0.1)
+    assert [(len(g["params"]), g["weight_decay"], g["lr"]) for g in plain.param_groups] == [(2, 0.1, 1e-3)]
+    split = dio.adamw(iter([vector, matrix]), 1e-3, 0.1, matrices_only=True)
+    groups = [(g["params"], g["weight_decay"]) for g in split.param_groups]
+    assert groups == [([matrix], 0.1), ([vector], 0.0)]
+
+
+def test_trainable_parameters_and_clipping():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    model[0].bias.requires_grad_(False)
+    params = dio.trainable_parameters(model)
+    assert params == [model[0].weight, model[1].weight, model[1].bias]
+
+    def step(max_grad_norm):
+        copy = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = torch.optim.SGD(params, lr=1.0)
+        loss = 100 * model(torch.ones(2, 3)).sum()
+        dio.backward_step(optimizer, loss, params, max_grad_norm)
+        norm = torch.cat([(copy[k] - v).flatten() for k, v in model.state_dict().items()]).norm()
+        model.load_state_dict(copy)
+        return float(norm)
+
+    assert step(0.5) == pytest.approx(0.5)  # SGD with lr 1 moves by the clipped gradient
+    assert step(None) > 10  # no clipping
+    assert step(0.5) == pytest.approx(0.5)  # backward_step clears the gradients first: nothing accumulates
+
+
+def test_causal_lm_loss_shifts_labels():
+    model = tiny_gpt2()
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    labels = ids.masked_fill(mask == 0, -100)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    picked = [
+        logits[0, 0].log_softmax(-1)[2],
+        logits[0, 1].log_softmax(-1)[3],
+        logits[0, 2].log_softmax(-1)[4],
+        logits[1, 0].log_softmax(-1)[6],
+    ]
+    expected = -torch.stack(picked)
+    assert dio.causal_lm_loss(model, ids, mask, labels).item() == pytest.approx(
+        expected.mean().item(), rel=1e-5
+    )
+    summed = dio.causal_lm_loss(model, ids, mask, labels, reduction="sum")
+    assert summed.item() == pytest.approx(expected.sum().item(), rel=1e-5)

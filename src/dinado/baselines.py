@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._utils import LRSchedule, adamw, backward_step, causal_lm_loss, trainable_parameters
 from .data import pad_prompts, right_pad
 from .hf import eval_mode, is_encoder_decoder, lora_config, position_ids_from_mask, wrap_peft
-from .pretrain import _batch_loss, _lr_factor
 from .text import PromptFormat, encode_prompts, end_of_turn_id, new_tokens
 
 __all__ = ["METHODS", "SoftPromptLM", "best_of_n", "supervised_finetune"]
@@ -311,10 +311,10 @@ def supervised_finetune(
             task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, prompt_tuning_init="RANDOM"
         )
         trained = SoftPromptLM(wrap_peft(work, peft_config))
-    params = [p for p in trained.parameters() if p.requires_grad]
+    params = trainable_parameters(trained)
     device = next(trained.parameters()).device
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = int(WARMUP_FRACTION * max_steps)
+    optimizer = adamw(params, lr, weight_decay=0.0)
+    schedule = LRSchedule.from_fraction(lr, max_steps, WARMUP_FRACTION, "cosine")
     generator = torch.Generator().manual_seed(seed)
 
     losses: list[float] = []
@@ -327,8 +327,7 @@ def supervised_finetune(
                 if len(losses) >= max_steps:
                     break
                 index = order[start : start + batch_size]
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * _lr_factor(len(losses), max_steps, warmup, "cosine")
+                schedule.apply(optimizer, len(losses))
                 if seq2seq:
                     width = int(mask[index].sum(1).max())
                     target_width = int((labels[index] != -100).sum(1).max())
@@ -340,13 +339,10 @@ def supervised_finetune(
                 else:
                     width = int(mask[index].sum(1).max())
                     batch = (t[index, :width].to(device) for t in (ids, mask, labels))
-                    loss = _batch_loss(trained, *batch)
+                    loss = causal_lm_loss(trained, *batch)
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"the training loss is {loss.item()} at step {len(losses)}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
+                backward_step(optimizer, loss, params, max_grad_norm=1.0)
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -21,19 +21,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._utils import make_temp_dir, set_plain_modes
+from ._utils import LRSchedule, adamw, backward_step, check_output_dir, staged_directory
 from .data import right_pad
 from .hf import eval_mode
 from .oracles import ClassifierOracle
-from .pretrain import (
-    EOS_TOKEN,
-    _check_output_dir,
-    _discard_partial,
-    _lr_factor,
-    _make_parents,
-    _move_into_place,
-    build_tokenizer,
-)
+from .pretrain import EOS_TOKEN, build_tokenizer
 
 __all__ = ["CLASSIFIER_FILE", "ClassifierResult", "evaluate_classifier", "train_classifier"]
 
@@ -304,7 +296,7 @@ def train_classifier(
         h.pop("min_frequency")
     if output_dir is not None:
         output_dir = Path(output_dir)
-        _check_output_dir(output_dir, overwrite)  # fail before any work
+        check_output_dir(output_dir, overwrite)  # fail before any work
     device = torch.device(device)
     start_time = time.perf_counter()
 
@@ -320,13 +312,9 @@ def train_classifier(
 
     steps_per_epoch = math.ceil(len(train_rows) / batch_size)
     total = epochs * steps_per_epoch
-    warmup = int(warmup_fraction * total)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=learning_rate,
-    )
+    params = list(model.parameters())
+    optimizer = adamw(params, learning_rate, weight_decay, matrices_only=True)
+    schedule = LRSchedule.from_fraction(learning_rate, total, warmup_fraction, "linear")
     generator = torch.Generator().manual_seed(seed)
     targets = torch.tensor(train_ids, dtype=torch.long)
     history: list[dict[str, Any]] = []
@@ -339,16 +327,12 @@ def train_classifier(
             losses = []
             for start in range(0, len(perm), batch_size):
                 index = perm[start : start + batch_size]
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate * _lr_factor(step, total, warmup, "linear")
+                schedule.apply(optimizer, step)
                 ids, mask = _batch(train_rows, index, pad)
                 out = model(
                     input_ids=ids.to(device), attention_mask=mask.to(device), labels=targets[index].to(device)
                 )
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
+                backward_step(optimizer, out.loss, params, max_grad_norm=1.0)
                 losses.append(out.loss.item())
                 step += 1
                 bar.update(1)
@@ -382,9 +366,7 @@ def train_classifier(
         result.wall_seconds = time.perf_counter() - start_time
         return result
 
-    created_parents = _make_parents(output_dir)
-    tmp = make_temp_dir(output_dir)  # renamed onto output_dir at the end: a plain mkdir()'s mode
-    try:
+    with staged_directory(output_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         result.wall_seconds = time.perf_counter() - start_time
@@ -397,11 +379,6 @@ def train_classifier(
         with open(tmp / CLASSIFIER_FILE, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
             f.write("\n")
-        set_plain_modes(tmp)  # save_pretrained's safetensors file is 0o600
-        _move_into_place(tmp, output_dir, overwrite)
-    except BaseException:
-        _discard_partial(tmp, created_parents)
-        raise
     result.output_dir = os.fspath(output_dir)
     return result
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ._utils import make_temp_dir, set_plain_modes
+from ._utils import adamw, clip_and_step, make_temp_dir, set_plain_modes, trainable_parameters
 from .data import SampleSet
 from .features import (
     FeatureCache,
@@ -187,16 +187,6 @@ def _feature_cache(
         return None
 
 
-def _adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW as one fused kernel per step where torch has one for the parameters (CPU and CUDA): the same update
-    up to rounding, without the default's temporaries the size of every parameter (on CPU about 10x faster for a
-    vocabulary-sized head, which made it a tenth of a cached training step)."""
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
 def _batches(n: int, batch_size: int, generator: torch.Generator):
     """Endless shuffled epochs of index batches (the last short batch of an epoch is kept)."""
     while True:
@@ -292,8 +282,9 @@ def train(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     weights = samples.normalized_weights(weight_clip) if use_weights else torch.ones(len(samples))
-    params = [p for p in guide.parameters() if p.requires_grad]
-    optimizer = _adamw(params, lr, weight_decay)
+    params = trainable_parameters(guide)
+    # fused: the default's temporaries the size of every parameter made AdamW a tenth of a cached training step
+    optimizer = adamw(params, lr, weight_decay, fused=True)
     device = guide.device
     report = TrainReport(
         variant=guide.config.variant,
@@ -342,9 +333,7 @@ def train(
                 loss_sum += terms.loss.item()
                 ce_sum += terms.cross_entropy.item()
                 reg_sum += terms.regularizer.item()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
+            clip_and_step(optimizer, params, max_grad_norm)
             report.loss.append(loss_sum)
             report.cross_entropy.append(ce_sum)
             report.regularizer.append(reg_sum)
