@@ -256,7 +256,7 @@ def test_guide_and_base_that_do_not_match_are_refused(tmp_path, base_dir, capsys
 
 
 def test_pretrain_sample_train_generate_evaluate_on_a_tiny_config(tmp_path, capsys):
-    from dinado.tasks.toy import ToyLanguage
+    from dinado.tasks.toy_language import ToyLanguage
 
     examples = ToyLanguage(0).examples(300)
     (tmp_path / "src.txt").write_text("\n".join(e.prompt for e in examples) + "\n")

@@ -380,32 +380,32 @@ def test_commongen_plot_failure_leaves_nothing(tmp_path, monkeypatch):
     assert names(tmp_path) == []
 
 
-# ------------------------------------------------------------------------------------------- staged directories
+# ------------------------------------------------------------------------------------------- atomic directories
 
 
-def test_staged_directory_renames_into_place_and_replaces_only_at_the_end(tmp_path, umask):
+def test_atomic_directory_renames_into_place_and_replaces_only_at_the_end(tmp_path, umask):
     file_mode, dir_mode = plain_modes(tmp_path)
     out = tmp_path / "a" / "b" / "out"
-    with dio.staged_directory(out) as tmp:
-        assert tmp.parent == out.parent and tmp.name.startswith(".out.tmp-") and not out.exists()
+    with dio.atomic_directory(out) as tmp:
+        assert tmp.parent == out.parent and tmp.name == f".out.partial-{os.getpid()}" and not out.exists()
         os.close(os.open(tmp / "weights", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors writes
     assert names(out) == ["weights"] and names(out.parent) == ["out"]
     assert_plain_tree(tmp_path / "a", file_mode, dir_mode)
     with pytest.raises(FileExistsError, match="exists and is not empty; .*overwrite=True"):
         dio.check_output_dir(out, overwrite=False)
-    with pytest.raises(Boom), dio.staged_directory(out, overwrite=True) as tmp:
+    with pytest.raises(Boom), dio.atomic_directory(out, overwrite=True) as tmp:
         (tmp / "new").write_text("half")
         raise Boom
     assert names(out) == ["weights"] and names(out.parent) == ["out"]  # the old one is left as it was
-    with dio.staged_directory(out, overwrite=True) as tmp:
+    with dio.atomic_directory(out, overwrite=True) as tmp:
         (tmp / "new").write_text("x")
         assert names(out) == ["weights"]  # replaced only once the new one is complete
     assert names(out) == ["new"] and names(out.parent) == ["out"]
 
 
-def test_staged_directory_failure_removes_the_parents_it_made(tmp_path):
+def test_atomic_directory_failure_removes_the_parents_it_made(tmp_path):
     (tmp_path / "a").mkdir()
-    with pytest.raises(KeyboardInterrupt), dio.staged_directory(tmp_path / "a" / "b" / "c" / "out") as tmp:
+    with pytest.raises(KeyboardInterrupt), dio.atomic_directory(tmp_path / "a" / "b" / "c" / "out") as tmp:
         (tmp / "half").write_text("x")
         raise KeyboardInterrupt
     assert names(tmp_path) == ["a"] and names(tmp_path / "a") == []  # "a" was there before: it stays

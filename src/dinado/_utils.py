@@ -1,6 +1,6 @@
-"""Plain helpers (no dinado imports): atomic writes with the modes plain open() and mkdir() give, temporary and
-staged output directories, and the pieces every training loop shares (AdamW, the learning-rate schedule,
-gradient clipping, the causal LM loss)."""
+"""Plain helpers (no dinado imports): the one way to write a file (atomic_file) and the one way to write a
+directory (atomic_directory) all at once, with the modes plain open() and mkdir() give; and the pieces every
+training loop shares (AdamW, the learning-rate schedule, gradient clipping, the causal LM loss)."""
 
 from __future__ import annotations
 
@@ -134,42 +134,8 @@ def remove_stale_partials(path: str | os.PathLike) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-@contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory under a hidden temporary name beside ``path`` and rename it into place at the end.
-
-    On any exception (Ctrl-C and SIGTERM included) the temporary directory is removed, so ``path`` either
-    holds a complete result or is left as it was; after SIGKILL only the hidden ``.<name>.partial-<pid>``
-    remains, and the next call for the same ``path`` removes it. ``overwrite=True`` replaces an existing
-    ``path`` only once the new directory is complete.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} is not empty")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(path)
-    tmp = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()  # mkdir's mode (0777 less the umask), unlike mkdtemp's 0700
-    try:
-        yield tmp
-        set_plain_modes(tmp)  # what other writers made (safetensors writes 0600) gets open()'s mode
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Output directories built beside their place and renamed into it (pretrain, the classifier)
+# Directories built beside their place and renamed into it
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -221,21 +187,28 @@ def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def staged_directory(output_dir: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a new hidden sibling directory (:func:`make_temp_dir`) to build ``output_dir`` in; at the end give
-    it plain modes (:func:`set_plain_modes`) and rename it onto ``output_dir`` (checked again with
-    :func:`check_output_dir`; an old non-empty one is replaced only now). On any exception the hidden directory
-    and the parents created for it are removed, and an old ``output_dir`` is left as it was.
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Build the directory ``path`` all at once: the one way dinado writes a directory (CLI runs, pretrained
+    bases, classifiers, training checkpoints; single files go through :func:`atomic_file`).
 
-    Unlike :func:`atomic_directory` it leaves nothing behind that names the process, and removes the missing
-    parents it had to create when it fails.
+    Yields a hidden sibling ``.<name>.partial-<pid>`` (a plain ``mkdir()``'s mode) to build in; at the end gives
+    what other writers made there plain modes (:func:`set_plain_modes`: safetensors writes 0o600) and renames it
+    onto ``path`` (checked again with :func:`check_output_dir`; an old non-empty ``path`` is replaced only now,
+    and only with ``overwrite``). On any exception, Ctrl-C and SIGTERM included, the partial directory and the
+    parents created for it are removed and an old ``path`` is left as it was; after SIGKILL only the partial
+    directory remains, and the next call for the same ``path`` removes it (its process is gone).
     """
-    created_parents = _make_parents(output_dir)
-    tmp = make_temp_dir(output_dir)  # renamed onto output_dir at the end: a plain mkdir()'s mode
+    path = Path(path)
+    check_output_dir(path, overwrite)
+    created_parents = _make_parents(path)
+    remove_stale_partials(path)
+    tmp = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        tmp.mkdir()  # mkdir's mode (0o777 less the umask), unlike mkdtemp's 0o700
         yield tmp
-        set_plain_modes(tmp)  # what save_pretrained wrote (safetensors files are 0o600)
-        _move_into_place(tmp, output_dir, overwrite)
+        set_plain_modes(tmp)
+        _move_into_place(tmp, path, overwrite)
     except BaseException:
         _discard_partial(tmp, created_parents)
         raise

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._utils import LRSchedule, adamw, backward_step, check_output_dir, staged_directory
+from ._utils import LRSchedule, adamw, atomic_directory, backward_step, check_output_dir
 from .data import right_pad
 from .hf import eval_mode
 from .oracles import ClassifierOracle
@@ -366,7 +366,7 @@ def train_classifier(
         result.wall_seconds = time.perf_counter() - start_time
         return result
 
-    with staged_directory(output_dir, overwrite) as tmp:
+    with atomic_directory(output_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         result.wall_seconds = time.perf_counter() - start_time

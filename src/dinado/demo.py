@@ -1,6 +1,6 @@
 """`dinado demo` (and `make demo`): keyword-constrained generation in the project's own toy language.
 
-1. Writes a corpus of "concepts = sentence" pairs from the toy grammar (dinado.tasks.toy).
+1. Writes a corpus of "concepts = sentence" pairs from the toy grammar (dinado.tasks.toy_language).
 2. Pretrains a small GPT-2 base on it (cached in the run directory: a second run reuses it).
 3. Samples completions from the base for training concept sets and labels them with the keyword oracle.
 4. Trains NADO, DiNADO-Soft and DiNADO-Merge guides on those samples.
@@ -24,7 +24,7 @@ from .oracles import as_token_oracle
 from .pretrain import PretrainConfig, pretrain
 from .sampling import sample
 from .tasks.commongen import coverage_oracle
-from .tasks.toy import ToyLanguage
+from .tasks.toy_language import ToyLanguage
 from .text import generate_texts
 from .training import train
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ._utils import adamw, clip_and_step, make_temp_dir, set_plain_modes, trainable_parameters
+from ._utils import adamw, atomic_directory, clip_and_step, trainable_parameters
 from .data import SampleSet
 from .features import (
     FeatureCache,
@@ -81,8 +81,7 @@ def _save_checkpoint(
     and no partial one behind."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = make_temp_dir(final)  # hidden, unique, a plain directory's mode
-    try:
+    with atomic_directory(final, overwrite=True) as tmp:
         guide.save_pretrained(tmp)
         opt = optimizer.state_dict()
         tensors = {
@@ -98,12 +97,6 @@ def _save_checkpoint(
             "torch_rng_state": torch.get_rng_state().tolist(),
         }
         (tmp / STATE_NAME).write_text(json.dumps(state))
-        set_plain_modes(tmp)  # safetensors writes 0o600
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in root.iterdir():
         if old != final and old.is_dir() and old.name.startswith(CHECKPOINT_PREFIX):
             shutil.rmtree(old)

@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from .._utils import (
     LRSchedule,
     adamw,
+    atomic_directory,
     backward_step,
     causal_lm_loss,
     check_output_dir,
-    staged_directory,
     trainable_parameters,
 )
 from .config import PretrainConfig
@@ -307,7 +307,7 @@ def pretrain(
         truncated_examples=train_rows.truncated + val_rows.truncated,
     )
     steps_per_epoch, total = _steps(config, len(train_rows))
-    with staged_directory(output_dir, overwrite) as tmp:
+    with atomic_directory(output_dir, overwrite) as tmp:
         with (
             open(tmp / METRICS_FILE, "w", encoding="utf-8") as metrics,
             tqdm(total=total, desc="pretrain", disable=not progress) as bar,
