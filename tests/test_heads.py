@@ -110,6 +110,27 @@ def test_a_bad_head_rank_is_refused(rank):
         Guide.create(tiny_causal("gpt2"), "nado", head_rank=rank)
 
 
+def test_the_default_rank_is_decided_by_the_vocabulary_and_saved_as_a_number(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dinado.config import AUTO_HEAD_RANK, AUTO_HEAD_RANK_VOCAB, GuideConfig
+
+    small = Guide.create(tiny_causal("gpt2"), "dinado-soft")
+    assert small.config.head_rank is None and small.module.head_down is None  # full rank below the threshold
+    torch.manual_seed(0)
+    large_base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=AUTO_HEAD_RANK_VOCAB))
+    large = Guide.create(large_base, "dinado-soft", module_dim=AUTO_HEAD_RANK * 2)
+    assert large.config.head_rank == AUTO_HEAD_RANK
+    assert large.module.token_head.weight.shape == (AUTO_HEAD_RANK_VOCAB, AUTO_HEAD_RANK)
+    assert Guide.create(large_base, "dinado-soft", head_rank=None).config.head_rank is None  # full rank asked
+    assert Guide.create(large_base, "dinado-merge").config.head_rank is None  # no module head
+    large.save_pretrained(tmp_path / "g")
+    assert json.loads((tmp_path / "g" / "dinado_config.json").read_text())["head_rank"] == AUTO_HEAD_RANK
+    # a config saved before head_rank existed meant full rank, whatever the vocabulary
+    old = {k: v for k, v in large.config.to_dict().items() if k != "head_rank"}
+    assert GuideConfig.from_dict(old).head_rank is None
+
+
 @pytest.mark.parametrize("head", ["full", "tied"])
 def test_a_low_rank_head_costs_rank_times_vocabulary(head):
     base = tiny_causal("gpt2")
@@ -153,3 +174,13 @@ def test_training_on_the_exact_testbed_cuts_the_kl(variant, option, toy_base):
     end = exact.evaluate(guide, *args)
     assert end.kl_q_star_q < 0.5 * start.kl_q_star_p
     assert end.success_q > start.success_p + 0.1
+
+
+@pytest.mark.parametrize(("flag", "value"), [("auto", "auto"), ("null", None), ("8", 8)])
+def test_the_cli_takes_auto_null_or_a_rank(flag, value):
+    from dinado.cli import build_parser, resolve
+
+    args = build_parser().parse_args(
+        ["train", "--head-rank", flag, "--samples", "s", "--base", "b", "--output", "o"]
+    )
+    assert resolve("train", args)["head_rank"] == value

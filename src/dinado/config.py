@@ -12,7 +12,13 @@ CE_POSITIONS = ("all", "terminal")
 CONSISTENCY = ("soft", "hard")
 HEADS = ("full", "tied")
 # what a saved config without these keys (written before they existed) meant
-PRE_POINTER_DEFAULTS = {"head": "full", "read_tokens": False, "pointer": False}
+PRE_POINTER_DEFAULTS = {"head": "full", "head_rank": None, "read_tokens": False, "pointer": False}
+# head_rank="auto": a rank-AUTO_HEAD_RANK head on vocabularies of AUTO_HEAD_RANK_VOCAB tokens or more, else full rank.
+# Measured (docs/benchmarks.md, GPT-2-small's shape): the full-rank head's [V, dim] matrix costs as much per token
+# as the base's LM head (1.42x the base's decoding time); rank 64 decodes at 1.11x and lost no exact KL on the
+# conditional testbed nor held-out CommonGen success on SmolLM2 (docs/results/commongen.md).
+AUTO_HEAD_RANK = 64
+AUTO_HEAD_RANK_VOCAB = 32768
 
 
 @dataclass
@@ -31,7 +37,9 @@ class GuideConfig:
         ``"tied"``: the module predicts a vector in the base's hidden space (a zero-initialised dim x H map) and the
         direction is its product with the base's own output embeddings, so any token the base can name can be
         boosted, whether or not it was seen in a training positive; no parameter per token.
-    head_rank: a low-rank head: the direction's [V, *] matrix has ``head_rank`` columns instead of the module's
+    head_rank: ``"auto"`` (the default) picks rank 64 on vocabularies of 32,768 tokens or more and full rank
+        below (decided when the config is made, from ``base_vocab_size``: the saved config holds the number).
+        A low-rank head: the direction's [V, *] matrix has ``head_rank`` columns instead of the module's
         width (full head: its own [V, r] matrix after a fixed-shape dim -> r projection) or the base's width (tied
         head: E @ U with U a learned [H, r] map, computed once per decoding run), so the per-token cost of the
         head falls from V x dim (or V x H) to V x r. ``None``: full rank.
@@ -79,8 +87,13 @@ class GuideConfig:
         default="full",
         metadata={"help": "guide token head: 'full' (its own) or 'tied' (the base's output embeddings)"},
     )
-    head_rank: int | None = field(
-        default=None, metadata={"help": "rank of the guide token head's [V, r] matrix (default: full rank)"}
+    head_rank: int | str | None = field(
+        default="auto",
+        metadata={
+            "help": f"rank of the guide token head's [V, r] matrix: auto ({AUTO_HEAD_RANK} on vocabularies of "
+            f"{AUTO_HEAD_RANK_VOCAB:,}+ tokens, else full rank), a whole number, or null (full rank)",
+            "kind": "rank",
+        },
     )
     read_tokens: bool = field(
         default=False, metadata={"help": "the guide module also reads the base's embedding of each token"}
@@ -127,11 +140,14 @@ class GuideConfig:
             )
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.head_rank == "auto":  # decided once, from the base's vocabulary (unknown: full rank)
+            large = (self.base_vocab_size or 0) >= AUTO_HEAD_RANK_VOCAB
+            self.head_rank = AUTO_HEAD_RANK if large and self.variant != "dinado-merge" else None
         if self.head_rank is not None and (
             isinstance(self.head_rank, bool) or not isinstance(self.head_rank, int) or self.head_rank < 1
         ):
             raise ValueError(
-                f"head_rank must be a positive integer or None (full rank), got {self.head_rank!r}"
+                f"head_rank must be a positive integer, 'auto' or None (full rank), got {self.head_rank!r}"
             )
         if self.head_rank is not None and self.variant == "dinado-merge":
             raise ValueError("head_rank is an option of the guide module's head; dinado-merge has none")

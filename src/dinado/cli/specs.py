@@ -76,6 +76,7 @@ def dataclass_spec(
         if not keep(f.name):
             continue
         kind, may_be_none = kind_of(f.type, numbers)
+        kind = f.metadata.get("kind", kind)
         if may_be_none:
             nullable.add(f.name)
         default = (defaults or {}).get(f.name, _default(f))
@@ -116,6 +117,7 @@ GUIDE_SPEC, _ = dataclass_spec(
     keep=is_guide_option,
     defaults={"variant": "dinado-soft", "pointer": True},
 )
+NULLABLE["train"] = {"head_rank"}  # "auto" by default; null asks for a full-rank head
 # `train`'s options for dinado.train, with its defaults (and a checkpoint every 200 steps, where it keeps none)
 TRAIN_SPEC = signature_spec(
     train,

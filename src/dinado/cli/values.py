@@ -82,10 +82,18 @@ def _parse_names(text: Any) -> str | list[str]:
     return names[0] if names == ["all-linear"] else names
 
 
+def _parse_rank(text: Any) -> int | str:
+    """A head rank: auto or a whole number >= 1 (null, for full rank, is the nullable keys' own word)."""
+    if isinstance(text, str) and text.strip().lower() == "auto":
+        return "auto"
+    return _parse_count(text)
+
+
 # kind name -> (parser, what a value looks like in messages)
 KINDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "int": (_parse_int, "a whole number"),
     "count": (_parse_count, "a whole number >= 1"),
+    "rank": (_parse_rank, "auto, null (full rank) or a whole number >= 1"),
     "float": (_parse_float, "a number"),
     "positive": (_parse_positive, "a number > 0"),
     "nonnegative": (_parse_nonnegative, "a number >= 0"),
