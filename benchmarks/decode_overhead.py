@@ -46,18 +46,24 @@ RANDOM_BASE = "gpt2-small-random"
 
 
 def parse_head(spec: str) -> dict:
-    """``full`` / ``tied`` / ``full:R`` / ``tied:R``, optionally ``/W`` (module width W) -> Guide.create options."""
+    """``full`` / ``tied``, optionally ``:R`` (rank R, or ``none`` for full rank; without it the default
+    ``head_rank="auto"``) and ``/W`` (module width W) -> Guide.create options."""
     spec, _, width = spec.partition("/")
-    head, _, rank = spec.partition(":")
-    if head not in ("full", "tied") or (rank and not rank.isdigit()) or (width and not width.isdigit()):
+    head, sep, rank = spec.partition(":")
+    if (
+        head not in ("full", "tied")
+        or (sep and not (rank.isdigit() or rank == "none"))
+        or (width and not width.isdigit())
+    ):
         raise argparse.ArgumentTypeError(
-            f"a head is full, tied, full:RANK or tied:RANK, optionally /WIDTH (the module's width), got {spec!r}"
+            f"a head is full or tied, optionally :RANK (or :none) and /WIDTH (the module's width), got {spec!r}"
         )
-    return {
-        "head": head,
-        **({"head_rank": int(rank)} if rank else {}),
-        **({"module_dim": int(width)} if width else {}),
-    }
+    options: dict = {"head": head}
+    if sep:
+        options["head_rank"] = None if rank == "none" else int(rank)
+    if width:
+        options["module_dim"] = int(width)
+    return options
 
 
 @dataclass
@@ -91,9 +97,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--heads",
         nargs="*",
-        default=["tied", "tied:64", "full:64"],
+        default=[parse_head(spec) for spec in ("tied:none", "tied:64", "full:none")],
         type=parse_head,
-        help="extra DiNADO-Soft heads to time beside the default (full, tied, full:R, tied:R; /W: module width W)",
+        help="extra DiNADO-Soft heads to time beside the default (full, tied; :R rank R or :none full rank; /W width W)",
     )
     parser.add_argument(
         "--variants",
@@ -149,8 +155,9 @@ def build_guide(
 
 
 def head_label(options: dict) -> str:
-    rank, width = options.get("head_rank"), options.get("module_dim")
-    return options["head"] + (f" rank {rank}" if rank else "") + (f", width {width}" if width else "")
+    rank, width = options.get("head_rank", "auto"), options.get("module_dim")
+    rank_label = {"auto": "", None: " full-rank"}.get(rank, f" rank {rank}")
+    return options["head"] + rank_label + (f", width {width}" if width else "")
 
 
 def mode_kwargs(mode: str, args: argparse.Namespace, eos: int) -> dict:
@@ -202,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     variants = sorted(set(args.variants) | {"dinado-soft"}, key=MODULE_VARIANTS.index)
     guides = {variant: build_guide(base, variant, args) for variant in (*variants, "dinado-merge")}
-    default_head = head_label({"head": guides["dinado-soft"].config.head})
+    default = guides["dinado-soft"].config
+    default_head = head_label({"head": default.head, "head_rank": default.head_rank})
     extra_heads = {
         f"dinado-soft, {head_label(h)} head": build_guide(base, "dinado-soft", args, **h)
         for h in args.heads
