@@ -1,3 +1,4 @@
+import sys
 from pathlib import Path
 
 import pytest
@@ -178,5 +179,6 @@ def load_benchmark(*parts: str):
     path = Path(__file__).resolve().parents[1].joinpath("benchmarks", *parts)
     spec = importlib.util.spec_from_file_location(path.stem + "_" + path.parent.name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module

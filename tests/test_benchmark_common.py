@@ -45,3 +45,16 @@ def test_logger_table_and_timer(capsys):
         pass
     assert list(timer.seconds) == ["work"] and timer.seconds["work"] >= 0
     assert lines[0] == "work ..." and lines[1].startswith("work: ")
+
+
+def test_decode_overhead_parses_its_heads_and_their_defaults():
+    from .conftest import load_benchmark
+
+    bench = load_benchmark("decode_overhead.py")
+    assert bench.parse_head("full:none") == {"head": "full", "head_rank": None}
+    assert bench.parse_head("tied:64/256") == {"head": "tied", "head_rank": 64, "module_dim": 256}
+    assert bench.parse_head("full") == {"head": "full"}  # the default head_rank ("auto")
+    args = bench.parse_args([])
+    assert all(isinstance(h, dict) and h["head"] in ("full", "tied") for h in args.heads)
+    labels = {bench.head_label(h) for h in args.heads}
+    assert len(labels) == len(args.heads) and "full full-rank" in labels
