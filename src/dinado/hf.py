@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
+
+from .bases import NAMED_BASES, resolve_base
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -285,8 +289,6 @@ def check_length(model, prompt_length: int, max_new_tokens: int | None) -> None:
 
 
 def _named() -> list[str]:
-    from .bases import NAMED_BASES
-
     return sorted(NAMED_BASES)
 
 
@@ -341,11 +343,6 @@ def load_model(
     a tokenizer without a pad token pads with EOS (GPT-2 style). The model's ``config._name_or_path`` is the
     name given here, so guides and samples record it.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from .bases import NAMED_BASES, resolve_base
-
     if name_or_path not in NAMED_BASES and not name_or_path.lower().endswith(".gguf"):
         check_local_model(name_or_path, gguf_file)
     source, gguf = resolve_base(name_or_path, gguf_file)
@@ -374,9 +371,6 @@ def lora_config(
     The task type follows the base (sequence-to-sequence or causal), biases stay frozen, and GPT-2 style
     ``Conv1D`` layers, which store their weights transposed, are declared instead of left for PEFT to guess.
     """
-    from peft import LoraConfig
-    from transformers.pytorch_utils import Conv1D
-
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
