@@ -172,3 +172,33 @@ def test_sampling_from_a_guide_in_training_mode_records_its_eval_mode_distributi
         errors += [abs(a - b) for a, b in zip(lp + lq, ref_p + ref_q, strict=True)]
     assert len(errors) > 20 and max(errors) < 1e-5
     assert [m.training for m in guide.modules()] == modes and guide.training and not inner.training
+
+
+def test_relabel_keeps_the_samples_and_replaces_the_labels_without_touching_the_input(toy_base):
+    samples = dinado.sample(
+        toy_base, [exact.TOY_PROMPT], 40, exact.toy_oracle, exact.TOY_MAX_NEW_TOKENS, seed=5
+    )
+    before = (samples.labels.clone(), [list(c) for c in samples.completions], dict(samples.metadata))
+
+    def length_share(prompts, completions):  # a soft oracle: the completion's share of the longest
+        return [len(c) / exact.TOY_MAX_NEW_TOKENS for c in completions]
+
+    relabelled = dinado.relabel(samples, length_share, batch_size=7)  # batches that do not divide 40
+    assert relabelled.labels.tolist() == pytest.approx(
+        [len(c) / exact.TOY_MAX_NEW_TOKENS for c in samples.completions]
+    )
+    assert relabelled.completions == samples.completions and relabelled.prompts == samples.prompts
+    assert relabelled.token_log_p == samples.token_log_p
+    assert "length_share" in relabelled.metadata["oracle"]
+    assert torch.equal(samples.labels, before[0])  # the caller's set is unchanged
+    assert samples.completions == before[1] and samples.metadata == before[2]
+
+
+@pytest.mark.parametrize(
+    "labels, message", [([0.5] * 3, "got 3 labels for 4"), ([0.2, 1.5, 0, 0], "label 1 is 1.5")]
+)
+def test_with_labels_refuses_a_wrong_count_or_a_value_outside_0_1(labels, message):
+    samples = dinado.SampleSet.from_token_ids([[1]] * 4, [[2], [3], [4], [5]], [0, 1, 0, 1])
+    with pytest.raises(ValueError, match=message):
+        samples.with_labels(labels)
+    assert samples.with_labels([0.25] * 4).labels.tolist() == [0.25] * 4

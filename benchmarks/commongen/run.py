@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from dinado import Guide, SampleSet, sample, train
+from dinado import Guide, SampleSet, relabel, sample, train
 from dinado._utils import atomic_write_text
 from dinado.baselines import best_of_n, supervised_finetune
 from dinado.evaluation import save_figure
@@ -137,6 +137,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="{}",
         help="JSON Guide.create options for dinado-merge (default LoRA r 8, alpha 16 on every linear layer), e.g. "
         '{"lora_target_modules": ".*layers\\.2[4-9]\\..*_proj"} to adapt only the top layers (backward stops there)',
+    )
+    p.add_argument(
+        "--labels",
+        choices=("all", "soft"),
+        default="all",
+        help="the guides' training labels: 1 when every concept is covered (all), or the covered share (soft)",
     )
     p.add_argument("--guide-lr", type=float, default=None, help="guide learning rate (default: dinado's)")
     p.add_argument("--alpha", type=float, default=1.0, help="guidance strength of the module variants")
@@ -309,6 +315,13 @@ def run_systems(
     samples.save(run / "samples.safetensors")
     guide_oracle_calls = len(samples)
     log(f"{len(samples)} samples from p, {samples.positive_rate:.1%} cover all their concepts")
+    if (
+        args.labels == "soft"
+    ):  # the same samples, labelled by the covered share (no second oracle call counted:
+        # the share is read off the same coverage check)
+        _, soft_token_oracle = prompt_ids_and_oracle(args, tokenizer, prompts, soft_oracle)
+        samples = relabel(samples, soft_token_oracle)
+        log(f"soft coverage labels: mean label {samples.positive_rate:.3f}")
 
     def make_guide(variant: str) -> Guide:
         if variant == "dinado-merge":

@@ -37,7 +37,7 @@ from pathlib import Path
 import sacrebleu
 import torch
 
-from dinado import Guide, SampleSet, sample, train
+from dinado import Guide, sample, train
 from dinado._utils import atomic_write_text
 from dinado.baselines import supervised_finetune
 from dinado.classifier import evaluate_classifier
@@ -167,12 +167,6 @@ def build_classifier(args, run: Path, seconds: dict) -> str:
     return str(path)
 
 
-def relabel(samples: SampleSet, labels: list[float]) -> SampleSet:
-    """The same samples with other oracle values (the informal direction's)."""
-    lw = samples.log_weights.tolist() if samples.log_weights is not None else None
-    return SampleSet.from_token_ids(samples.prompts, samples.completions, labels, lw, samples.metadata)
-
-
 def score(texts: list[str], sources: list[str], test, classifier: ClassifierOracle, lang: str) -> dict:
     """Formal shares (classifier, rules) and BLEU/chrF against both reference sets."""
     p_formal = classifier(sources, texts)
@@ -238,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
             if args.oracle == "soft"
             else [float(v < 0.5) for v in samples.labels]
         )
-        by_direction["informal"] = relabel(samples, flipped)
+        by_direction["informal"] = samples.with_labels(flipped)
         by_direction["informal"].save(run / "samples-informal.safetensors")
     log(f"{len(samples)} samples, mean formal label {samples.positive_rate:.3f}")
 

@@ -9,7 +9,7 @@ from .features import FeatureCache, precompute_features
 from .guide import Guide
 from .hf import load_model
 from .oracles import TextOracle
-from .sampling import sample
+from .sampling import relabel, sample
 from .training import TrainReport, train
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "generate",
     "load_model",
     "precompute_features",
+    "relabel",
     "sample",
     "train",
 ]

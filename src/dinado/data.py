@@ -233,6 +233,26 @@ class SampleSet:
             pick(self.token_log_proposal),
         )
 
+    def with_labels(self, labels: Sequence[float] | torch.Tensor) -> SampleSet:
+        """The same samples with other oracle values (another oracle's, or soft ones), one in [0, 1] per sample;
+        weights, metadata and per-token log-probabilities are kept. ``self`` is not changed."""
+        values = torch.as_tensor(labels, dtype=torch.float32).flatten().clone()
+        if values.numel() != len(self):
+            raise ValueError(f"got {values.numel()} labels for {len(self)} samples: give one per sample")
+        bad = ~torch.isfinite(values) | (values < 0) | (values > 1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"label {i} is {float(values[i])!r}: labels must be finite and in [0, 1]")
+        return SampleSet(
+            list(self.prompts),
+            list(self.completions),
+            values,
+            self.log_weights.clone() if self.log_weights is not None else None,
+            dict(self.metadata),
+            self.token_log_p,
+            self.token_log_proposal,
+        )
+
     @property
     def decoder_start_token_id(self) -> int | None:
         """Set for samples from an encoder-decoder base: prompts are then encoder inputs."""
