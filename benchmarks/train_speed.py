@@ -9,7 +9,9 @@ Three paths, on the same batch of random token rows and the same guide options:
 - ``cached``: ``dinado.train(..., cache_features=cache)`` with ``cache = dinado.features.precompute_features(...)``
   computed first (its time is reported apart: it is paid once per sample set, not per step).
 
-DiNADO-Merge trains its LoRA adapter through the base, so it has no cached path (``before`` and ``uncached``).
+DiNADO-Merge trains a LoRA adapter inside the base: its ``cached`` path keeps what the lowest adapted decoder layer
+reads and runs only the layers from there up (``--merge-options '{"lora_target_modules": ...}'`` adapts the top
+layers only; with the default, every layer, only the LM head's rows are saved).
 
 Every (variant, path) runs in its own subprocess, so that its peak memory is its own: the table gives the peak
 resident memory of the training steps (``VmHWM`` after resetting it through ``/proc/self/clear_refs`` once the
@@ -75,6 +77,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument("--guide-layers", type=int, default=2, help="layers of the guide module (default 2)")
+    parser.add_argument(
+        "--merge-options",
+        type=json.loads,
+        default={},
+        help='JSON Guide.create options for dinado-merge, e.g. {"lora_target_modules": ".*layers\\.2[4-9]\\..*_proj"}',
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
@@ -180,7 +188,10 @@ def run_child(spec: dict) -> dict:
     eos = int(eos[0] if isinstance(eos, (list, tuple)) else eos if eos is not None else 0)
     samples = _samples(spec, base.config.vocab_size, eos)
     torch.manual_seed(spec["seed"])
-    guide = dinado.Guide.create(base, spec["variant"], num_layers=spec["guide_layers"]).to(device)
+    options = (
+        spec["merge_options"] if spec["variant"] == "dinado-merge" else {"num_layers": spec["guide_layers"]}
+    )
+    guide = dinado.Guide.create(base, spec["variant"], **options).to(device)
     path = spec["path"]
     result: dict = {"variant": spec["variant"], "path": path}
     cache = False
@@ -271,12 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"Command: `{shlex.join([sys.executable, *sys.argv])}`\n")
     with tempfile.TemporaryDirectory(prefix="dinado-train-speed-") as tmp:
         base, gguf, described = _prepared_base(args, Path(tmp))
-        jobs = [
-            (variant, path)
-            for variant in args.variants
-            for path in args.paths
-            if not (variant == "dinado-merge" and path == "cached")
-        ]
+        jobs = [(variant, path) for variant in args.variants for path in args.paths]
         results = []
         for variant, path in jobs:
             spec = {
@@ -287,7 +293,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 **{
                     k: getattr(args, k) for k in ("batch_size", "prompt_length", "completion_length", "steps")
                 },
-                **{k: getattr(args, k) for k in ("warmup", "guide_layers", "threads", "device", "seed")},
+                **{
+                    k: getattr(args, k)
+                    for k in ("warmup", "guide_layers", "merge_options", "threads", "device", "seed")
+                },
             }
             log(f"{variant} [{path}] ...")
             started = time.perf_counter()

@@ -146,14 +146,15 @@ def test_cached_features_on_encoder_decoder_bases(kind, variant):
     _assert_close(cached, uncached, 1e-4)
 
 
-@pytest.mark.parametrize("variant", MODULE_VARIANTS)
+@pytest.mark.parametrize("variant", [*MODULE_VARIANTS, "dinado-merge"])
 def test_training_with_cached_features_matches_the_uncached_run(variant):
     # learning rate 0: every step sees the same weights, so losses and gradients compare step by step (Adam's
     # first steps would turn rounding-level differences of near-zero gradients into whole-sized updates)
     samples = _samples(n=24)
     runs = []
     for cache in (False, True):
-        guide = Guide.create(tiny_gpt2(), variant)
+        options = {"lora_target_modules": TOP_LAYER} if variant == "dinado-merge" else {}
+        guide = Guide.create(tiny_gpt2(), variant, **options)
         randomize_guide(guide)
         report = dinado.train(
             guide, samples, max_steps=4, batch_size=8, seed=1, learning_rate=0.0, cache_features=cache
@@ -192,7 +193,7 @@ def test_cache_in_bfloat16_and_on_disk(tmp_path):
     assert loss_with(half) == pytest.approx(loss_with(memory), rel=2e-2)  # rounded states, same loss to 2%
 
 
-def test_a_cache_is_refused_for_other_samples_bases_and_for_merge():
+def test_a_cache_is_refused_for_other_samples_bases_and_guides():
     samples = _samples()
     guide = Guide.create(tiny_gpt2(), "dinado-soft")
     cache = precompute_features(guide, samples)
@@ -202,11 +203,30 @@ def test_a_cache_is_refused_for_other_samples_bases_and_for_merge():
         dinado.train(
             Guide.create(tiny_gpt2(seed=3), "dinado-soft"), samples, max_steps=1, cache_features=cache
         )
-    merge = Guide.create(tiny_gpt2(), "dinado-merge")
-    with pytest.raises(FeatureCacheError, match="trains its LoRA adapter through the base"):
-        dinado.train(merge, samples, max_steps=1, cache_features=True)
-    with pytest.raises(FeatureCacheError, match="trains its LoRA adapter through the base"):
-        precompute_features(merge, samples)
+    top = Guide.create(tiny_gpt2(), "dinado-merge", lora_target_modules=TOP_LAYER)
+    with pytest.raises(
+        FeatureCacheError, match="last hidden states, and this guide needs the input of decoder layer 1"
+    ):
+        dinado.train(top, samples, max_steps=1, cache_features=cache)
+    everywhere = Guide.create(tiny_gpt2(), "dinado-merge")
+    with pytest.raises(
+        FeatureCacheError, match="input of decoder layer 1, and this guide needs the input of decoder layer 0"
+    ):
+        dinado.train(everywhere, samples, max_steps=1, cache_features=precompute_features(top, samples))
+
+
+@pytest.mark.filterwarnings(
+    "ignore:Model has `tie_word_embeddings=True`", "ignore:fan_in_fan_out is set to True"
+)
+def test_merge_caches_refuse_an_adapter_outside_the_layers_and_encoder_decoder_bases():
+    samples = _samples()
+    head = Guide.create(tiny_gpt2(), "dinado-merge", lora_target_modules=r".*(h\.1\.attn\.c_attn|lm_head)")
+    with pytest.raises(FeatureCacheError, match="lm_head.*outside the decoder layers"):
+        dinado.train(head, samples, max_steps=1, cache_features=True)
+    assert not dinado.train(head, samples, max_steps=4, batch_size=4).cached_features  # automatic: no cache
+    seq2seq = Guide.create(tiny_seq2seq("bart"), "dinado-merge")
+    with pytest.raises(FeatureCacheError, match="encoder-decoder base adapts the encoder too"):
+        precompute_features(seq2seq, _samples(vocab=24, seq2seq=True))
 
 
 def test_train_caches_by_itself_when_the_run_visits_every_sample():
@@ -214,7 +234,51 @@ def test_train_caches_by_itself_when_the_run_visits_every_sample():
     long_run = dinado.train(Guide.create(tiny_gpt2(), "nado"), samples, max_steps=4, batch_size=4)
     short_run = dinado.train(Guide.create(tiny_gpt2(), "nado"), samples, max_steps=3, batch_size=4)
     merge = dinado.train(Guide.create(tiny_gpt2(), "dinado-merge"), samples, max_steps=4, batch_size=4)
-    assert long_run.cached_features and not short_run.cached_features and not merge.cached_features
+    assert long_run.cached_features and not short_run.cached_features and merge.cached_features
+
+
+# ---------------------------------------------------------------------------- DiNADO-Merge: the frozen bottom
+TOP_LAYER = (
+    r".*(h|layers)\.1\..*(c_attn|c_proj|c_fc|_proj)"  # LoRA on the top one of the tiny bases' 2 layers
+)
+
+
+@pytest.mark.parametrize("ce_positions", ["all", "terminal"])
+@pytest.mark.parametrize("target", ["top", "all-linear"])
+@pytest.mark.parametrize("kind", list(BASES))
+def test_merge_cache_gives_the_loss_and_gradients_of_the_uncached_path(kind, target, ce_positions):
+    options = {"lora_target_modules": TOP_LAYER} if target == "top" else {}
+    guide = Guide.create(BASES[kind](), "dinado-merge", lora_r=4, ce_positions=ce_positions, **options)
+    randomize_guide(guide)
+    assert precompute_features(guide, _samples()).metadata["layer"] == (1 if target == "top" else 0)
+    reference, uncached, cached = _compare(guide, _samples())
+    assert max(g.abs().max().item() for g in reference[1]) > 1e-2
+    tolerance = float32_tolerance(guide, _samples(), reference)
+    _assert_close(uncached, reference, tolerance)
+    _assert_close(cached, uncached, tolerance)
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_merge_cache_runs_only_the_layers_from_the_adapted_one_up(kind):
+    guide = Guide.create(BASES[kind](), "dinado-merge", lora_r=4, lora_target_modules=TOP_LAYER)
+    randomize_guide(guide)
+    samples = _samples()
+    cache = precompute_features(guide, samples)
+    calls = [0, 0]
+    layers = features.decoder_layers(guide.base)[1]
+    hooks = [
+        layer.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(layers)
+    ]
+    indices = list(range(len(samples)))
+    batch = samples.collate(indices)
+    batch.base_hidden = cache.batch_hidden(indices, batch.input_ids.shape[1])
+    loss = guide_loss(guide, batch).loss
+    assert calls == [0, 2]  # the bottom layer never runs; the top one with and without the adapter
+    batch.base_hidden = torch.zeros_like(batch.base_hidden)  # and what the top layer reads is the cache
+    assert abs(guide_loss(guide, batch).loss.item() - loss.item()) > 1e-3
+    for hook in hooks:
+        hook.remove()
 
 
 class _ScaledLogits(GPT2LMHeadModel):

@@ -15,9 +15,14 @@ A training step holds at most ``CHUNK_ELEMENTS`` x 4 bytes for each of three ful
 softmax weights of the step's rows for the backward pass while they fit in ``SAVE_LIMIT_BYTES`` (above that
 they are recomputed in the backward pass: two more matrix products per chunk, no memory).
 
-DiNADO-Merge trains its LoRA adapter through the base, so it has no cache. Encoder-decoder bases work the same
-way (the cache holds the decoder's hidden states; the source reaches them through cross-attention when they
-are computed). A base whose logits are not its LM head of the last hidden state as :func:`lm_head_logits`
+DiNADO-Merge trains a LoRA adapter inside the base, so the base's last hidden states change at every step; but
+the decoder layers below the lowest adapted one do not. Its cache holds the hidden states that layer reads
+(``metadata["layer"]``), and each step runs only the layers from there up (twice: with the adapter, and without it
+for log p) and the LM head only at the positions the loss reads (:func:`dinado.hf.start_at_layer`). With LoRA on
+the top 6 of SmolLM2's 30 layers that skips four fifths of the stack; with LoRA everywhere (the default) the
+cache is the embeddings' output and only the LM head's rows are saved. Encoder-decoder bases work the same
+way for the module variants (the cache holds the decoder's hidden states; the source reaches them through
+cross-attention when they are computed); DiNADO-Merge on them trains without a cache. A base whose logits are not its LM head of the last hidden state as :func:`lm_head_logits`
 computes them is refused at the first batch, by comparing with the base's own logits.
 """
 
@@ -39,7 +44,17 @@ from tqdm.auto import tqdm
 from ._utils import atomic_file
 from .data import Batch, SampleSet
 from .guide import Guide
-from .hf import capture_hidden, eval_mode, position_ids_from_mask, unwrap_peft
+from .hf import (
+    base_body,
+    capture_hidden,
+    capture_layer_input,
+    decoder_layers,
+    eval_mode,
+    position_ids_from_mask,
+    start_at_layer,
+    unwrap_peft,
+)
+from .numerics import LOG_FLOOR
 from .parameterizations import PositionStats
 
 CHUNK_ELEMENTS = 1 << 24  # rows x vocabulary per chunk of the full-vocabulary statistics (64 MiB in float32)
@@ -89,13 +104,41 @@ def lm_head_logits(
     return logits
 
 
+def merge_start_layer(guide: Guide) -> tuple[int | None, str | None]:
+    """For a DiNADO-Merge guide: (the lowest decoder layer its adapter changes, None), or (None, why its base's
+    states cannot be cached)."""
+    inner = type(unwrap_peft(guide.base)).__name__
+    if guide.encoder_decoder:
+        return None, (
+            f"a {guide.config.variant} guide on an encoder-decoder base adapts the encoder too: it trains "
+            "through the whole base (cache_features=False)"
+        )
+    found = decoder_layers(guide.base)
+    if found is None:
+        return (
+            None,
+            f"dinado cannot find the decoder layers of {inner} to cache what the adapter leaves alone",
+        )
+    layers = found[1]
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    outside = [n for n, p in guide.base.named_parameters() if p.requires_grad and id(p) not in inside]
+    if outside:
+        return (
+            None,
+            f"its adapter changes {outside[0]}, outside the decoder layers: nothing below it is fixed",
+        )
+    adapted = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
+    if not adapted:
+        return None, "its adapter changes no decoder layer"
+    return adapted[0], None
+
+
 def unsupported_reason(guide: Guide) -> str | None:
     """Why ``guide`` cannot train from cached features, or None when it can."""
     if guide.module is None:
-        return (
-            f"a {guide.config.variant} guide trains its LoRA adapter through the base model, whose hidden "
-            "states then change at every step: there is nothing to cache"
-        )
+        reason = merge_start_layer(guide)[1]
+        if reason is not None:
+            return reason
     if unwrap_peft(guide.base).get_output_embeddings() is None:
         return f"{type(unwrap_peft(guide.base)).__name__} has no output embeddings to recompute log p with"
     return None
@@ -396,7 +439,7 @@ def cached_position_stats(
     """
     module = guide.module
     if module is None:
-        raise FeatureCacheError(unsupported_reason(guide))
+        return _merge_position_stats(guide, batch, ce_positions, with_regularizer)
     param = guide.parameterization
     dtype = next(module.parameters()).dtype
     mask, ids, hidden = batch.attention_mask, batch.input_ids, batch.base_hidden
@@ -450,6 +493,50 @@ def cached_position_stats(
     return PositionStats(guided_lse=guided_lse, direction_max=direction_max, taken=taken, norm=norm)
 
 
+def _last_hidden(output: Any) -> torch.Tensor:
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+def _merge_position_stats(
+    guide: Guide, batch: Batch, ce_positions: str, with_regularizer: bool
+) -> PositionStats:
+    """DiNADO-Merge's PositionStats from the cached input of its lowest adapted layer (``batch.base_hidden``).
+
+    As :meth:`Guide.forward`: log p from the base without its adapter, log pi with it, the direction their clamped
+    difference and the norm head on the adapted last hidden states; but the layers below the cached one are not
+    run, and the LM head and everything over the vocabulary only at the rows the loss reads."""
+    layer, reason = merge_start_layer(guide)
+    if reason is not None:
+        raise FeatureCacheError(f"cached features cannot train this guide: {reason}")
+    param = guide.parameterization
+    base = guide.base
+    ids, mask = batch.input_ids, batch.attention_mask
+    base_dtype = next(unwrap_peft(base).parameters()).dtype
+    body = base_body(base)
+    kwargs = guide._base_kwargs(ids, mask, None, None)
+    with start_at_layer(base, layer, batch.base_hidden.to(base_dtype)):
+        with torch.no_grad(), base.disable_adapter():
+            plain = _last_hidden(body(**kwargs))
+        adapted = _last_hidden(body(**kwargs))
+    comp, term = batch.completion_mask.bool(), batch.terminal_mask.bool()
+    next_completion = F.pad(comp[:, 1:], (0, 1))
+    next_ce = next_completion if ce_positions == "all" else F.pad(term[:, 1:], (0, 1))
+    rows = param.vocabulary_rows(next_completion, next_ce, comp & ~term, with_regularizer)
+    b, t = rows.nonzero(as_tuple=True)
+    with torch.no_grad():
+        log_p = F.log_softmax(lm_head_logits(base, plain[b, t]).float(), dim=-1)
+    log_pi = F.log_softmax(lm_head_logits(base, adapted[b, t]).float(), dim=-1)
+    direction = log_pi.clamp(min=LOG_FLOOR) - log_p.clamp(min=LOG_FLOOR)  # [rows, V], as Guide.forward's
+    norm_dtype = next(guide.norm_head.parameters()).dtype
+    norm = guide.norm_head(adapted.to(norm_dtype)).float()
+    following = F.pad(ids[:, 1:], (0, 1))[b, t]  # the next token (padding at the last position: never read)
+    zeros = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    guided_lse = zeros.index_put((b, t), torch.logsumexp(log_p + param.guidance(direction), dim=-1))
+    direction_max = zeros.index_put((b, t), direction.amax(dim=-1)) if param.needs_direction_max else None
+    taken = zeros.index_put((b, t), direction.gather(-1, following[:, None]).squeeze(-1))[:, :-1]
+    return PositionStats(guided_lse=guided_lse, direction_max=direction_max, taken=taken, norm=norm)
+
+
 # ------------------------------------------------------------------------------------------------ the cache
 def _rows(samples: SampleSet, index: int) -> int:
     """Tokens of a sample's collated row: prompt + completion, or [decoder start | completion]."""
@@ -470,7 +557,8 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 
 
 class FeatureCache:
-    """The frozen base's last hidden states of every collated row of a SampleSet: [tokens, H] and row offsets.
+    """The frozen base's last hidden states of every collated row of a SampleSet: [tokens, H] and row offsets
+    (for DiNADO-Merge: what its lowest adapted decoder layer reads, that layer's index in ``metadata["layer"]``).
 
     Built by :func:`precompute_features`; pass it to ``dinado.train(..., cache_features=cache)``, or let
     ``train`` build one. ``save(path)`` / ``FeatureCache.load(path)`` keep it in a safetensors file; a cache
@@ -534,6 +622,13 @@ class FeatureCache:
             problems.append(
                 f"it was computed with another base (weights hash {recorded}, this guide's {given})"
             )
+        layer = merge_start_layer(guide)[0] if guide.module is None else None
+        if self.metadata.get("layer") != layer:
+            made = self.metadata.get("layer")
+            what = lambda i: (
+                "the base's last hidden states" if i is None else f"the input of decoder layer {i}"
+            )
+            problems.append(f"it holds {what(made)}, and this guide needs {what(layer)}")
         if self.hidden_size != guide.config.base_hidden_size:
             problems.append(
                 f"its hidden size {self.hidden_size} is not the base's {guide.config.base_hidden_size}"
@@ -635,8 +730,11 @@ def estimated_bytes(guide: Guide, samples: SampleSet, dtype: torch.dtype | None 
     return tokens * guide.config.base_hidden_size * torch.empty((), dtype=dtype).element_size()
 
 
-def _check_head(guide: Guide, hidden: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> None:
-    """Refuse a base whose logits lm_head_logits does not reproduce (another head than those it knows)."""
+def _check_head(
+    guide: Guide, hidden: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, layer: int | None = None
+) -> None:
+    """Refuse a base whose logits lm_head_logits does not reproduce (another head than those it knows), or, with
+    ``layer``, whose stack run from that layer on (``hidden``: the result) does not give its own logits."""
     rows = slice(0, 2)  # a couple of rows is enough to tell, and keeps the check cheap at a large vocabulary
     real = mask[rows].bool()
     ours = lm_head_logits(guide.base, hidden[rows])[real].float()
@@ -645,10 +743,15 @@ def _check_head(guide: Guide, hidden: torch.Tensor, logits: torch.Tensor, mask: 
     tolerance = 1e-4 if logits.dtype == torch.float32 else 3e-2
     diff = (ours - theirs).abs().max().item()
     if not diff <= tolerance * scale:
+        name = type(unwrap_peft(guide.base)).__name__
+        how = (
+            "recompute log p through the LM head from the cached hidden states"
+            if layer is None
+            else f"run the decoder layers from {layer} up on cached inputs, then the LM head"
+        )
         raise FeatureCacheError(
-            f"cached features recompute log p through the LM head from the cached hidden states, but "
-            f"{type(unwrap_peft(guide.base)).__name__} computes its logits otherwise (largest difference {diff:.3g}): "
-            "train it with cache_features=False"
+            f"cached features {how}, but {name} computes its logits otherwise (largest difference "
+            f"{diff:.3g}): train it with cache_features=False"
         )
 
 
@@ -681,7 +784,9 @@ def precompute_features(
     lengths = torch.tensor([_rows(samples, i) for i in range(len(samples))], dtype=torch.int64)
     offsets = F.pad(lengths.cumsum(0), (1, 0))
     hidden_size = guide.config.base_hidden_size
+    layer = merge_start_layer(guide)[0] if guide.module is None else None  # None: the last hidden states
     metadata = {
+        "layer": layer,
         "samples_fingerprint": samples_fingerprint(samples),
         "base_fingerprint": guide.config.base_fingerprint,
         "hidden_size": hidden_size,
@@ -710,11 +815,21 @@ def precompute_features(
             )
             if keep_logits and n > 0:
                 kwargs["logits_to_keep"] = 1  # the LM head is recomputed at training time, where needed
-            with capture_hidden(base) as cap:
-                logits = base(**kwargs).logits
-            hidden = cap.pop()
+            if layer is None:
+                with capture_hidden(base) as cap:
+                    logits = base(**kwargs).logits
+                hidden = cap.pop()
+            else:  # what the lowest adapted layer reads (the same with the adapter on or off)
+                with capture_layer_input(base, layer) as seen:
+                    logits = base(**kwargs).logits
+                hidden = seen[-1]
             if n == 0:
-                _check_head(guide, hidden, logits, batch.attention_mask)
+                if layer is not None:  # the check reads the last hidden states the cache will give
+                    with start_at_layer(base, layer, hidden), capture_hidden(base) as cap:
+                        base(**{**kwargs, "logits_to_keep": 1} if keep_logits else kwargs)
+                    _check_head(guide, cap.pop(), logits, batch.attention_mask, layer)
+                else:
+                    _check_head(guide, hidden, logits, batch.attention_mask)
             hidden = hidden.to("cpu", storage)
             for r, i in enumerate(part):
                 rows = hidden[r, : int(lengths[i])]

@@ -206,6 +206,65 @@ def capture_hidden(model: nn.Module) -> Iterator[HiddenCapture]:
         handle.remove()
 
 
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """(attribute name, stack) of the body's decoder layers: the child ModuleList with one entry per hidden
+    layer (``layers`` in Llama, ``h`` in GPT-2), or None when the body keeps them otherwise."""
+    body = base_body(model)
+    count = getattr(unwrap_peft(model).config.get_text_config(), "num_hidden_layers", None)
+    for name, child in body.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) > 0 and len(child) == count:
+            return name, child
+    return None
+
+
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def capture_layer_input(model: nn.Module, index: int) -> Iterator[list[torch.Tensor]]:
+    """Record the hidden states decoder layer ``index`` reads, one tensor per forward pass of the body."""
+    found = decoder_layers(model)
+    if found is None:
+        raise TypeError(f"cannot find the decoder layers of {type(unwrap_peft(model)).__name__}")
+    seen: list[torch.Tensor] = []
+    handle = found[1][index].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(_layer_input(args, kwargs)), with_kwargs=True
+    )
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def start_at_layer(model: nn.Module, index: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Inside the block the body skips its decoder layers below ``index``, and layer ``index`` reads ``hidden``
+    (the states it read on the same tokens, e.g. from :func:`capture_layer_input`) instead of what the body
+    hands it: the bottom of a stack that nothing below ``index`` changes need not be recomputed. Embeddings,
+    positions, masks and everything above run as usual. Callers check the result against a full pass once
+    (an architecture that indexes its layers by their position could differ)."""
+    found = decoder_layers(model)
+    if found is None:
+        raise TypeError(f"cannot find the decoder layers of {type(unwrap_peft(model)).__name__}")
+    name, layers = found
+    body = base_body(model)
+    kept = nn.ModuleList(list(layers)[index:])
+
+    def feed(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = kept[0].register_forward_pre_hook(feed, with_kwargs=True)
+    body._modules[name] = kept
+    try:
+        yield
+    finally:
+        body._modules[name] = layers
+        handle.remove()
+
+
 def accepts_argument(model: nn.Module, name: str) -> bool:
     return name in inspect.signature(unwrap_peft(model).forward).parameters
 

@@ -219,10 +219,14 @@ def train(
 
     ``cache_features``: the module variants (NADO, DiNADO-Soft/-Hard) leave the base frozen, so its hidden
     states can be computed once (:func:`dinado.features.precompute_features`) and every step runs only the
-    guide module and, where the loss needs log p, the base's LM head. ``None`` (default) does so when the run
+    guide module and, where the loss needs log p, the base's LM head. DiNADO-Merge's adapter leaves the decoder
+    layers below its lowest adapted one unchanged: the cache keeps what that layer reads, and every step runs only
+    the layers from there up and the LM head at the positions the loss reads (adapt the top layers only, with
+    ``lora_target_modules``, to skip most of the base). ``None`` (default) caches when the run
     visits at least as many samples as the set holds and the cache fits in memory
-    (:func:`dinado.features.default_memory_budget`); ``True`` always (an error for DiNADO-Merge, which trains
-    through the base); ``False`` never; or pass a :class:`dinado.features.FeatureCache` (e.g. in bfloat16, or
+    (:func:`dinado.features.default_memory_budget`); ``True`` always (an error where the guide cannot use a
+    cache, e.g. DiNADO-Merge on an encoder-decoder base); ``False`` never; or pass a
+    :class:`dinado.features.FeatureCache` (e.g. in bfloat16, or
     on disk). Both paths give the same loss and gradients.
 
     With ``checkpoint_dir``, the guide, optimizer and trainer state are saved every ``checkpoint_every``
