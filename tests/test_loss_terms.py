@@ -22,8 +22,6 @@ def _uneven_samples() -> SampleSet:
 @pytest.mark.parametrize("cache", [False, True])
 @pytest.mark.parametrize("variant", ["dinado-soft", "dinado-hard", "dinado-merge"])
 def test_the_step_is_the_same_for_any_micro_batch_size(variant, cache):
-    if cache and variant == "dinado-merge":
-        pytest.skip("dinado-merge trains through the base: no cached features")
     samples = _uneven_samples()
     results = []
     for micro in (None, 1, 3):
@@ -43,10 +41,14 @@ def test_the_step_is_the_same_for_any_micro_batch_size(variant, cache):
         results.append((report.loss[0], report.cross_entropy[0], report.regularizer[0], grads))
     full = results[0]
     assert max(g.abs().max().item() for g in full[3].values()) > 1e-3
+    # Merge's cached step runs the LM head on the loss's rows only, a number that changes with the micro-batch,
+    # so other matrix-product kernels round otherwise: measured up to 2.8e-6 at gradients of 0.5 (a wrong
+    # normaliser or row would be of the gradients' own size)
+    grad_tolerance = 1e-5 if variant == "dinado-merge" and cache else 1e-6
     for other in results[1:]:
         for a, b in zip(full[:3], other[:3], strict=True):
             assert abs(a - b) < 1e-6
-        assert max((full[3][n] - other[3][n]).abs().max().item() for n in full[3]) < 1e-6
+        assert max((full[3][n] - other[3][n]).abs().max().item() for n in full[3]) < grad_tolerance
 
 
 def test_cross_entropy_past_the_ceiling_pushes_the_value_back_for_either_label():
