@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from dinado import SampleSet
+
 from .conftest import SHARED_DATA, load_benchmark
 
 DATA = SHARED_DATA / "commongen" / "v1.1_LHRYANG"
@@ -82,9 +84,15 @@ def test_the_same_pipeline_takes_any_causal_lm_by_path_and_fine_tunes_it_first(t
         "--quick", "--output", str(tmp_path / "run"), "--data-dir", str(DATA), "--base", str(base_dir),
         "--base-finetune-steps", "2", "--train-sets", "6", "--samples-per-set", "2", "--guide-steps", "1",
         "--sft-steps", "1", "--dev-sets", "3", "--no-test", "--no-efficiency", "--max-new-tokens", "4",
-        "--beams", "2", "--best-of", "2", "--batch-size", "4",
+        "--beams", "2", "--best-of", "2", "--batch-size", "4", "--labels", "soft",
     ]  # fmt: skip
     results = load_benchmark("commongen", "run.py").main(argv)
+    assert (
+        results["args"]["labels"] == "soft"
+    )  # the guides trained on covered shares; the saved set keeps 0/1
+    saved = SampleSet.load(tmp_path / "run" / "samples.safetensors")
+    assert set(saved.labels.tolist()) <= {0.0, 1.0}
+    assert results["samples_positive_rate"] == pytest.approx(saved.positive_rate)
     assert results["base"] == str(base_dir) and "pretrain base" not in results["seconds"]
     assert "fine-tune base on references" in results["seconds"]
     assert results["split_sizes"] == {"dev": 3} and results["efficiency"] is None

@@ -315,13 +315,13 @@ def run_systems(
     samples.save(run / "samples.safetensors")
     guide_oracle_calls = len(samples)
     log(f"{len(samples)} samples from p, {samples.positive_rate:.1%} cover all their concepts")
-    if (
-        args.labels == "soft"
-    ):  # the same samples, labelled by the covered share (no second oracle call counted:
-        # the share is read off the same coverage check)
+    training_set = samples
+    if args.labels == "soft":
+        # the same samples labelled by the covered share; no oracle call is counted twice (the share is read
+        # off the same coverage check), and samples.safetensors keeps the all-concepts labels
         _, soft_token_oracle = prompt_ids_and_oracle(args, tokenizer, prompts, soft_oracle)
-        samples = relabel(samples, soft_token_oracle)
-        log(f"soft coverage labels: mean label {samples.positive_rate:.3f}")
+        training_set = relabel(samples, soft_token_oracle)
+        log(f"soft coverage labels: mean label {training_set.positive_rate:.3f}")
 
     def make_guide(variant: str) -> Guide:
         if variant == "dinado-merge":
@@ -343,7 +343,7 @@ def run_systems(
     for variant in [v for v in VARIANTS if v in args.systems]:
         guide = make_guide(variant)
         with timer.stage(f"train {variant}"):
-            report = fit(guide, samples, args.guide_steps)
+            report = fit(guide, training_set, args.guide_steps)
         guide.save_pretrained(run / "guides" / variant)
         train_info[variant] = {
             "final_loss": report["loss"][-1],
