@@ -22,8 +22,9 @@ for log p) and the LM head only at the positions the loss reads (:func:`dinado.h
 the top 6 of SmolLM2's 30 layers that skips four fifths of the stack; with LoRA everywhere (the default) the
 cache is the embeddings' output and only the LM head's rows are saved. Encoder-decoder bases work the same
 way for the module variants (the cache holds the decoder's hidden states; the source reaches them through
-cross-attention when they are computed); DiNADO-Merge on them trains without a cache. A base whose logits are not its LM head of the last hidden state as :func:`lm_head_logits`
-computes them is refused at the first batch, by comparing with the base's own logits.
+cross-attention when they are computed); DiNADO-Merge on them trains without a cache. A base whose logits are
+not its LM head of the last hidden state as :func:`lm_head_logits` computes them is refused at the first batch,
+by comparing with the base's own logits.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from .hf import (
     capture_layer_input,
     decoder_layers,
     eval_mode,
+    last_hidden_state,
     position_ids_from_mask,
     start_at_layer,
     unwrap_peft,
@@ -133,12 +135,17 @@ def merge_start_layer(guide: Guide) -> tuple[int | None, str | None]:
     return adapted[0], None
 
 
+def cache_layer(guide: Guide) -> int | None:
+    """What a cache for ``guide`` holds: the input of this decoder layer (DiNADO-Merge), or None for the base's
+    last hidden states (the module variants)."""
+    return merge_start_layer(guide)[0] if guide.module is None else None
+
+
 def unsupported_reason(guide: Guide) -> str | None:
     """Why ``guide`` cannot train from cached features, or None when it can."""
-    if guide.module is None:
-        reason = merge_start_layer(guide)[1]
-        if reason is not None:
-            return reason
+    reason = merge_start_layer(guide)[1] if guide.module is None else None
+    if reason is not None:
+        return reason
     if unwrap_peft(guide.base).get_output_embeddings() is None:
         return f"{type(unwrap_peft(guide.base)).__name__} has no output embeddings to recompute log p with"
     return None
@@ -493,10 +500,6 @@ def cached_position_stats(
     return PositionStats(guided_lse=guided_lse, direction_max=direction_max, taken=taken, norm=norm)
 
 
-def _last_hidden(output: Any) -> torch.Tensor:
-    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-
 def _merge_position_stats(
     guide: Guide, batch: Batch, ce_positions: str, with_regularizer: bool
 ) -> PositionStats:
@@ -516,8 +519,8 @@ def _merge_position_stats(
     kwargs = guide._base_kwargs(ids, mask, None, None)
     with start_at_layer(base, layer, batch.base_hidden.to(base_dtype)):
         with torch.no_grad(), base.disable_adapter():
-            plain = _last_hidden(body(**kwargs))
-        adapted = _last_hidden(body(**kwargs))
+            plain = last_hidden_state(body(**kwargs))
+        adapted = last_hidden_state(body(**kwargs))
     comp, term = batch.completion_mask.bool(), batch.terminal_mask.bool()
     next_completion = F.pad(comp[:, 1:], (0, 1))
     next_ce = next_completion if ce_positions == "all" else F.pad(term[:, 1:], (0, 1))
@@ -622,7 +625,7 @@ class FeatureCache:
             problems.append(
                 f"it was computed with another base (weights hash {recorded}, this guide's {given})"
             )
-        layer = merge_start_layer(guide)[0] if guide.module is None else None
+        layer = cache_layer(guide)
         if self.metadata.get("layer") != layer:
             made = self.metadata.get("layer")
             what = lambda i: (
@@ -784,7 +787,7 @@ def precompute_features(
     lengths = torch.tensor([_rows(samples, i) for i in range(len(samples))], dtype=torch.int64)
     offsets = F.pad(lengths.cumsum(0), (1, 0))
     hidden_size = guide.config.base_hidden_size
-    layer = merge_start_layer(guide)[0] if guide.module is None else None  # None: the last hidden states
+    layer = cache_layer(guide)
     metadata = {
         "layer": layer,
         "samples_fingerprint": samples_fingerprint(samples),

@@ -167,6 +167,11 @@ def shared_weight_copy(model: nn.Module) -> nn.Module:
     return copy_module(model)
 
 
+def last_hidden_state(output: Any) -> torch.Tensor:
+    """The last hidden states of a body's output (a ModelOutput, or a tuple whose first entry they are)."""
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
 class HiddenCapture:
     """Holds the last hidden states of every forward pass of a base model's body since the last ``pop``.
 
@@ -178,7 +183,7 @@ class HiddenCapture:
         self.parts: list[torch.Tensor] = []
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.parts.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+        self.parts.append(last_hidden_state(output))
 
     def pop(self) -> torch.Tensor:
         if not self.parts:
@@ -221,14 +226,18 @@ def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-@contextmanager
-def capture_layer_input(model: nn.Module, index: int) -> Iterator[list[torch.Tensor]]:
-    """Record the hidden states decoder layer ``index`` reads, one tensor per forward pass of the body."""
+def _found_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     found = decoder_layers(model)
     if found is None:
         raise TypeError(f"cannot find the decoder layers of {type(unwrap_peft(model)).__name__}")
+    return found
+
+
+@contextmanager
+def capture_layer_input(model: nn.Module, index: int) -> Iterator[list[torch.Tensor]]:
+    """Record the hidden states decoder layer ``index`` reads, one tensor per forward pass of the body."""
     seen: list[torch.Tensor] = []
-    handle = found[1][index].register_forward_pre_hook(
+    handle = _found_decoder_layers(model)[1][index].register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(_layer_input(args, kwargs)), with_kwargs=True
     )
     try:
@@ -244,10 +253,7 @@ def start_at_layer(model: nn.Module, index: int, hidden: torch.Tensor) -> Iterat
     hands it: the bottom of a stack that nothing below ``index`` changes need not be recomputed. Embeddings,
     positions, masks and everything above run as usual. Callers check the result against a full pass once
     (an architecture that indexes its layers by their position could differ)."""
-    found = decoder_layers(model)
-    if found is None:
-        raise TypeError(f"cannot find the decoder layers of {type(unwrap_peft(model)).__name__}")
-    name, layers = found
+    name, layers = _found_decoder_layers(model)
     body = base_body(model)
     kept = nn.ModuleList(list(layers)[index:])
 
