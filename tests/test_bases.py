@@ -186,3 +186,64 @@ def test_baselines_format_prompts_as_generation_does(chat_tokenizer):
               prompt_format=fmt)  # fmt: skip
     assert seen == ["dog, ball"] * 3  # the score reads the line, not the decorated prompt
     assert calls[0]["input_ids"][0].tolist() == prompt and calls[0]["eos_token_id"] == im_end
+
+
+def _keyword_share(tokenizer, words):
+    """A soft oracle on token ids: the share of ``words`` in the decoded completion."""
+
+    def keyword_share(prompts, completions):
+        return [sum(w in tokenizer.decode(c) for w in words) / len(words) for c in completions]
+
+    return keyword_share
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_reference_samples_are_the_rows_supervised_finetuning_reads_labelled_by_the_oracle(
+    chat_tokenizer, chat
+):
+    """One encoding of a target for both: the reference samples' prompt + completion are exactly the rows
+    supervised_finetune trains on (ended by the end-of-turn token in a chat, by EOS after a plain prompt)."""
+    from dinado import SampleSet, reference_samples
+    from dinado.baselines import _training_rows
+
+    fmt = PromptFormat("Use: {keywords}.", chat=True) if chat else None
+    prompts, targets = ["dog, ball", "dog, ball"], ["the dog runs to the ball .", "the dog runs ."]
+    refs = reference_samples(
+        chat_tokenizer, prompts, targets, _keyword_share(chat_tokenizer, ["dog", "ball"]), prompt_format=fmt
+    )
+    assert isinstance(refs, SampleSet) and len(refs) == 2 and refs.log_weights is None
+    assert refs.labels.tolist() == pytest.approx([1.0, 0.5])
+    ids, mask, labels, _ = _training_rows(chat_tokenizer, prompts, targets, None, fmt)
+    for i in range(2):
+        row = ids[i, : int(mask[i].sum())].tolist()
+        assert refs.prompts[i] + refs.completions[i] == row
+        assert refs.completions[i] == [t for t in labels[i].tolist() if t != -100]
+    end = chat_tokenizer.convert_tokens_to_ids("<|im_end|>") if chat else chat_tokenizer.eos_token_id
+    assert refs.completions[0][-1] == end
+    text = chat_tokenizer.decode(refs.prompts[0] + refs.completions[0])
+    if chat:  # the target fills the assistant turn the template opened
+        assert (
+            text
+            == "<|im_start|>user\nUse: dog, ball.<|im_end|>\n<|im_start|>assistant\nthe dog runs to the ball .<|im_end|>"
+        )
+    else:  # after a plain prompt: a space, the target, EOS
+        assert text == "dog, ball the dog runs to the ball ." + chat_tokenizer.eos_token
+    assert refs.prompts[0] == encode_prompts(chat_tokenizer, prompts[:1], prompt_format=fmt)[0]
+    assert (
+        refs.metadata["sampling"]["proposal"] == "references" and "keyword_share" in refs.metadata["oracle"]
+    )
+
+
+@pytest.mark.parametrize(
+    "prompts, targets, error, message",
+    [
+        ("dog", ["a dog"], TypeError, "sequences of strings"),
+        (["dog", "ball"], ["a dog"], ValueError, "2 prompts and 1 targets"),
+        ([], [], ValueError, "no references"),
+    ],
+)
+def test_reference_samples_bad_input(chat_tokenizer, prompts, targets, error, message):
+    from dinado import reference_samples
+
+    with pytest.raises(error, match=message):
+        reference_samples(chat_tokenizer, prompts, targets, lambda p, c: [1.0] * len(c))

@@ -84,7 +84,7 @@ def test_the_same_pipeline_takes_any_causal_lm_by_path_and_fine_tunes_it_first(t
         "--quick", "--output", str(tmp_path / "run"), "--data-dir", str(DATA), "--base", str(base_dir),
         "--base-finetune-steps", "2", "--train-sets", "6", "--samples-per-set", "2", "--guide-steps", "1",
         "--sft-steps", "1", "--dev-sets", "3", "--no-test", "--no-efficiency", "--max-new-tokens", "4",
-        "--beams", "2", "--best-of", "2", "--batch-size", "4", "--labels", "soft",
+        "--beams", "2", "--best-of", "2", "--batch-size", "4", "--labels", "soft", "--references", "1",
     ]  # fmt: skip
     results = load_benchmark("commongen", "run.py").main(argv)
     assert (
@@ -93,6 +93,9 @@ def test_the_same_pipeline_takes_any_causal_lm_by_path_and_fine_tunes_it_first(t
     saved = SampleSet.load(tmp_path / "run" / "samples.safetensors")
     assert set(saved.labels.tolist()) <= {0.0, 1.0}
     assert results["samples_positive_rate"] == pytest.approx(saved.positive_rate)
+    # one reference of each of the 6 training sets joined the guides' samples (not the saved set from p)
+    assert results["train"]["references"]["samples"] == 6 and len(saved) == 12
+    assert 0 < results["train"]["references"]["mean_label"] <= 1
     assert results["base"] == str(base_dir) and "pretrain base" not in results["seconds"]
     assert "fine-tune base on references" in results["seconds"]
     assert results["split_sizes"] == {"dev": 3} and results["efficiency"] is None

@@ -202,3 +202,43 @@ def test_with_labels_refuses_a_wrong_count_or_a_value_outside_0_1(labels, messag
     with pytest.raises(ValueError, match=message):
         samples.with_labels(labels)
     assert samples.with_labels([0.25] * 4).labels.tolist() == [0.25] * 4
+
+
+def test_concat_joins_parts_in_order_fills_missing_weights_and_leaves_the_parts_alone(toy_base):
+    from_p = dinado.sample(
+        toy_base, [exact.TOY_PROMPT], 6, exact.toy_oracle, exact.TOY_MAX_NEW_TOKENS, seed=5
+    )
+    weighted = dinado.SampleSet.from_token_ids(
+        [[0]] * 3, [[2], [3, 4], [5]], [1, 0, 1], log_weights=[0.5, -1.0, 2.0], metadata={"oracle": "other"}
+    )
+    before = [
+        (s.labels.clone(), [list(c) for c in s.completions], dict(s.metadata)) for s in (from_p, weighted)
+    ]
+    joined = dinado.SampleSet.concat([from_p, weighted])
+    assert len(joined) == 9
+    assert joined.prompts == from_p.prompts + weighted.prompts
+    assert joined.completions == from_p.completions + weighted.completions
+    assert joined.labels.tolist() == from_p.labels.tolist() + [1.0, 0.0, 1.0]
+    # samples from p carry log weight 0 beside the weighted part; its weights are kept as they were
+    assert joined.log_weights.tolist() == [0.0] * 6 + [0.5, -1.0, 2.0]
+    assert joined.token_log_p is None  # the second part recorded none
+    assert joined.metadata["base_fingerprint"] == from_p.metadata["base_fingerprint"]
+    assert [p["samples"] for p in joined.metadata["parts"]] == [6, 3]
+    assert joined.metadata["parts"][0]["proposal"] == from_p.metadata["sampling"]["proposal"]
+    for s, (labels, completions, metadata) in zip((from_p, weighted), before, strict=True):
+        assert torch.equal(s.labels, labels) and s.completions == completions and s.metadata == metadata
+    joined.completions[0].append(99)  # the joined set owns its rows
+    assert from_p.completions == before[0][1]
+    alone = dinado.SampleSet.concat([from_p, from_p])
+    assert alone.log_weights is None and alone.token_log_p == from_p.token_log_p + from_p.token_log_p
+
+
+def test_concat_refuses_parts_from_different_bases_and_empty_input():
+    a = dinado.SampleSet.from_token_ids([[0]], [[1]], [1], metadata={"base_fingerprint": "aaa"})
+    b = dinado.SampleSet.from_token_ids([[0]], [[1]], [1], metadata={"base_fingerprint": "bbb"})
+    with pytest.raises(ValueError, match="differ in base_fingerprint"):
+        dinado.SampleSet.concat([a, b])
+    with pytest.raises(ValueError, match="at least one"):
+        dinado.SampleSet.concat([])
+    with pytest.raises(TypeError, match="parts\\[1\\] is a list"):
+        dinado.SampleSet.concat([a, [1]])

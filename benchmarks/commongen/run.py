@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from dinado import Guide, SampleSet, relabel, sample, train
+from dinado import Guide, SampleSet, reference_samples, relabel, sample, train
 from dinado._utils import atomic_write_text
 from dinado.baselines import best_of_n, supervised_finetune
 from dinado.evaluation import save_figure
@@ -143,6 +143,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("all", "soft"),
         default="all",
         help="the guides' training labels: 1 when every concept is covered (all), or the covered share (soft)",
+    )
+    p.add_argument(
+        "--references",
+        type=int,
+        default=0,
+        help="add up to N references of each training concept set to the guides' samples, labelled by the "
+        "training oracle and unweighted (the DiNADO authors' option; biases R upward; default 0 = off)",
     )
     p.add_argument("--guide-lr", type=float, default=None, help="guide learning rate (default: dinado's)")
     p.add_argument("--alpha", type=float, default=1.0, help="guidance strength of the module variants")
@@ -322,6 +329,22 @@ def run_systems(
         _, soft_token_oracle = prompt_ids_and_oracle(args, tokenizer, prompts, soft_oracle)
         training_set = relabel(samples, soft_token_oracle)
         log(f"soft coverage labels: mean label {training_set.positive_rate:.3f}")
+    if args.references > 0:
+        pairs = [(s.prompt, r) for s in train_sets for r in s.references[: args.references]]
+        references = reference_samples(
+            tokenizer,
+            [p for p, _ in pairs],
+            [r for _, r in pairs],
+            soft_token_oracle if args.labels == "soft" else token_oracle,
+            prompt_format=args.prompt_format,
+        )
+        training_set = SampleSet.concat([training_set, references])
+        guide_oracle_calls += len(references)
+        train_info["references"] = {"samples": len(references), "mean_label": references.positive_rate}
+        log(
+            f"+ {len(references)} references of the training concept sets as unweighted samples (mean label "
+            f"{references.positive_rate:.3f}): R is biased towards them"
+        )
 
     def make_guide(variant: str) -> Guide:
         if variant == "dinado-merge":

@@ -10,6 +10,7 @@ from .guide import Guide
 from .hf import load_model
 from .oracles import TextOracle
 from .sampling import relabel, sample
+from .text import reference_samples
 from .training import TrainReport, train
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "generate",
     "load_model",
     "precompute_features",
+    "reference_samples",
     "relabel",
     "sample",
     "train",

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ._utils import LRSchedule, adamw, backward_step, causal_lm_loss, trainable_parameters
 from .data import pad_prompts, right_pad
 from .hf import eval_mode, is_encoder_decoder, lora_config, position_ids_from_mask, wrap_peft
-from .text import PromptFormat, encode_prompts, end_of_turn_id, new_tokens
+from .text import PromptFormat, encode_prompts, encode_targets, end_of_turn_id, new_tokens
 
 __all__ = ["METHODS", "SoftPromptLM", "best_of_n", "supervised_finetune"]
 
@@ -157,18 +157,14 @@ def _training_rows(
 
     Plain prompts: ``prompt + " " + target + EOS``. A ``prompt_format`` formats the prompt as the model will
     read it (a chat template opens the assistant turn, which the target then fills, ended by end of turn)."""
-    chat = prompt_format is not None and prompt_format.chat
-    eos = end_of_turn_id(tokenizer) if chat else tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    if prompt_format is None or prompt_format.is_plain:
-        prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    else:
-        prompt_ids = encode_prompts(tokenizer, prompts, prompt_format=prompt_format)
-    lead = "" if chat else " "
-    target_ids = tokenizer([lead + t for t in targets], add_special_tokens=False)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt_ids = encode_prompts(tokenizer, prompts, prompt_format=prompt_format)
+    target_ids = encode_targets(
+        tokenizer, targets, prompt_format=prompt_format
+    )  # each ends with EOS/end of turn
     rows, learn, truncated = [], [], 0
     for p, t in zip(prompt_ids, target_ids, strict=True):
-        row, keep = [*p, *t, eos], [False] * len(p) + [True] * (len(t) + 1)
+        row, keep = [*p, *t], [False] * len(p) + [True] * len(t)
         if limit is not None and len(row) > limit:
             row, keep = row[:limit], keep[:limit]
             truncated += 1
@@ -194,7 +190,7 @@ def _seq2seq_rows(
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sources = encode_prompts(tokenizer, prompts, encoder_decoder=True)
-    labels = [[*t, eos] for t in tokenizer(list(targets), add_special_tokens=False)["input_ids"]]
+    labels = encode_targets(tokenizer, targets, encoder_decoder=True)
     truncated = 0
     if limit is not None:
         truncated = sum(len(s) > limit or len(t) > limit for s, t in zip(sources, labels, strict=True))

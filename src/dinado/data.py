@@ -103,6 +103,10 @@ def _unflatten(flat: torch.Tensor, offsets: torch.Tensor) -> list[list[int]]:
     return [values[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
 
 
+# metadata that says which base and tokenizer drew a sample set: parts of one set must agree on them
+_SAME_BASE_KEYS = ("base_fingerprint", "tokenizer_fingerprint", "vocab_size", "decoder_start_token_id")
+
+
 class SampleSet:
     """Prompts, completions, oracle labels in [0, 1] and optional whole-sequence log importance weights.
 
@@ -251,6 +255,67 @@ class SampleSet:
             dict(self.metadata),
             self.token_log_p,
             self.token_log_proposal,
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[SampleSet]) -> SampleSet:
+        """One set holding every sample of ``parts``, in order: e.g. samples from p and gold references
+        (:func:`dinado.reference_samples`), or samples from p and from a proposal. None of the parts is changed.
+
+        A part without importance weights (samples from p, or references, which the DiNADO authors add with no
+        weight) gets log weight 0 when another part has weights. Per-token log-probabilities are kept only when
+        every part has them. Parts recorded as drawn from different bases or tokenizers are refused. The
+        metadata is the first part's, completed by the others' base fields, with ``parts``: each part's size,
+        proposal and oracle.
+        """
+        parts = list(parts)
+        if not parts:
+            raise ValueError("SampleSet.concat needs at least one sample set")
+        for i, part in enumerate(parts):
+            if not isinstance(part, SampleSet):
+                raise TypeError(f"parts[{i}] is a {type(part).__name__}, not a SampleSet")
+        metadata = dict(parts[0].metadata)
+        for i, part in enumerate(parts[1:], start=1):
+            for key in _SAME_BASE_KEYS:
+                mine, theirs = metadata.get(key), part.metadata.get(key)
+                if mine is not None and theirs is not None and mine != theirs:
+                    raise ValueError(
+                        f"parts[0] and parts[{i}] differ in {key} ({mine!r} vs {theirs!r}): samples for one guide "
+                        "must come from the same base and tokenizer"
+                    )
+                if mine is None and theirs is not None:
+                    metadata[key] = theirs
+        metadata["parts"] = [
+            {
+                "samples": len(part),
+                "proposal": (part.metadata.get("sampling") or {}).get("proposal"),
+                "oracle": part.metadata.get("oracle"),
+            }
+            for part in parts
+        ]
+        log_weights = None
+        if any(part.log_weights is not None for part in parts):
+            log_weights = torch.cat(
+                [
+                    part.log_weights
+                    if part.log_weights is not None
+                    else torch.zeros(len(part), dtype=torch.float64)
+                    for part in parts
+                ]
+            )
+
+        def joined(name: str) -> list | None:
+            rows = [getattr(part, name) for part in parts]
+            return None if any(r is None for r in rows) else [list(v) for r in rows for v in r]
+
+        return cls(
+            [list(p) for part in parts for p in part.prompts],
+            [list(c) for part in parts for c in part.completions],
+            torch.cat([part.labels for part in parts]).clone(),
+            log_weights,
+            metadata,
+            joined("token_log_p"),
+            joined("token_log_proposal"),
         )
 
     @property

@@ -140,7 +140,8 @@ def _teacher_forced(log_probs: Callable, ids, mask, gen, start: int | None) -> t
     return lp.gather(-1, gen[..., None]).squeeze(-1)
 
 
-def _label(oracle: Callable, prompts: list, completions: list, batch_size: int) -> list[float]:
+def label_samples(oracle: Callable, prompts: list, completions: list, batch_size: int) -> list[float]:
+    """``oracle`` on (prompt ids, completion ids) pairs, ``batch_size`` at a time: one label per pair."""
     labels: list[float] = []
     for start in range(0, len(prompts), batch_size):
         end = start + batch_size
@@ -153,7 +154,7 @@ def relabel(samples: SampleSet, oracle: Callable, batch_size: int = 64) -> Sampl
     soft labels for a set drawn once: nothing is sampled again. The metadata records the new oracle."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    labelled = samples.with_labels(_label(oracle, samples.prompts, samples.completions, batch_size))
+    labelled = samples.with_labels(label_samples(oracle, samples.prompts, samples.completions, batch_size))
     labelled.metadata["oracle"] = describe(oracle)
     return labelled
 
@@ -294,7 +295,7 @@ def sample(
                 token_log_p.append(log_p[r, :n].tolist())
                 token_log_pi.append(log_pi[r, :n].tolist())
             bar.update(len(chunk))
-    labels = _label(oracle, rows, completions, batch_size)
+    labels = label_samples(oracle, rows, completions, batch_size)
     log_weights = [sum(a) - sum(b) for a, b in zip(token_log_p, token_log_pi, strict=True)]
     if exact_p and max(abs(w) for w in log_weights) < 1e-4:
         # samples from p itself; a processor from the model's generation_config (e.g. a repetition penalty)

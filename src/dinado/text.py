@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 
-from .data import pad_prompts
+from .data import SampleSet, pad_prompts
 from .guide import Guide
-from .hf import eval_mode, is_encoder_decoder
+from .hf import eval_mode, is_encoder_decoder, tokenizer_fingerprint
+from .oracles import describe
+from .sampling import label_samples
 
 # End-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma, Phi-3); an instruct model stops there.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
@@ -116,6 +118,66 @@ def encode_prompts(
     rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     return [list(row) if row else [bos] for row in rows]
+
+
+def encode_targets(
+    tokenizer,
+    targets: Sequence[str],
+    encoder_decoder: bool = False,
+    prompt_format: PromptFormat | None = None,
+) -> list[list[int]]:
+    """Token ids of each target as the model should produce it after its prompt, ended as generation ends.
+
+    After a plain prompt: ``" " + target`` and EOS. With a chat ``prompt_format`` the target fills the
+    assistant turn that the template opened and ends with the end-of-turn token (:func:`end_of_turn_id`).
+    Encoder-decoder: ``target`` and EOS (the decoder starts from its start token)."""
+    if isinstance(targets, str):
+        raise TypeError("targets must be a sequence of strings, not one string")
+    chat = prompt_format is not None and prompt_format.chat
+    end = end_of_turn_id(tokenizer) if chat else tokenizer.eos_token_id
+    if end is None:
+        raise ValueError("the tokenizer has no eos_token_id to end a target with: set one")
+    lead = "" if chat or encoder_decoder else " "
+    rows = tokenizer([lead + t for t in targets], add_special_tokens=False)["input_ids"]
+    return [[*row, end] for row in rows]
+
+
+def reference_samples(
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    oracle,
+    prompt_format: PromptFormat | None = None,
+    decoder_start_token_id: int | None = None,
+    batch_size: int = 64,
+) -> SampleSet:
+    """Gold targets as training samples: the DiNADO authors' option of adding references to the samples from p.
+
+    Each ``(prompt, target)`` pair becomes the prompt's ids (as :func:`encode_prompts` writes them) and the
+    target's (:func:`encode_targets`), labelled by ``oracle`` on token ids as :func:`dinado.sample` labels its
+    samples. They carry no importance weight (log weight 0 when joined to weighted samples with
+    :meth:`SampleSet.concat`): they are not drawn from p, so adding them biases R_theta upward, towards the
+    references. Off in every recipe unless asked for; report it when used. ``decoder_start_token_id``: the
+    samples are for an encoder-decoder base that starts decoding there.
+    """
+    if isinstance(prompts, str) or isinstance(targets, str):
+        raise TypeError("prompts and targets must be sequences of strings, not one string")
+    if len(prompts) != len(targets):
+        raise ValueError(f"got {len(prompts)} prompts and {len(targets)} targets: give one target per prompt")
+    if not prompts:
+        raise ValueError("no references: prompts and targets are empty")
+    seq2seq = decoder_start_token_id is not None
+    prompt_ids = encode_prompts(tokenizer, prompts, seq2seq, prompt_format)
+    completions = encode_targets(tokenizer, targets, seq2seq, prompt_format)
+    labels = label_samples(oracle, prompt_ids, completions, batch_size)
+    metadata: dict[str, Any] = {
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "oracle": describe(oracle),
+        "sampling": {"proposal": "references", "prompt_format": (prompt_format or PromptFormat()).to_dict()},
+    }
+    if seq2seq:
+        metadata["decoder_start_token_id"] = int(decoder_start_token_id)
+    return SampleSet.from_token_ids(prompt_ids, completions, labels, metadata=metadata)
 
 
 def new_tokens(sequences: torch.Tensor, prompt_width: int, encoder_decoder: bool) -> torch.Tensor:
