@@ -85,6 +85,7 @@ def test_the_same_pipeline_takes_any_causal_lm_by_path_and_fine_tunes_it_first(t
         "--base-finetune-steps", "2", "--train-sets", "6", "--samples-per-set", "2", "--guide-steps", "1",
         "--sft-steps", "1", "--dev-sets", "3", "--no-test", "--no-efficiency", "--max-new-tokens", "4",
         "--beams", "2", "--best-of", "2", "--batch-size", "4", "--labels", "soft", "--references", "1",
+        "--merge-options", '{"lora_target_modules": ".*c_attn"}',
     ]  # fmt: skip
     results = load_benchmark("commongen", "run.py").main(argv)
     assert (
@@ -95,6 +96,8 @@ def test_the_same_pipeline_takes_any_causal_lm_by_path_and_fine_tunes_it_first(t
     assert results["samples_positive_rate"] == pytest.approx(saved.positive_rate)
     # one reference of each of the 6 training sets joined the guides' samples (not the saved set from p)
     assert results["train"]["references"]["samples"] == 6 and len(saved) == 12
+    # SFT-LoRA adapts what Merge adapts: r 8 on the one layer's c_attn (32 -> 96): 8 * (32 + 96) parameters
+    assert results["train"]["sft-lora"]["trainable_parameters"] == 8 * (32 + 96)
     assert 0 < results["train"]["references"]["mean_label"] <= 1
     assert results["base"] == str(base_dir) and "pretrain base" not in results["seconds"]
     assert "fine-tune base on references" in results["seconds"]

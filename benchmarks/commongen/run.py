@@ -449,9 +449,18 @@ def run_systems(
 
 
 def fine_tune_on_references(args, model, tokenizer, train_sets, method: str, name: str, timer: Timer):
-    """A supervised baseline on the references of the training concept sets: (model, info)."""
+    """A supervised baseline on the references of the training concept sets: (model, info). LoRA adapts the
+    modules DiNADO-Merge adapts (``--merge-options``' ``lora_target_modules``, else every linear layer), so the
+    two have the same adapter."""
     prompts = [s.prompt for s in train_sets for _ in s.references]
     targets = [r for s in train_sets for r in s.references]
+    lora = {}
+    if method == "lora":
+        lora = {
+            key: args.merge_options[key]
+            for key in ("lora_target_modules", "lora_r", "lora_alpha")
+            if key in args.merge_options
+        }
     with timer.stage(f"train {name}"):
         tuned, info = supervised_finetune(
             model,
@@ -463,6 +472,7 @@ def fine_tune_on_references(args, model, tokenizer, train_sets, method: str, nam
             batch_size=args.train_batch_size,
             seed=args.seed,
             prompt_format=args.prompt_format,
+            **lora,
         )
     return tuned.eval(), info
 
