@@ -145,6 +145,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the guides' training labels: 1 when every concept is covered (all), or the covered share (soft)",
     )
     p.add_argument(
+        "--label-power",
+        type=float,
+        default=1.0,
+        help="with --labels soft: train on the covered share raised to this power (q* ∝ p * share^k; a larger k "
+        "tilts q* further towards covering every concept while keeping a dense signal; default 1)",
+    )
+    p.add_argument(
         "--references",
         type=int,
         default=0,
@@ -187,6 +194,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, flag, json.loads(getattr(args, flag)))
         except json.JSONDecodeError as exc:
             p.error(f"--{flag.replace('_', '-')} is not JSON: {exc}")
+    if args.label_power <= 0 or (args.label_power != 1.0 and args.labels != "soft"):
+        p.error(f"--label-power {args.label_power:g} needs --labels soft and a positive value")
     args.budgets = sorted(int(x) for x in args.budgets.split(",") if x.strip())
     if any(b < 1 for b in args.budgets):
         p.error(f"--budgets must be positive integers, got {args.budgets}")
@@ -328,7 +337,9 @@ def run_systems(
         # off the same coverage check), and samples.safetensors keeps the all-concepts labels
         _, soft_token_oracle = prompt_ids_and_oracle(args, tokenizer, prompts, soft_oracle)
         training_set = relabel(samples, soft_token_oracle)
-        log(f"soft coverage labels: mean label {training_set.positive_rate:.3f}")
+        if args.label_power != 1.0:
+            training_set = training_set.with_labels(training_set.labels**args.label_power)
+        log(f"soft coverage labels (power {args.label_power:g}): mean label {training_set.positive_rate:.3f}")
     if args.references > 0:
         pairs = [(s.prompt, r) for s in train_sets for r in s.references[: args.references]]
         references = reference_samples(
@@ -338,6 +349,8 @@ def run_systems(
             soft_token_oracle if args.labels == "soft" else token_oracle,
             prompt_format=args.prompt_format,
         )
+        if args.label_power != 1.0:
+            references = references.with_labels(references.labels**args.label_power)
         training_set = SampleSet.concat([training_set, references])
         guide_oracle_calls += len(references)
         train_info["references"] = {"samples": len(references), "mean_label": references.positive_rate}
