@@ -120,3 +120,23 @@ def test_efficiency_only_runs_the_study_alone(tmp_path):
     assert "train sft-lora" in results["seconds"] and "train nado" not in results["seconds"]
     assert len(results["efficiency"]["cells"]) == 4
     assert "Sample efficiency" in (tmp_path / "run" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("variant, kind", [("dinado-merge", "adapter_scale"), ("dinado-soft", "alpha")])
+def test_the_strength_is_chosen_on_train_sets_the_run_did_not_train_on(smoke, tmp_path, variant, kind):
+    out, results = smoke
+    strength = load_benchmark("commongen", "strength.py")
+    argv = ["--run", str(out), "--variant", variant, "--sets", "4", "--scales", "0,1,2", "--batch-size", "4"]
+    report = strength.main([*argv, "--output", str(tmp_path)])
+    assert report["kind"] == kind and [r["strength"] for r in report["rows"]] == [0.0, 1.0, 2.0]
+    assert report["chosen"] in (1.0, 2.0) and report["selection_sets"] == 4
+    assert json.loads((tmp_path / "strength.json").read_text()) == report
+    # the split is what the run's training subset leaves: with all but 4 train sets trained on, exactly those 4
+    from dinado.tasks.commongen import load_split
+
+    train = load_split(DATA, "train")
+    run_args = {**results["args"], "train_sets": len(train) - 4}
+    trained = load_benchmark("commongen", "run.py").subset(train, len(train) - 4, run_args["seed"] + 1)
+    left = {tuple(s.concepts) for s in train} - {tuple(s.concepts) for s in trained}
+    picked = strength.selection_split(train, run_args, 10, 31)
+    assert {tuple(s.concepts) for s in picked} == left and len(picked) == len(left)

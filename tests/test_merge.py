@@ -45,6 +45,29 @@ def test_merged_logits_equal_adapter_logits_and_parameter_count_equals_base(merg
     assert (base_logits - adapted).abs().max() < 1e-4  # merging did not touch the guide's own model
 
 
+def test_merge_with_an_adapter_scale_folds_in_that_multiple_of_the_weight_change(merge_guide, kind):
+    """adapter_scale s merges W + s * dW: 0 is the base, 1 is q_theta, 2 doubles every adapted weight's change;
+    the guide keeps its own scale."""
+    reference = tiny_causal(kind)
+    base_weights = {k: v.clone() for k, v in reference.state_dict().items()}
+    one = merge_guide.merge().state_dict()
+    changed = [k for k in one if (one[k] - base_weights[k]).abs().max() > 1e-6]
+    assert changed  # the adapter changes some weights
+    for scale in (0.0, 2.0, 0.5):
+        merged = merge_guide.merge(adapter_scale=scale).state_dict()
+        for k in one:
+            expected = base_weights[k] + scale * (one[k] - base_weights[k])
+            assert (merged[k] - expected).abs().max() < 1e-5, (scale, k)
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the guide itself still decodes q_theta at scale 1
+        assert (
+            merge_guide.base(input_ids=ids).logits - merge_guide.merge()(input_ids=ids).logits
+        ).abs().max() < 1e-4
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="adapter_scale must be"):
+            merge_guide.merge(adapter_scale=bad)
+
+
 def test_merged_model_decodes_q_theta(merge_guide):
     merged = merge_guide.merge()
     kwargs = dict(max_new_tokens=4, do_sample=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -424,11 +425,17 @@ class Guide(nn.Module):
         return guide
 
     # ------------------------------------------------------------------ merge
-    def merge(self) -> PreTrainedModel:
+    def merge(self, adapter_scale: float = 1.0) -> PreTrainedModel:
         """DiNADO-Merge: a plain transformers model with the LoRA direction folded into its weights.
 
         Its own ``generate()`` samples from q_theta at the base model's cost. The guide is left intact.
+        ``adapter_scale`` multiplies the adapter's weight change before it is folded in (PEFT's
+        ``rescale_adapter_scale``): 1 gives q_theta; another value is a strength in weight space, *not*
+        ``p * D^alpha`` (which would need the base's distribution at every step), so choose it on held-out
+        conditions and report it.
         """
+        if not math.isfinite(adapter_scale) or adapter_scale < 0:
+            raise ValueError(f"adapter_scale must be a finite number >= 0, got {adapter_scale!r}")
         if not self.config.uses_lora:
             raise ValueError(
                 f"merge() needs variant 'dinado-merge'; a {self.config.variant} guide keeps a separate module "
@@ -438,6 +445,13 @@ class Guide(nn.Module):
             raise ValueError(
                 "refusing to merge a LoRA adapter into quantised weights: load the base in float"
             )
-        merged = copy.deepcopy(self.base).merge_and_unload()
+        work = copy.deepcopy(self.base)
+        if adapter_scale != 1.0:
+            from peft.helpers import rescale_adapter_scale
+
+            with rescale_adapter_scale(work, float(adapter_scale)):
+                merged = work.merge_and_unload()
+        else:
+            merged = work.merge_and_unload()
         merged.eval()
         return merged

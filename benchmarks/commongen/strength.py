@@ -1,0 +1,125 @@
+"""Choose a guide's strength on a selection split carved from CommonGen train (never on dev or test).
+
+    python benchmarks/commongen/strength.py --run runs/m6-soft-150 --sets 200 --scales 1,1.5,2,3
+
+The selection split is ``--sets`` train concept sets that the run did not train on (its ``--train-sets`` subset
+is left out), drawn with a seed of their own. Each strength decodes them with the run's prompt format, sampling
+(T = 1, no top-k) and seed, and is scored by coverage and all-concepts success. For DiNADO-Merge the strength is
+``Guide.merge(adapter_scale=s)`` (the adapter's weight change times s, decoded at the base's cost); for the
+module variants it is the guidance strength alpha of ``dinado.generate`` (``log p + alpha * d``). Scale 0 is the
+base itself. Writes ``strength.json`` and ``strength.md`` to ``--output`` (default: the run directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from dinado import Guide
+from dinado._utils import atomic_write_text
+from dinado.hf import load_model
+from dinado.tasks.commongen import commongen_metrics, load_split
+from dinado.text import PromptFormat, generate_texts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
+from benchmarks.common import logger, markdown_table  # noqa: E402
+
+log = logger("strength", "stdout")
+
+
+def selection_split(all_train: list, run_args: dict, size: int, seed: int) -> list:
+    """``size`` train concept sets outside the run's training subset (run.py draws it with seed + 1)."""
+    rng = random.Random(run_args["seed"] + 1)
+    n = run_args["train_sets"]
+    trained = all_train if n <= 0 or n >= len(all_train) else rng.sample(all_train, n)
+    seen = {tuple(s.concepts) for s in trained}
+    rest = [s for s in all_train if tuple(s.concepts) not in seen]
+    if not rest:
+        raise SystemExit("the run trained on every train concept set: there is no selection split left")
+    return random.Random(seed).sample(rest, min(size, len(rest)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a run.py output directory (guides/<variant>, results.json)")
+    p.add_argument("--variant", default="dinado-merge", help="which of the run's guides (guides/<variant>)")
+    p.add_argument("--sets", type=int, default=200, help="selection concept sets")
+    p.add_argument("--scales", default="0,1,1.5,2,3", help="strengths to try, comma-separated (0 = the base)")
+    p.add_argument("--seed", type=int, default=31, help="seed of the selection split")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--output", default=None, help="directory for strength.json / .md (default: --run)")
+    args = p.parse_args(argv)
+    scales = [float(x) for x in args.scales.split(",") if x.strip()]
+    if not scales or any(s < 0 for s in scales):
+        p.error(f"--scales must be non-negative numbers, got {args.scales!r}")
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    results = json.loads((run / "results.json").read_text())
+    run_args = results["args"]
+    out_dir = Path(args.output or run)
+    model, tokenizer = load_model(results["base"])
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    guide = Guide.from_pretrained(run / "guides" / args.variant, model, tokenizer=tokenizer).eval()
+    fmt = PromptFormat(**run_args["prompt_format"])
+    sets = selection_split(load_split(run_args["data_dir"], "train"), run_args, args.sets, args.seed)
+    lines = [s.prompt for s in sets]
+    decode = dict(
+        max_new_tokens=run_args["max_new_tokens"], do_sample=True, top_k=0, temperature=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    log(f"{len(sets)} selection concept sets from train (none trained on); strengths {scales}")
+    rows = []
+    for scale in scales:
+        if scale == 0:
+            source, alpha = model, 1.0
+        elif guide.module is None:
+            source, alpha = guide.merge(adapter_scale=scale), 1.0
+        else:
+            source, alpha = guide, scale
+        torch.manual_seed(run_args["seed"])
+        texts, _, seconds = generate_texts(
+            source, tokenizer, lines, args.batch_size, alpha=alpha, prompt_format=fmt, **decode
+        )
+        metrics = commongen_metrics(sets, texts)  # as run.py scores dev
+        success, coverage, words = metrics["success"], metrics["coverage"], metrics["mean_words"]
+        rows.append({"strength": scale, "success": success, "coverage": coverage, "words": words})
+        log(
+            f"strength {scale:g}: success {success:.3f}, coverage {coverage:.3f}, {words:.1f} words ({seconds:.0f} s)"
+        )
+    best = max((r for r in rows if r["strength"] > 0), key=lambda r: (r["success"], r["coverage"]))
+    report = {
+        "command": " ".join(["python", "benchmarks/commongen/strength.py", *(argv or sys.argv[1:])]),
+        "run": str(run),
+        "variant": args.variant,
+        "kind": "adapter_scale" if guide.module is None else "alpha",
+        "selection_sets": len(sets),
+        "rows": rows,
+        "chosen": best["strength"],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "strength.json", json.dumps(report, indent=2))
+    table = markdown_table(
+        ["strength", "success", "coverage", "words"],
+        [
+            [f"{r['strength']:g}", f"{r['success']:.3f}", f"{r['coverage']:.3f}", f"{r['words']:.1f}"]
+            for r in rows
+        ],
+    )
+    atomic_write_text(
+        out_dir / "strength.md", f"{report['command']}\n\n{table}\n\nchosen: {best['strength']:g}\n"
+    )
+    print(table)
+    log(f"chosen strength {best['strength']:g} ({report['kind']}); written to {out_dir}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
