@@ -140,3 +140,24 @@ def test_the_strength_is_chosen_on_train_sets_the_run_did_not_train_on(smoke, tm
     left = {tuple(s.concepts) for s in train} - {tuple(s.concepts) for s in trained}
     picked = strength.selection_split(train, run_args, 10, 31)
     assert {tuple(s.concepts) for s in picked} == left and len(picked) == len(left)
+
+
+@pytest.mark.parametrize("scale", ["0", "10000"])
+def test_saved_guides_decode_again_without_training_and_merge_at_a_chosen_scale(smoke, tmp_path, scale):
+    out, results = smoke
+    argv = [
+        "--quick", "--output", str(tmp_path / "again"), "--data-dir", str(DATA), "--base", str(out / "base"),
+        "--train-sets", "10", "--samples-per-set", "2", "--samples", str(out / "samples.safetensors"),
+        "--systems", "dinado-merge", "--reuse-guides", str(out), "--merge-scale", scale, "--dev-sets", "5",
+        "--no-test", "--no-efficiency", "--decodings", "greedy", "--best-of", "", "--max-new-tokens", "6",
+        "--batch-size", "8",
+    ]  # fmt: skip
+    again = load_benchmark("commongen", "run.py").main(argv)
+    assert again["train"]["dinado-merge"] == {"reused": str(out / "guides" / "dinado-merge")}
+    assert not any(k.startswith("train ") for k in again["seconds"])
+    assert {r["system"] for r in again["rows"]} == {"base", "dinado-merge"}
+    outputs = json.loads((tmp_path / "again" / "outputs.json").read_text())
+    # scale 0 folds in none of the adapter: the merged model is the base and decodes what it decodes; the two
+    # steps' small weight change, scaled 10,000 times, decodes something else
+    same = outputs["dev/greedy/dinado-merge"] == outputs["dev/greedy/base"]
+    assert same == (scale == "0")

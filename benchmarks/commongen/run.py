@@ -161,6 +161,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guide-lr", type=float, default=None, help="guide learning rate (default: dinado's)")
     p.add_argument("--alpha", type=float, default=1.0, help="guidance strength of the module variants")
     p.add_argument(
+        "--merge-scale",
+        type=float,
+        default=1.0,
+        help="DiNADO-Merge's strength: Guide.merge(adapter_scale=S) (choose it with strength.py, not on dev)",
+    )
+    p.add_argument(
+        "--reuse-guides",
+        default=None,
+        help="decode the guides saved in this earlier run directory (<dir>/guides/<variant>) instead of training",
+    )
+    p.add_argument(
         "--samples", default=None, help="reuse this samples.safetensors (same base, sets and seed)"
     )
     p.add_argument(
@@ -377,19 +388,24 @@ def run_systems(
         ).to_dict()
 
     for variant in [v for v in VARIANTS if v in args.systems]:
-        guide = make_guide(variant)
-        with timer.stage(f"train {variant}"):
-            report = fit(guide, training_set, args.guide_steps)
+        if args.reuse_guides is not None:  # decode guides an earlier run trained (its samples, its recipe)
+            source = Path(args.reuse_guides) / "guides" / variant
+            guide = Guide.from_pretrained(source, model, tokenizer=tokenizer)
+            train_info[variant] = {"reused": str(source)}
+        else:
+            guide = make_guide(variant)
+            with timer.stage(f"train {variant}"):
+                report = fit(guide, training_set, args.guide_steps)
+            train_info[variant] = {
+                "final_loss": report["loss"][-1],
+                "steps": report["steps"],
+                "loss": report["loss"],
+                "cross_entropy": report["cross_entropy"],
+                "regularizer": report["regularizer"],
+                "seconds": timer.seconds[f"train {variant}"],
+            }
         guide.save_pretrained(run / "guides" / variant)
-        train_info[variant] = {
-            "final_loss": report["loss"][-1],
-            "steps": report["steps"],
-            "loss": report["loss"],
-            "cross_entropy": report["cross_entropy"],
-            "regularizer": report["regularizer"],
-            "seconds": timer.seconds[f"train {variant}"],
-        }
-        systems[variant] = guide.merge() if variant == "dinado-merge" else guide
+        systems[variant] = guide.merge(args.merge_scale) if variant == "dinado-merge" else guide
 
     for name, method in (("sft-lora", "lora"), ("prompt-tuning", "prompt")):
         if name not in args.systems:
