@@ -44,6 +44,7 @@ def test_the_benchmark_writes_every_system_split_and_decoding(smoke):
     for r in results["rows"]:
         assert 0.0 <= r["success"] <= r["coverage"] + 1e-9 <= 1.0 + 1e-9
         assert r["spice"] is None and r["bleu4"] is not None
+        assert 1.0 < r["base_ppl"] < float("inf")  # the base reading the outputs
         expected = 10 * 2 if r["system"] in systems - {"base", "sft-lora", "prompt-tuning"} else 0
         assert r["train_oracle_calls"] == expected
     table = (out / "results.md").read_text()

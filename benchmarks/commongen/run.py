@@ -37,7 +37,7 @@ import torch
 from dinado import Guide, SampleSet, reference_samples, relabel, sample, train
 from dinado._utils import atomic_write_text
 from dinado.baselines import best_of_n, supervised_finetune
-from dinado.evaluation import save_figure
+from dinado.evaluation import base_perplexity, save_figure
 from dinado.hf import load_model
 from dinado.oracles import as_token_oracle
 from dinado.pretrain import PretrainConfig, pretrain
@@ -441,7 +441,7 @@ def run_systems(
                         "train_oracle_calls": calls,
                         "test_oracle_calls": 0,
                         "decode_seconds": timer.seconds[key],
-                        **commongen_metrics(sets, texts),
+                        **score(args, model, tokenizer, sets, texts),
                     }
                 )
                 outputs[f"{split}/{mode}/{name}"] = texts
@@ -468,13 +468,24 @@ def run_systems(
                             "train_oracle_calls": 0,
                             "test_oracle_calls": info["oracle_calls"],
                             "decode_seconds": timer.seconds[key],
-                            **commongen_metrics(sets, texts),
+                            **score(args, model, tokenizer, sets, texts),
                         }
                     )
                     outputs[f"{split}/best-of-{n}/base"] = texts
         print(main_table(rows, split), flush=True)
 
     return rows, outputs, samples
+
+
+def score(args, model, tokenizer, sets, texts: list[str]) -> dict:
+    """Coverage, success and the caption metrics of one output per concept set, and the base perplexity of the
+    outputs (the frozen base reading each output after its prompt, as the run formats it)."""
+    return {
+        **commongen_metrics(sets, texts),
+        "base_ppl": base_perplexity(
+            model, tokenizer, [s.prompt for s in sets], texts, args.batch_size, args.prompt_format
+        ),
+    }
 
 
 def fine_tune_on_references(args, model, tokenizer, train_sets, method: str, name: str, timer: Timer):
@@ -718,6 +729,7 @@ def machine_rows(rows: list[dict]) -> list[dict]:
                 "meteor": r["meteor"],
                 "rougeL": r["rouge_l"],
                 "words": r["mean_words"],
+                "base_ppl": r.get("base_ppl"),
                 "oracle_calls_train": r["train_oracle_calls"],
                 "oracle_calls_test": r["test_oracle_calls"],
             }
@@ -736,8 +748,8 @@ def _fmt(value, digits: int = 3) -> str:
 def main_table(rows: list[dict], split: str | None = None) -> str:
     head = (
         "| split | decoding | system | success | coverage | BLEU-4 | CIDEr | METEOR | ROUGE-L | SPICE | words | "
-        "oracle calls (train / test) | decode s |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "base ppl | oracle calls (train / test) | decode s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -746,7 +758,8 @@ def main_table(rows: list[dict], split: str | None = None) -> str:
         lines.append(
             f"| {r['split']} | {r['decoding']} | {r['system']} | {_fmt(r['success'])} | {_fmt(r['coverage'])} | "
             f"{_fmt(r['bleu4'])} | {_fmt(r['cider'])} | {_fmt(r['meteor'])} | {_fmt(r['rouge_l'])} | "
-            f"{_fmt(r['spice'])} | {_fmt(r['mean_words'], 1)} | {r['train_oracle_calls']:,} / "
+            f"{_fmt(r['spice'])} | {_fmt(r['mean_words'], 1)} | {_fmt(r.get('base_ppl'), 1)} | "
+            f"{r['train_oracle_calls']:,} / "
             f"{r['test_oracle_calls']:,} | {_fmt(r['decode_seconds'], 1)} |"
         )
     return head + "\n".join(lines) + "\n"

@@ -23,11 +23,12 @@ import torch
 from dinado import Guide
 from dinado._utils import atomic_write_text
 from dinado.hf import load_model
-from dinado.tasks.commongen import commongen_metrics, load_split
+from dinado.tasks.commongen import load_split
 from dinado.text import PromptFormat, generate_texts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
 from benchmarks.common import logger, markdown_table  # noqa: E402
+from benchmarks.commongen.run import score  # noqa: E402
 
 log = logger("strength", "stdout")
 
@@ -88,9 +89,19 @@ def main(argv: list[str] | None = None) -> dict:
         texts, _, seconds = generate_texts(
             source, tokenizer, lines, args.batch_size, alpha=alpha, prompt_format=fmt, **decode
         )
-        metrics = commongen_metrics(sets, texts)  # as run.py scores dev
+        metrics = score(
+            argparse.Namespace(batch_size=args.batch_size, prompt_format=fmt), model, tokenizer, sets, texts
+        )
         success, coverage, words = metrics["success"], metrics["coverage"], metrics["mean_words"]
-        rows.append({"strength": scale, "success": success, "coverage": coverage, "words": words})
+        rows.append(
+            {
+                "strength": scale,
+                "success": success,
+                "coverage": coverage,
+                "words": words,
+                "base_ppl": metrics["base_ppl"],
+            }
+        )
         log(
             f"strength {scale:g}: success {success:.3f}, coverage {coverage:.3f}, {words:.1f} words ({seconds:.0f} s)"
         )
