@@ -132,6 +132,8 @@ def test_the_strength_is_chosen_on_train_sets_the_run_did_not_train_on(smoke, tm
     assert report["kind"] == kind and [r["strength"] for r in report["rows"]] == [0.0, 1.0, 2.0]
     assert report["chosen"] in (1.0, 2.0) and report["selection_sets"] == 4
     assert json.loads((tmp_path / "strength.json").read_text()) == report
+    assert all(1.0 < r["base_ppl"] < float("inf") for r in report["rows"])
+    assert "base ppl" in (tmp_path / "strength.md").read_text()
     # the split is what the run's training subset leaves: with all but 4 train sets trained on, exactly those 4
     from dinado.tasks.commongen import load_split
 

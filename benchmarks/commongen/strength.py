@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
             }
         )
         log(
-            f"strength {scale:g}: success {success:.3f}, coverage {coverage:.3f}, {words:.1f} words ({seconds:.0f} s)"
+            f"strength {scale:g}: success {success:.3f}, coverage {coverage:.3f}, {words:.1f} words, base "
+            f"perplexity {metrics['base_ppl']:.1f} ({seconds:.0f} s)"
         )
     best = max((r for r in rows if r["strength"] > 0), key=lambda r: (r["success"], r["coverage"]))
     report = {
@@ -118,9 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "strength.json", json.dumps(report, indent=2))
     table = markdown_table(
-        ["strength", "success", "coverage", "words"],
+        ["strength", "success", "coverage", "words", "base ppl"],
         [
             [f"{r['strength']:g}", f"{r['success']:.3f}", f"{r['coverage']:.3f}", f"{r['words']:.1f}"]
+            + [f"{r['base_ppl']:.1f}"]
             for r in rows
         ],
     )
