@@ -50,7 +50,20 @@ def _spawn(args: list, output: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the tests run torch on one thread
     command = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from dinado.cli import main; "
                "sys.exit(main(sys.argv[1:]))", *map(str, args), "--output", str(output)]  # fmt: skip
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the child starts with Ctrl-C at its default disposition, as from a terminal: a process that inherits SIGINT
+    # ignored (a test worker launched in the background, under nohup) gets no KeyboardInterrupt from Python
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -98,7 +111,11 @@ def test_interrupted_train_resumes_to_the_same_files(setup, tmp_path, signum, ca
     _wait_for(lambda: _steps(out / "metrics.jsonl") >= at, proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT[signum], err
+    assert proc.returncode == EXIT[signum], (
+        err,
+        "this worker's SIGINT handler:",
+        signal.getsignal(signal.SIGINT),
+    )
     if signum != signal.SIGKILL:
         last = [line for line in err.splitlines() if line.strip()][-1]
         assert (
@@ -131,7 +148,11 @@ def test_interrupted_sample_leaves_nothing_and_a_rerun_matches(setup, tmp_path, 
     time.sleep(random.Random(int(signum)).uniform(0.0, 0.3))
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT[signum], err
+    assert proc.returncode == EXIT[signum], (
+        err,
+        "this worker's SIGINT handler:",
+        signal.getsignal(signal.SIGINT),
+    )
     assert not out.exists()
     if signum != signal.SIGKILL:
         assert (
