@@ -164,3 +164,11 @@ def test_saved_guides_decode_again_without_training_and_merge_at_a_chosen_scale(
     # steps' small weight change, scaled 10,000 times, decodes something else
     same = outputs["dev/greedy/dinado-merge"] == outputs["dev/greedy/base"]
     assert same == (scale == "0")
+
+
+def test_calibration_reads_the_runs_guides_and_writes_its_report(smoke, tmp_path):
+    out, _ = smoke
+    argv = ["--run", str(out), "--sets", "2", "--samples-per-set", "2", "--depths", "1,2", "--rollouts", "2"]
+    load_benchmark("commongen", "calibration.py").main([*argv, "--output", str(tmp_path)])
+    report = json.loads((tmp_path / "calibration.json").read_text())
+    assert report["run"] == str(out) and report["table"]

@@ -25,17 +25,18 @@ from dinado import Guide, sample
 from dinado._utils import atomic_write_text
 from dinado.data import SampleSet, pad_prompts
 from dinado.evaluation import save_figure
-from dinado.hf import eval_mode, load_model
+from dinado.hf import eval_mode
 from dinado.objectives import prefix_log_values
 from dinado.oracles import as_token_oracle
 from dinado.tasks.commongen import coverage_oracle, load_split
-from dinado.text import PromptFormat, encode_prompts, end_of_turn_id
+from dinado.text import encode_prompts, end_of_turn_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diagnose import auc  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
 from benchmarks.common import logger  # noqa: E402
+from benchmarks.commongen.run import open_run  # noqa: E402
 
 log = logger("calibration")
 
@@ -102,12 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     run = Path(args.run)
-    results = json.loads((run / "results.json").read_text())
+    results, model, tokenizer, fmt = open_run(run)
     run_args = results["args"]
     out_dir = Path(args.output or run)
-    model, tokenizer = load_model(results["base"])
-    model.eval().requires_grad_(False)
-    fmt = PromptFormat(**run_args["prompt_format"])
     eos = end_of_turn_id(tokenizer) if fmt.chat else tokenizer.eos_token_id
     dev = load_split(run_args["data_dir"], "dev")
     lines = [s.prompt for s in random.Random(args.seed + 21).sample(dev, min(args.sets, len(dev)))]

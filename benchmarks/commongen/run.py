@@ -477,6 +477,17 @@ def run_systems(
     return rows, outputs, samples
 
 
+def open_run(run: Path):
+    """An earlier run's ``results.json``, its base (frozen, eval mode, with a pad token) and its prompt format:
+    (results, model, tokenizer, prompt_format), for the instruments that read a run's guides."""
+    results = json.loads((Path(run) / "results.json").read_text())
+    model, tokenizer = load_model(results["base"])
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return results, model, tokenizer, PromptFormat(**results["args"]["prompt_format"])
+
+
 def score(args, model, tokenizer, sets, texts: list[str]) -> dict:
     """Coverage, success and the caption metrics of one output per concept set, and the base perplexity of the
     outputs (the frozen base reading each output after its prompt, as the run formats it)."""

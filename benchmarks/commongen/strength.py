@@ -22,13 +22,12 @@ import torch
 
 from dinado import Guide
 from dinado._utils import atomic_write_text
-from dinado.hf import load_model
 from dinado.tasks.commongen import load_split
-from dinado.text import PromptFormat, generate_texts
+from dinado.text import generate_texts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
 from benchmarks.common import logger, markdown_table  # noqa: E402
-from benchmarks.commongen.run import score  # noqa: E402
+from benchmarks.commongen.run import open_run, score  # noqa: E402
 
 log = logger("strength", "stdout")
 
@@ -61,15 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--scales must be non-negative numbers, got {args.scales!r}")
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    results = json.loads((run / "results.json").read_text())
+    results, model, tokenizer, fmt = open_run(run)
     run_args = results["args"]
     out_dir = Path(args.output or run)
-    model, tokenizer = load_model(results["base"])
-    model.eval().requires_grad_(False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     guide = Guide.from_pretrained(run / "guides" / args.variant, model, tokenizer=tokenizer).eval()
-    fmt = PromptFormat(**run_args["prompt_format"])
     sets = selection_split(load_split(run_args["data_dir"], "train"), run_args, args.sets, args.seed)
     lines = [s.prompt for s in sets]
     decode = dict(
