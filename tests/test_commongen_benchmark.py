@@ -172,3 +172,14 @@ def test_calibration_reads_the_runs_guides_and_writes_its_report(smoke, tmp_path
     load_benchmark("commongen", "calibration.py").main([*argv, "--output", str(tmp_path)])
     report = json.loads((tmp_path / "calibration.json").read_text())
     assert report["run"] == str(out) and report["table"]
+
+
+@pytest.mark.parametrize("flags", [["--label-power", "2"], ["--labels", "soft", "--label-power", "0"]])
+def test_label_power_needs_soft_labels_and_a_positive_value(tmp_path, flags, capsys):
+    run = load_benchmark("commongen", "run.py")
+    with pytest.raises(SystemExit):
+        run.parse_args(["--output", str(tmp_path), *flags])
+    assert "--label-power" in capsys.readouterr().err
+    assert (
+        run.parse_args(["--output", str(tmp_path), "--labels", "soft", "--label-power", "2"]).label_power == 2
+    )

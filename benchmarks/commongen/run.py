@@ -348,9 +348,7 @@ def run_systems(
         # off the same coverage check), and samples.safetensors keeps the all-concepts labels
         _, soft_token_oracle = prompt_ids_and_oracle(args, tokenizer, prompts, soft_oracle)
         training_set = relabel(samples, soft_token_oracle)
-        if args.label_power != 1.0:
-            training_set = training_set.with_labels(training_set.labels**args.label_power)
-        log(f"soft coverage labels (power {args.label_power:g}): mean label {training_set.positive_rate:.3f}")
+        log(f"soft coverage labels: mean label {training_set.positive_rate:.3f}")
     if args.references > 0:
         pairs = [(s.prompt, r) for s in train_sets for r in s.references[: args.references]]
         references = reference_samples(
@@ -360,8 +358,6 @@ def run_systems(
             soft_token_oracle if args.labels == "soft" else token_oracle,
             prompt_format=args.prompt_format,
         )
-        if args.label_power != 1.0:
-            references = references.with_labels(references.labels**args.label_power)
         training_set = SampleSet.concat([training_set, references])
         guide_oracle_calls += len(references)
         train_info["references"] = {"samples": len(references), "mean_label": references.positive_rate}
@@ -369,6 +365,11 @@ def run_systems(
             f"+ {len(references)} references of the training concept sets as unweighted samples (mean label "
             f"{references.positive_rate:.3f}): R is biased towards them"
         )
+    if (
+        args.label_power != 1.0
+    ):  # soft labels only (parse_args checks): the share, references' too, to the power k
+        training_set = training_set.with_labels(training_set.labels**args.label_power)
+        log(f"labels to the power {args.label_power:g}: mean label {training_set.positive_rate:.3f}")
 
     def make_guide(variant: str) -> Guide:
         if variant == "dinado-merge":

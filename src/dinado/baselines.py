@@ -159,9 +159,8 @@ def _training_rows(
     read it (a chat template opens the assistant turn, which the target then fills, ended by end of turn)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_ids = encode_prompts(tokenizer, prompts, prompt_format=prompt_format)
-    target_ids = encode_targets(
-        tokenizer, targets, prompt_format=prompt_format
-    )  # each ends with EOS/end of turn
+    # each target ends with EOS, or with the end-of-turn token in a chat
+    target_ids = encode_targets(tokenizer, targets, prompt_format=prompt_format)
     rows, learn, truncated = [], [], 0
     for p, t in zip(prompt_ids, target_ids, strict=True):
         row, keep = [*p, *t], [False] * len(p) + [True] * len(t)

@@ -445,13 +445,10 @@ class Guide(nn.Module):
             raise ValueError(
                 "refusing to merge a LoRA adapter into quantised weights: load the base in float"
             )
-        work = copy.deepcopy(self.base)
-        if adapter_scale != 1.0:
-            from peft.helpers import rescale_adapter_scale
+        from peft.helpers import rescale_adapter_scale
 
-            with rescale_adapter_scale(work, float(adapter_scale)):
-                merged = work.merge_and_unload()
-        else:
+        work = copy.deepcopy(self.base)
+        with rescale_adapter_scale(work, float(adapter_scale)):  # 1.0 leaves the scaling as it is
             merged = work.merge_and_unload()
         merged.eval()
         return merged
