@@ -183,3 +183,74 @@ def test_label_power_needs_soft_labels_and_a_positive_value(tmp_path, flags, cap
     assert (
         run.parse_args(["--output", str(tmp_path), "--labels", "soft", "--label-power", "2"]).label_power == 2
     )
+
+
+def test_strength_can_be_chosen_under_beam_search(smoke, tmp_path, monkeypatch):
+    out, results = smoke
+    strength = load_benchmark("commongen", "strength.py")
+    seen = []
+    real = strength.generate_texts
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(strength, "generate_texts", spy)
+    argv = ["--run", str(out), "--sets", "3", "--scales", "0,2", "--batch-size", "4", "--decoding", "beam"]
+    report = strength.main([*argv, "--output", str(tmp_path)])
+    assert report["decoding"] == "beam" and len(seen) == 2
+    assert all(k["num_beams"] == results["args"]["beams"] and k["do_sample"] is False for k in seen)
+    assert "decoding: beam" in (tmp_path / "strength.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--splits", "dev,train"], "--splits"),
+        (["--splits", "dev,dev"], "--splits"),
+        (["--splits", "test", "--no-efficiency", "--no-test"], "--splits"),
+        (["--splits", "test"], "sample-efficiency study is scored on dev"),
+    ],
+)
+def test_splits_are_checked(tmp_path, flags, message, capsys):
+    run = load_benchmark("commongen", "run.py")
+    with pytest.raises(SystemExit):
+        run.parse_args(["--output", str(tmp_path), *flags])
+    assert message in capsys.readouterr().err
+    assert run.parse_args(["--output", str(tmp_path), "--no-test"]).splits == ["dev"]
+
+
+def test_processes_split_a_run_by_split_and_system_and_combine_joins_their_rows(smoke, tmp_path):
+    out, _ = smoke
+    run = load_benchmark("commongen", "run.py")
+    combine = load_benchmark("commongen", "combine.py")
+    common = [
+        "--quick", "--data-dir", str(DATA), "--base", str(out / "base"), "--train-sets", "10",
+        "--samples-per-set", "2", "--samples", str(out / "samples.safetensors"), "--reuse-guides", str(out),
+        "--test-sets", "4", "--splits", "test", "--no-efficiency", "--decodings", "greedy", "--best-of", "",
+        "--max-new-tokens", "6", "--batch-size", "8",
+    ]  # fmt: skip
+    guided = run.main([*common, "--output", str(tmp_path / "a"), "--systems", "dinado-merge", "--no-base"])
+    guided_cells = {(r["split"], r["decoding"], r["system"]) for r in guided["rows"]}
+    assert guided_cells == {("test", "greedy", "dinado-merge")}
+    run.main([*common, "--output", str(tmp_path / "b"), "--systems", "", "--merge-scale", "3"])
+    rows = combine.combine([tmp_path / "a", tmp_path / "b"])
+    assert [(r["system"], r["strength"], r["sets"]) for r in rows] == [
+        ("base", None, 4),
+        ("dinado-merge", 1.0, 4),
+    ]
+    assert all(r["command"].startswith("python benchmarks/commongen/run.py") for r in rows)
+    with pytest.raises(SystemExit, match="comes from both"):
+        combine.combine([tmp_path / "a", tmp_path / "a"])
+    other = json.loads((tmp_path / "b" / "results.json").read_text())
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results.json").write_text(json.dumps({**other, "base": "some-other-model"}))
+    with pytest.raises(SystemExit, match="another base"):
+        combine.combine([tmp_path / "a", tmp_path / "c"])
+    # the table is generated from the JSON file alone, and the same as when the file was written
+    written = combine.main(
+        ["--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--json", str(tmp_path / "r.json")]
+    )
+    assert json.loads((tmp_path / "r.json").read_text()) == rows
+    assert combine.main(["--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]) == written
+    assert "| test (4) | greedy | dinado-merge | 1 |" in (tmp_path / "r.md").read_text()

@@ -177,7 +177,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--rows-json", default=None, help="also write the result rows in the docs/results format here"
     )
-    p.add_argument("--no-test", action="store_true", help="decode dev only")
+    p.add_argument("--no-test", action="store_true", help="decode dev only (= --splits dev)")
+    p.add_argument(
+        "--splits",
+        default="dev,test",
+        help="splits to decode, comma-separated (dev, test); e.g. test alone once dev has fixed the settings",
+    )
+    p.add_argument(
+        "--no-base",
+        action="store_true",
+        help="do not decode the base itself (its rows come from another process; best-of-N is --best-of)",
+    )
     p.add_argument("--no-efficiency", action="store_true", help="skip the sample-efficiency study")
     p.add_argument(
         "--efficiency-only",
@@ -197,6 +207,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.best_of = [int(x) for x in args.best_of.split(",") if x.strip()]
     args.systems = [x.strip() for x in args.systems.split(",") if x.strip()]
     args.decodings = [x.strip() for x in args.decodings.split(",") if x.strip()]
+    args.splits = [x.strip() for x in args.splits.split(",") if x.strip()]
+    if args.no_test:
+        args.splits = [x for x in args.splits if x != "test"]
+    if not args.splits or set(args.splits) - {"dev", "test"} or len(set(args.splits)) < len(args.splits):
+        p.error(f"--splits takes dev and/or test once each, got {','.join(args.splits) or 'none'}")
+    if "dev" not in args.splits and (args.efficiency_only or not args.no_efficiency):
+        p.error("the sample-efficiency study is scored on dev: add dev to --splits or pass --no-efficiency")
     bad = sorted(set(args.systems) - set(VARIANTS + BASELINES)) + sorted(set(args.decodings) - set(DECODINGS))
     if bad:
         p.error(f"unknown systems or decodings {bad}: systems {VARIANTS + BASELINES}, decodings {DECODINGS}")
@@ -540,12 +557,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     with timer.stage("load data"):
         all_train = load_split(args.data_dir, "train")
-        splits = {"dev": subset(load_split(args.data_dir, "dev"), args.dev_sets, args.seed)}
-        if not args.no_test:
-            splits["test"] = subset(load_split(args.data_dir, "test"), args.test_sets, args.seed)
+        sizes = {"dev": args.dev_sets, "test": args.test_sets}
+        splits = {
+            name: subset(load_split(args.data_dir, name), sizes[name], args.seed) for name in args.splits
+        }
     model, tokenizer, base_source = build_base(args, run, all_train, timer)
     train_sets = subset(all_train, args.train_sets, args.seed + 1)
-    systems: dict[str, object] = {"base": model}
+    systems: dict[str, object] = {} if args.no_base else {"base": model}
     train_info: dict[str, dict] = {}
     rows, outputs, samples = [], {}, None
     if args.efficiency_only or (not args.no_efficiency and "sft-lora" not in args.systems):
@@ -584,7 +602,7 @@ def main(argv: list[str] | None = None) -> dict:
     if any("cross_entropy" in info for info in train_info.values()):
         plot_training_curves(train_info, run / "training_curves.png")
     if args.rows_json:
-        atomic_write_text(args.rows_json, json.dumps(machine_rows(rows), indent=1) + "\n")
+        atomic_write_text(args.rows_json, json.dumps(machine_rows(rows, results["args"]), indent=1) + "\n")
     markdown = results_markdown(results)
     atomic_write_text(run / "results.md", markdown)
     print(markdown)
@@ -722,13 +740,18 @@ def plot_efficiency(result: dict, path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
-def machine_rows(rows: list[dict]) -> list[dict]:
-    """The rows in the format of docs/results/commongen_smollm2.json (system / decoding names fixed there)."""
+def machine_rows(rows: list[dict], args: dict) -> list[dict]:
+    """The rows in the format of docs/results/commongen_smollm2.json (system / decoding names fixed there), with
+    each guide's ``strength`` (the run's ``--merge-scale`` for DiNADO-Merge, ``--alpha`` for the module variants;
+    None for the rest). ``args`` is the run's arguments as results.json keeps them."""
     out = []
     for r in rows:
         system, decoding = r["system"], r["decoding"]
         if decoding.startswith("best of "):
             system, decoding = f"best-of-{decoding.split()[2]}", "sample"
+        strength = None
+        if system in VARIANTS:
+            strength = args["merge_scale"] if system == "dinado-merge" else args["alpha"]
         out.append(
             {
                 "split": r["split"],
@@ -742,6 +765,7 @@ def machine_rows(rows: list[dict]) -> list[dict]:
                 "rougeL": r["rouge_l"],
                 "words": r["mean_words"],
                 "base_ppl": r.get("base_ppl"),
+                "strength": strength,
                 "oracle_calls_train": r["train_oracle_calls"],
                 "oracle_calls_test": r["test_oracle_calls"],
             }

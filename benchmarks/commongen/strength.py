@@ -3,11 +3,13 @@
     python benchmarks/commongen/strength.py --run runs/m6-soft-150 --sets 200 --scales 1,1.5,2,3
 
 The selection split is ``--sets`` train concept sets that the run did not train on (its ``--train-sets`` subset
-is left out), drawn with a seed of their own. Each strength decodes them with the run's prompt format, sampling
-(T = 1, no top-k) and seed, and is scored by coverage and all-concepts success. For DiNADO-Merge the strength is
-``Guide.merge(adapter_scale=s)`` (the adapter's weight change times s, decoded at the base's cost); for the
-module variants it is the guidance strength alpha of ``dinado.generate`` (``log p + alpha * d``). Scale 0 is the
-base itself. Writes ``strength.json`` and ``strength.md`` to ``--output`` (default: the run directory).
+is left out), drawn with a seed of their own. Each strength decodes them with the run's prompt format and seed,
+by sampling (T = 1, no top-k) or, with ``--decoding beam``, by beam search with the run's beam width (a strength
+for beam search is chosen under beam search), and is scored by coverage and all-concepts success. For
+DiNADO-Merge the strength is ``Guide.merge(adapter_scale=s)`` (the adapter's weight change times s, decoded at
+the base's cost); for the module variants it is the guidance strength alpha of ``dinado.generate``
+(``log p + alpha * d``). Scale 0 is the base itself. Writes ``strength.json`` and ``strength.md`` to
+``--output`` (default: the run directory).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dinado.text import generate_texts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
 from benchmarks.common import logger, markdown_table  # noqa: E402
-from benchmarks.commongen.run import open_run, score  # noqa: E402
+from benchmarks.commongen.run import decode_kwargs, open_run, score  # noqa: E402
 
 log = logger("strength", "stdout")
 
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sets", type=int, default=200, help="selection concept sets")
     p.add_argument("--scales", default="0,1,1.5,2,3", help="strengths to try, comma-separated (0 = the base)")
     p.add_argument("--seed", type=int, default=31, help="seed of the selection split")
+    p.add_argument(
+        "--decoding", choices=("sample", "beam", "greedy"), default="sample", help="decoding to choose it for"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default=None, help="directory for strength.json / .md (default: --run)")
@@ -66,11 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
     guide = Guide.from_pretrained(run / "guides" / args.variant, model, tokenizer=tokenizer).eval()
     sets = selection_split(load_split(run_args["data_dir"], "train"), run_args, args.sets, args.seed)
     lines = [s.prompt for s in sets]
-    decode = dict(
-        max_new_tokens=run_args["max_new_tokens"], do_sample=True, top_k=0, temperature=1.0,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    log(f"{len(sets)} selection concept sets from train (none trained on); strengths {scales}")
+    decode = decode_kwargs(argparse.Namespace(**run_args), tokenizer, args.decoding)
+    log(
+        f"{len(sets)} selection concept sets from train (none trained on); {args.decoding}; strengths {scales}"
+    )
     rows = []
     for scale in scales:
         if scale == 0:
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python", "benchmarks/commongen/strength.py", *(argv or sys.argv[1:])]),
         "run": str(run),
         "variant": args.variant,
+        "decoding": args.decoding,
         "kind": "adapter_scale" if guide.module is None else "alpha",
         "selection_sets": len(sets),
         "rows": rows,
@@ -121,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
         ],
     )
     atomic_write_text(
-        out_dir / "strength.md", f"{report['command']}\n\n{table}\n\nchosen: {best['strength']:g}\n"
+        out_dir / "strength.md",
+        f"{report['command']}\n\ndecoding: {args.decoding}\n\n{table}\n\nchosen: {best['strength']:g}\n",
     )
     print(table)
     log(f"chosen strength {best['strength']:g} ({report['kind']}); written to {out_dir}")
