@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,6 +149,19 @@ def test_sample_train_generate_merge_end_to_end(tmp_path, base_dir, capsys):
 
     for name in ("model.safetensors", "config.json", "config.yaml"):  # safetensors itself writes 0600
         assert (tmp_path / "m" / name).stat().st_mode & 0o777 == plain_file_mode(), name
+    # --adapter-scale 0 folds in none of the adapter: the base's own weights; the default folds in all of it
+    from safetensors.torch import load_file
+
+    code, out, err = _run(
+        capsys, "merge", "--base", base_dir, "--guide", tmp_path / "g" / "guide", "--output", tmp_path / "m0",
+        "--adapter-scale", "0",
+    )  # fmt: skip
+    assert code == 0, err
+    base_weights = load_file(Path(base_dir) / "model.safetensors")
+    for scale, folder in ((0, "m0"), (1, "m")):
+        merged = load_file(tmp_path / folder / "model.safetensors")
+        same = all(torch.allclose(merged[k], base_weights[k]) for k in base_weights if k in merged)
+        assert same == (scale == 0), scale
     # the merged run directory is itself a model: the natural next step works
     code, out, err = _run(
         capsys, "generate", "--base", tmp_path / "m", "--prompts", prompts, "--max-new-tokens", 5,

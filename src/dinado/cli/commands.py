@@ -176,7 +176,7 @@ def cmd_merge(config: dict[str, Any]) -> None:
     model, tokenizer = load_base(config)
     guide = load_guide(config, model, tokenizer)
     try:
-        merged = guide.merge()
+        merged = guide.merge(adapter_scale=config["adapter_scale"])
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     with fresh_run(config) as run:

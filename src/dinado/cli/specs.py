@@ -252,6 +252,12 @@ SPECS: dict[str, Spec] = {
         **_COMMON,
         **_MODEL,
         "guide": (None, "str", "a saved dinado-merge guide directory (required)"),
+        "adapter_scale": (
+            1.0,
+            "nonnegative",
+            "fold in this multiple of the adapter's weight change (1 = q_theta; another value is a strength in "
+            "weight space: choose it on held-out conditions, e.g. benchmarks/commongen/strength.py)",
+        ),
         **_OVERWRITE,
         **_MISMATCH,
     },
