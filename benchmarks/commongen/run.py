@@ -41,7 +41,7 @@ from dinado.evaluation import base_perplexity, save_figure
 from dinado.hf import load_model
 from dinado.oracles import as_token_oracle
 from dinado.pretrain import PretrainConfig, pretrain
-from dinado.tasks.commongen import commongen_metrics, coverage_oracle, load_split
+from dinado.tasks.commongen import INSTRUCTION, commongen_metrics, coverage_oracle, load_split
 from dinado.text import PromptFormat, encode_prompts, end_of_turn_id, generate_texts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
@@ -54,9 +54,6 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "commongen" / "v1.1_LHRYANG"
 VARIANTS = ("nado", "dinado-hard", "dinado-soft", "dinado-merge")
 BASELINES = ("sft-lora", "prompt-tuning")
 DECODINGS = ("greedy", "beam", "sample")
-# an instruct base (one whose tokenizer has a chat template) reads this in its user turn; other bases read the
-# training format ``concepts =`` as it is
-INSTRUCTION = "Write one short sentence that uses all of these words: {keywords}."
 
 # full run / --quick; any flag given on the command line wins
 PRESETS = {

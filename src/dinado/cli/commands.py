@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from .._utils import atomic_write_text
-from ..demo import run_demo
+from ..demo import run_commongen_demo, run_toy_demo
 from ..evaluation import evaluate_texts, markdown_report, plot_training_curves
 from ..guide import Guide
 from ..hf import is_encoder_decoder
@@ -312,9 +312,20 @@ def cmd_pretrain(config: dict[str, Any]) -> None:
 
 
 def cmd_demo(config: dict[str, Any]) -> None:
-    """The embedded demo: toy language, pretrained base, NADO / DiNADO guides, one table."""
+    """The demo: SmolLM2 on CommonGen concept sets (or the toy language), DiNADO guides, one table."""
+    output = config["output"] or "runs/demo"
     try:
-        run_demo(config["output"] or "runs/demo", config["seed"], config["quick"], config["threads"])
+        if config["task"] == "toy":
+            run_toy_demo(output, config["seed"], config["quick"], config["threads"] or 1)
+        elif config["task"] == "commongen":
+            require(config, "data_dir")
+            run_commongen_demo(
+                output, config["data_dir"], config["base"], config["seed"], config["threads"], config["quick"]
+            )
+        else:
+            raise CLIError(f"--task must be commongen or toy, got {config['task']!r}")
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
     except KeyboardInterrupt as exc:
         raise interrupted(
             exc,

@@ -263,10 +263,30 @@ SPECS: dict[str, Spec] = {
     },
     "pretrain": {**_COMMON, **PRETRAIN_SPEC, **_OVERWRITE},
     "demo": {
-        "output": ("runs/demo", "str", "run directory (the pretrained base is cached there)"),
+        "task": (
+            "commongen",
+            "str",
+            "commongen (SmolLM2 on CommonGen concept sets) or toy (the toy language)",
+        ),
+        "data_dir": (
+            None,
+            "str",
+            "CommonGen files {split}_src.txt/_trg.txt (--task commongen; required there)",
+        ),
+        "base": (
+            "smollm2-135m-instruct",
+            "str",
+            "the base model of --task commongen (a hub id or directory)",
+        ),
+        "output": ("runs/demo", "str", "run directory (the toy task caches its pretrained base there)"),
         "seed": (0, "int", "random seed"),
-        "quick": (False, "flag", "a smaller, faster run"),
-        "threads": (1, "count", "torch threads (1 is fastest for the demo's small models on 2 cores)"),
+        "quick": (False, "flag", "a smaller, faster run (a smoke test)"),
+        "threads": (
+            None,
+            "count",
+            "torch threads (default: 1 for the toy task, whose small models run fastest so; torch's own choice "
+            "for commongen)",
+        ),
     },
 }
 

@@ -24,6 +24,9 @@ from typing import Any
 from ..oracles import KeywordOracle
 
 PROMPT_MARKER = "="
+# what an instruct base (one whose tokenizer has a chat template) reads in its user turn; a base trained on
+# ``concepts = sentence`` reads the prompt line as it is
+INSTRUCTION = "Write one short sentence that uses all of these words: {keywords}."
 SPLITS = {"train": "train", "dev": "valid", "valid": "valid", "test": "test"}
 
 

@@ -1,0 +1,76 @@
+"""`dinado demo`: the CommonGen task end to end on a tiny Llama (SmolLM2's architecture) with the GPT-2 BPE and a
+chat template, and its input checks. (The real SmolLM2 run and its measured table are in docs/demo.md.)"""
+
+import json
+
+import pytest
+
+from dinado import Guide
+from dinado.cli import main
+from dinado.demo import COMMONGEN_RECIPE
+from dinado.hf import load_model
+
+from .conftest import SHARED_DATA, tiny_llama
+
+DATA = SHARED_DATA / "commongen" / "v1.1_LHRYANG"
+CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_base(tmp_path_factory, gpt2_tokenizer):
+    if not DATA.is_dir():
+        pytest.skip(f"{DATA} is not present")
+    path = tmp_path_factory.mktemp("base")
+    model = tiny_llama(vocab_size=len(gpt2_tokenizer), layers=3)
+    tokenizer = gpt2_tokenizer
+    tokenizer.chat_template = CHAT
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_the_commongen_demo_trains_merge_and_a_module_and_writes_its_summary(chat_base, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--data-dir", str(DATA), "--base", str(chat_base), "--quick", "--output", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["base"] == str(chat_base) and summary["chat"] is True
+    assert "{keywords}" in summary["prompt_template"] and summary["held_out_sets"] == 4
+    assert set(summary["systems"]) == {"base", "dinado-merge", "dinado-soft"}
+    for metrics in summary["systems"].values():
+        assert 0 <= metrics["success"] <= metrics["coverage"] + 1e-9 <= 1 + 1e-9
+        assert metrics["base_perplexity"] > 1 and metrics["tokens_per_second"] > 0
+    assert summary["train_samples"] == 4 * 2 and summary["seconds"] > 0
+    assert "| dinado-merge |" in printed and f"--adapter-scale {COMMONGEN_RECIPE['merge_scale']:g}" in printed
+    assert (out / "report.md").is_file() and (out / "training_curves_dinado-soft.png").stat().st_size > 1000
+    # each guide is saved and loads again on the base (what `dinado generate --guide` does)
+    model, tokenizer = load_model(str(chat_base))
+    for variant in ("dinado-merge", "dinado-soft"):
+        assert (
+            Guide.from_pretrained(out / "guides" / variant, model, tokenizer=tokenizer).config.variant
+            == variant
+        )
+    # the held-out concept sets are dev sets whose combination never occurs in train
+    from dinado.tasks.commongen import load_split
+
+    seen = {tuple(sorted(c.concepts)) for c in load_split(DATA, "train")}
+    report = (out / "report.md").read_text()
+    dev = [c for c in load_split(DATA, "dev") if c.prompt in report]
+    assert dev and all(tuple(sorted(c.concepts)) not in seen for c in dev)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo"], "--data-dir is required"),
+        (["demo", "--task", "nonsense"], "--task must be commongen or toy"),
+        (["demo", "--data-dir", "/nonexistent/commongen"], "not found"),
+    ],
+)
+def test_the_demo_refuses_bad_input_in_one_line(tmp_path, argv, message, capsys):
+    assert main([*argv, "--output", str(tmp_path / "d")]) == 2
+    assert message in capsys.readouterr().err
