@@ -28,6 +28,7 @@ import json
 import math
 import platform
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -577,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict:
         efficiency = run_efficiency(args, model, tokenizer, systems["sft-lora"], all_train, splits, timer)
 
     results = {
-        "command": " ".join(
+        "command": shlex.join(  # quoted: copy-pasteable, empty arguments kept
             ["python", "benchmarks/commongen/run.py", *(argv if argv is not None else sys.argv[1:])]
         ),
         "args": {k: (v.to_dict() if isinstance(v, PromptFormat) else v) for k, v in vars(args).items()},

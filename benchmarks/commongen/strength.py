@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import sys
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     best = max((r for r in rows if r["strength"] > 0), key=lambda r: (r["success"], r["coverage"]))
     report = {
-        "command": " ".join(["python", "benchmarks/commongen/strength.py", *(argv or sys.argv[1:])]),
+        "command": shlex.join(["python", "benchmarks/commongen/strength.py", *(argv or sys.argv[1:])]),
         "run": str(run),
         "variant": args.variant,
         "decoding": args.decoding,
