@@ -132,12 +132,36 @@ def run_toy_demo(output: str, seed: int = 0, quick: bool = False, threads: int |
     gen_kwargs = dict(max_new_tokens=24, do_sample=True, top_k=0, pad_token_id=tokenizer.pad_token_id)
     variants = ["nado", "dinado-soft"] if quick else ["nado", "dinado-soft", "dinado-merge"]
     steps = 150 if quick else 450
+    # a guide never changes the model it is given (Merge's LoRA goes into its own module tree), so the same base
+    # serves every variant and stays the base in the table
+    plan = [(v, steps, dict(num_layers=2, lora_r=8, lora_alpha=16)) for v in variants]
+    systems, curves = _train_guides(model, tokenizer, samples, plan, run, seed)
+
+    results, outputs = _sample_and_score(
+        systems, model, tokenizer, held_out, oracle, seed, None, **gen_kwargs
+    )
+
+    atomic_write_text(run / "metrics.json", json.dumps(results, indent=2))
+    examples = [{"prompt": p, **{n: outputs[n][i] for n in systems}} for i, p in enumerate(held_out[:12])]
+    atomic_write_text(run / "report.md", markdown_report(results, examples, list(systems)))
+    for variant, records in curves.items():
+        plot_training_curves(records, run / f"training_curves_{variant}.png")
+
+    _print_results(results, examples, list(systems), f"{len(held_out)} (combinations never seen in training)")
+    print(
+        f"\nReport: {run / 'report.md'}; plots: {run}/training_curves_*.png; total {time.perf_counter() - start:.0f} s"
+    )
+    return results
+
+
+def _train_guides(model, tokenizer, samples, plan: list, run: Path, seed: int, merge_scale: float = 1.0):
+    """Train each ``(variant, steps, options)`` of ``plan`` on ``samples`` (batch 32) and save it under
+    ``run/guides/<variant>``: (systems, curves), the systems being the base, each module guide and each Merge
+    guide folded into a copy of the base at ``merge_scale``; curves the per-step loss records."""
     systems: dict[str, object] = {"base": model}
     curves = {}
-    for variant in variants:
-        # a guide never changes the model it is given (Merge's LoRA goes into its own module tree), so the same
-        # base serves every variant and stays the base in the table
-        guide = Guide.create(model, variant, tokenizer=tokenizer, num_layers=2, lora_r=8, lora_alpha=16)
+    for variant, steps, options in plan:
+        guide = Guide.create(model, variant, tokenizer=tokenizer, **options)
         _log(f"training {variant} for {steps} steps")
         records: list[dict] = []
         train(
@@ -151,27 +175,27 @@ def run_toy_demo(output: str, seed: int = 0, quick: bool = False, threads: int |
         )
         guide.save_pretrained(run / "guides" / variant)
         curves[variant] = records
-        systems[variant] = guide.merge() if variant == "dinado-merge" else guide
+        systems[variant] = guide.merge(adapter_scale=merge_scale) if guide.module is None else guide
+    return systems, curves
 
+
+def _sample_and_score(
+    systems: dict, model, tokenizer, prompts, oracle, seed: int, prompt_format, **gen_kwargs
+):
+    """One output per prompt from each system (the same seed for each) and its metrics: (results, outputs)."""
     results, outputs = {}, {}
     for name, source in systems.items():
+        _log(f"sampling {name} on {len(prompts)} held-out prompts")
         torch.manual_seed(seed)
-        texts, new_tokens, seconds = generate_texts(source, tokenizer, held_out, 50, **gen_kwargs)
+        texts, new_tokens, seconds = generate_texts(
+            source, tokenizer, prompts, 50, prompt_format=prompt_format, **gen_kwargs
+        )
         outputs[name] = texts
-        results[name] = evaluate_texts(held_out, texts, oracle, model=model, tokenizer=tokenizer)
+        results[name] = evaluate_texts(
+            prompts, texts, oracle, model=model, tokenizer=tokenizer, prompt_format=prompt_format
+        )
         results[name]["tokens_per_second"] = new_tokens / max(seconds, 1e-9)
-
-    atomic_write_text(run / "metrics.json", json.dumps(results, indent=2))
-    examples = [{"prompt": p, **{n: outputs[n][i] for n in systems}} for i, p in enumerate(held_out[:12])]
-    atomic_write_text(run / "report.md", markdown_report(results, examples, list(systems)))
-    for variant, records in curves.items():
-        plot_training_curves(records, run / f"training_curves_{variant}.png")
-
-    _print_results(results, examples, list(systems), f"{len(held_out)} (combinations never seen in training)")
-    print(
-        f"\nReport: {run / 'report.md'}; plots: {run}/training_curves_*.png; total {time.perf_counter() - start:.0f} s"
-    )
-    return results
+    return results, outputs
 
 
 def _print_results(results: dict, examples: list[dict], systems: list[str], held_out: str) -> None:
@@ -275,44 +299,13 @@ def run_commongen_demo(
         ),
         "dinado-soft": dict(num_layers=2),
     }
-    systems: dict[str, object] = {"base": model}
-    curves = {}
-    for variant, steps in (("dinado-merge", r["merge_steps"]), ("dinado-soft", r["module_steps"])):
-        guide = Guide.create(model, variant, tokenizer=tokenizer, **options[variant])
-        _log(f"training {variant} for {steps} steps")
-        records: list[dict] = []
-        train(
-            guide,
-            labelled,
-            max_steps=steps,
-            batch_size=32,
-            seed=seed,
-            progress=True,
-            on_step=lambda step, values, records=records: records.append({"step": step, **values}),
-        )
-        guide.save_pretrained(run / "guides" / variant)
-        curves[variant] = records
-        systems[variant] = guide.merge(adapter_scale=r["merge_scale"]) if variant == "dinado-merge" else guide
+    plan = [("dinado-merge", r["merge_steps"], options["dinado-merge"])]
+    plan.append(("dinado-soft", r["module_steps"], options["dinado-soft"]))
+    systems, curves = _train_guides(model, tokenizer, labelled, plan, run, seed, r["merge_scale"])
 
-    results, outputs = {}, {}
     gen_kwargs = dict(max_new_tokens=r["max_new_tokens"], do_sample=True, top_k=0, temperature=1.0)
-    for name, source in systems.items():
-        _log(f"sampling {name} on {len(held_out)} held-out concept sets")
-        torch.manual_seed(seed)
-        texts_out, new_tokens, seconds = generate_texts(
-            source,
-            tokenizer,
-            held_out,
-            50,
-            prompt_format=fmt,
-            pad_token_id=tokenizer.pad_token_id,
-            **gen_kwargs,
-        )
-        outputs[name] = texts_out
-        results[name] = evaluate_texts(
-            held_out, texts_out, oracle, model=model, tokenizer=tokenizer, prompt_format=fmt
-        )
-        results[name]["tokens_per_second"] = new_tokens / max(seconds, 1e-9)
+    gen_kwargs["pad_token_id"] = tokenizer.pad_token_id
+    results, outputs = _sample_and_score(systems, model, tokenizer, held_out, oracle, seed, fmt, **gen_kwargs)
 
     seconds = time.perf_counter() - start
     examples = [{"prompt": p, **{n: outputs[n][i] for n in systems}} for i, p in enumerate(held_out[:12])]
