@@ -380,9 +380,8 @@ def run_systems(
             f"+ {len(references)} references of the training concept sets as unweighted samples (mean label "
             f"{references.positive_rate:.3f}): R is biased towards them"
         )
-    if (
-        args.label_power != 1.0
-    ):  # soft labels only (parse_args checks): the share, references' too, to the power k
+    # soft labels only (parse_args checks): the share, references' too, to the power k
+    if args.label_power != 1.0:
         training_set = training_set.with_labels(training_set.labels**args.label_power)
         log(f"labels to the power {args.label_power:g}: mean label {training_set.positive_rate:.3f}")
 

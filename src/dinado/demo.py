@@ -100,13 +100,18 @@ def _base(run: Path, data: Path, seed: int):
     return model, tokenizer
 
 
-def run_toy_demo(output: str, seed: int = 0, quick: bool = False, threads: int | None = None) -> dict:
+def _start(output: str, seed: int, threads: int | None) -> tuple[Path, float]:
+    """Threads and seed set, the run directory made: (run directory, start time)."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    start = time.perf_counter()
     run = Path(output)
     run.mkdir(parents=True, exist_ok=True)
+    return run, time.perf_counter()
+
+
+def run_toy_demo(output: str, seed: int = 0, quick: bool = False, threads: int | None = None) -> dict:
+    run, start = _start(output, seed, threads)
     train_prompts, held_out = _corpus(run / "data", 20_000, 60 if quick else 150, seed)
     model, tokenizer = _base(run, run / "data", seed)
     oracle = coverage_oracle()
@@ -217,8 +222,9 @@ def _print_results(results: dict, examples: list[dict], systems: list[str], held
 # The SmolLM2 demo recipe (docs/demo.md, docs/results/commongen.md): 100 train concept sets x 4 samples, soft
 # coverage labels; DiNADO-Merge with LoRA r 8 on the top 6 decoder layers for 40 steps of 32, folded in at 12 times
 # its weight change (the strength chosen for this recipe on 100 train concept sets it never trained on, not on
-# dev: 0.07 -> 0.22 success there); DiNADO-Soft (2-layer module) for 20 steps at alpha 1. Sized for ~6 minutes
-# on 2 CPU cores: the full CommonGen recipe (200 sets x 8, 150 steps, scale 6) takes ~40 minutes there.
+# dev: 0.07 -> 0.22 success there); DiNADO-Soft (2-layer module) for 20 steps at alpha 1. Sized towards 6 minutes
+# on 2 CPU cores, not there yet (13.9 min on one contended thread: docs/demo.md); the full CommonGen recipe (200
+# sets x 8, 150 steps, scale 6) takes ~40 minutes there.
 COMMONGEN_RECIPE = dict(
     train_sets=100,
     samples_per_set=4,
@@ -246,12 +252,7 @@ def run_commongen_demo(
     if unknown:
         raise TypeError(f"unknown demo settings {unknown}: choose from {sorted(COMMONGEN_RECIPE)}")
     r = {**COMMONGEN_RECIPE, **(_QUICK_COMMONGEN if quick else {}), **recipe}
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    run = Path(output)
-    run.mkdir(parents=True, exist_ok=True)
+    run, start = _start(output, seed, threads)
     all_train = load_split(data_dir, "train")
     seen = {tuple(sorted(c.concepts)) for c in all_train}
     unseen = [c for c in load_split(data_dir, "dev") if tuple(sorted(c.concepts)) not in seen]
@@ -293,14 +294,10 @@ def run_commongen_demo(
 
     layers = model.config.num_hidden_layers
     top = "|".join(str(i) for i in range(max(layers - r["lora_layers"], 0), layers))
-    options = {
-        "dinado-merge": dict(
-            lora_r=8, lora_alpha=16, lora_target_modules=rf".*layers\.({top})\.(self_attn|mlp)\.[a-z]+_proj"
-        ),
-        "dinado-soft": dict(num_layers=2),
-    }
-    plan = [("dinado-merge", r["merge_steps"], options["dinado-merge"])]
-    plan.append(("dinado-soft", r["module_steps"], options["dinado-soft"]))
+    merge = dict(
+        lora_r=8, lora_alpha=16, lora_target_modules=rf".*layers\.({top})\.(self_attn|mlp)\.[a-z]+_proj"
+    )
+    plan = [("dinado-merge", r["merge_steps"], merge), ("dinado-soft", r["module_steps"], dict(num_layers=2))]
     systems, curves = _train_guides(model, tokenizer, labelled, plan, run, seed, r["merge_scale"])
 
     gen_kwargs = dict(max_new_tokens=r["max_new_tokens"], do_sample=True, top_k=0, temperature=1.0)
