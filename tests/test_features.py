@@ -1,6 +1,7 @@
 """Cached base features (dinado.features): the loss and gradients of the uncached path, without the base."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -302,3 +303,73 @@ def test_a_base_whose_head_the_cache_cannot_reproduce_is_refused():
         report = dinado.train(guide, samples, max_steps=4, batch_size=4)  # automatic: falls back, and says so
     assert not report.cached_features
     assert any("training without cached features" in str(w.message) for w in record)
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_one_shared_base_pass_gives_each_guide_its_own_cache(kind):
+    samples = _samples()
+    base = BASES[kind]()
+    merge = Guide.create(base, "dinado-merge", lora_r=4, lora_target_modules=TOP_LAYER)
+    everywhere = Guide.create(base, "dinado-merge", lora_r=4)
+    soft = Guide.create(base, "dinado-soft")
+    randomize_guide(merge)  # a trained adapter must not leak into the others' states
+    calls = [0, 0]
+    hooks = [
+        soft.base.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1)),
+        features.decoder_layers(merge.base)[1][0].register_forward_hook(
+            lambda *a: calls.__setitem__(1, calls[1] + 1)
+        ),
+    ]
+    shared = dinado.precompute_shared_features([merge, soft, everywhere], samples, batch_size=5)
+    for hook in hooks:
+        hook.remove()
+    # one pass of the frozen base per batch of 5 of the 12 samples; Merge's own copy never runs its bottom layer
+    assert calls == [3, 0]
+    for guide, cache in zip([merge, soft, everywhere], shared, strict=True):
+        alone = precompute_features(guide, samples, batch_size=5)
+        assert cache.metadata == alone.metadata
+        assert torch.allclose(cache.batch_hidden(range(12), 12), alone.batch_hidden(range(12), 12), atol=1e-6)
+        dinado.train(guide, samples, max_steps=1, batch_size=4, cache_features=cache)  # accepted by train
+
+
+def test_a_shared_pass_refuses_guides_on_different_bases():
+    samples = _samples()
+    guides = [Guide.create(tiny_gpt2(), "dinado-soft"), Guide.create(tiny_gpt2(seed=3), "nado")]
+    with pytest.raises(FeatureCacheError, match="different bases"):
+        dinado.precompute_shared_features(guides, samples)
+    with pytest.raises(ValueError, match="at least one guide"):
+        dinado.precompute_shared_features([], samples)
+
+
+@pytest.mark.parametrize("variant", ["dinado-soft", "nado"])
+def test_merge_statistics_match_the_torch_composition_where_the_clamp_and_ties_act(variant):
+    from dinado.numerics import LOG_FLOOR
+    from dinado.parameterizations import parameterization_for
+
+    param = parameterization_for(variant, "soft")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g, dtype=torch.float64) * 3
+    logits[0, :20] -= 200.0  # log pi below LOG_FLOOR: the clamp stops the gradient there
+    logits[1, 3], logits[1, 5] = logits[1].max() + 50.0, logits[1].max() + 51.0
+    log_p = torch.log_softmax(torch.randn(6, 50, generator=g, dtype=torch.float64), dim=-1)
+    log_p[1] = -math.log(50.0)
+    log_p[1, 5] += 1.0  # the direction ties at tokens 3 and 5 (pi and p both one nat higher at 5)
+    following = torch.randint(0, 50, (6,), generator=g)
+    following[0] = 5  # a clamped token read by `taken`: its gradient must stop at the clamp
+    upstream = [torch.randn(6, generator=g, dtype=torch.float64) for _ in range(3)]
+
+    ours = logits.clone().requires_grad_()
+    lse, mx, taken = features._MergeStats.apply(ours, log_p, following, param)
+    theirs = logits.clone().requires_grad_()
+    d = torch.log_softmax(theirs, -1).clamp(min=LOG_FLOOR) - log_p.clamp(min=LOG_FLOOR)
+    expected = (
+        torch.logsumexp(log_p + param.guidance(d), -1),
+        d.amax(-1),
+        d.gather(-1, following[:, None]).squeeze(-1),
+    )
+    for got, want in zip((lse, mx, taken), expected, strict=True):
+        assert torch.allclose(got, want)
+    sum(u @ v for u, v in zip(upstream, (lse, mx, taken), strict=True)).backward()
+    sum(u @ v for u, v in zip(upstream, expected, strict=True)).backward()
+    assert abs(ours.grad[0, 5].item()) < 1e-20 and abs(ours.grad[1, 3].item()) > 1e-3
+    assert torch.allclose(ours.grad, theirs.grad)

@@ -1,9 +1,11 @@
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dinado import numerics
 from dinado.numerics import bernoulli_cross_entropy, bernoulli_kl, log1mexp
 
 
@@ -41,3 +43,17 @@ def test_cross_entropy_matches_definition_for_soft_labels(c, r):
         )
     )
     assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_row_max_has_amax_value_and_gradient(tied):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 300, generator=g, dtype=torch.float64)
+    if tied:
+        x[2, 7] = x[2, 11] = x[2].max() + 1.0  # a tied maximum: amax shares its gradient between the two
+    weights = torch.randn(5, generator=g, dtype=torch.float64)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (numerics.row_max(ours) * weights).sum().backward()
+    (theirs.amax(dim=-1) * weights).sum().backward()
+    assert torch.allclose(numerics.row_max(x), x.amax(dim=-1))
+    assert torch.allclose(ours.grad, theirs.grad)

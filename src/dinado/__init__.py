@@ -5,7 +5,7 @@ from ._version import __version__ as __version__
 from .config import VARIANTS, GuideConfig
 from .data import SampleSet
 from .decoding import GuideLogitsProcessor, generate
-from .features import FeatureCache, precompute_features
+from .features import FeatureCache, precompute_features, precompute_shared_features
 from .guide import Guide
 from .hf import load_model
 from .oracles import TextOracle
@@ -27,6 +27,7 @@ __all__ = [
     "generate",
     "load_model",
     "precompute_features",
+    "precompute_shared_features",
     "reference_samples",
     "relabel",
     "sample",

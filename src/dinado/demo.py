@@ -27,6 +27,7 @@ import torch
 
 from ._utils import atomic_write_text
 from .evaluation import evaluate_texts, markdown_report, plot_training_curves
+from .features import precompute_shared_features
 from .guide import Guide
 from .hf import load_model
 from .oracles import as_token_oracle
@@ -165,8 +166,10 @@ def _train_guides(model, tokenizer, samples, plan: list, run: Path, seed: int, m
     guide folded into a copy of the base at ``merge_scale``; curves the per-step loss records."""
     systems: dict[str, object] = {"base": model}
     curves = {}
-    for variant, steps, options in plan:
-        guide = Guide.create(model, variant, tokenizer=tokenizer, **options)
+    guides = [Guide.create(model, variant, tokenizer=tokenizer, **options) for variant, _, options in plan]
+    _log(f"one pass of the base over the {len(samples)} samples for the guides' feature caches")
+    caches = precompute_shared_features(guides, samples, progress=True)
+    for guide, cache, (variant, steps, _) in zip(guides, caches, plan, strict=True):
         _log(f"training {variant} for {steps} steps")
         records: list[dict] = []
         train(
@@ -176,6 +179,7 @@ def _train_guides(model, tokenizer, samples, plan: list, run: Path, seed: int, m
             batch_size=32,
             seed=seed,
             progress=True,
+            cache_features=cache,
             on_step=lambda step, values, records=records: records.append({"step": step, **values}),
         )
         guide.save_pretrained(run / "guides" / variant)

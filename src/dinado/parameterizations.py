@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .numerics import row_max
+
 
 @dataclass
 class PositionStats:
@@ -51,7 +53,7 @@ class Parameterization:
         log_p, direction = log_p.float(), direction.float()
         return PositionStats(
             guided_lse=torch.logsumexp(log_p + self.guidance(direction), dim=-1),
-            direction_max=direction.amax(dim=-1) if self.needs_direction_max else None,
+            direction_max=row_max(direction) if self.needs_direction_max else None,
             taken=direction[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1),
             norm=norm.float() if norm is not None else None,
         )
