@@ -254,3 +254,20 @@ def test_processes_split_a_run_by_split_and_system_and_combine_joins_their_rows(
     assert json.loads((tmp_path / "r.json").read_text()) == rows
     assert combine.main(["--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]) == written
     assert "| test (4) | greedy | dinado-merge | 1 |" in (tmp_path / "r.md").read_text()
+
+
+def test_combine_plots_every_guides_training_curves_in_one_png(smoke, tmp_path):
+    out, _ = smoke
+    combine = load_benchmark("commongen", "combine.py")
+    trained = [
+        n for n, i in json.loads((out / "results.json").read_text())["train"].items() if "cross_entropy" in i
+    ]
+    assert trained
+    png = tmp_path / "curves.png"
+    summary = combine.main(["--runs", str(out), "--curves", str(png), "--curves-only"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(f"| {name} |" in summary for name in trained)
+    with pytest.raises(SystemExit, match="trained in both"):
+        combine.main(["--runs", str(out), str(out), "--curves", str(png), "--curves-only"])
+    with pytest.raises(SystemExit):
+        combine.main(["--curves-only", "--curves", str(png)])  # no runs

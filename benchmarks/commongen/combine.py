@@ -3,6 +3,8 @@
     python benchmarks/commongen/combine.py --runs runs/dev-sample runs/dev-beam runs/test-sample runs/test-beam \
         --json docs/results/commongen_smollm2.json --markdown docs/results/commongen_smollm2.md
     python benchmarks/commongen/combine.py --json docs/results/commongen_smollm2.json      # the table only
+    python benchmarks/commongen/combine.py --runs runs/merge runs/modules --curves-only \
+        --curves docs/results/commongen_smollm2_curves.png   # every guide's training curves in one PNG
 
 A full run on a 2-core machine is split across processes (one per split and decoding, each with its own
 ``--merge-scale`` or ``--alpha`` chosen by strength.py); this puts their rows together in the format of
@@ -23,7 +25,12 @@ from dinado._utils import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
 from benchmarks.common import markdown_table  # noqa: E402
-from benchmarks.commongen.run import BASELINES, VARIANTS, machine_rows  # noqa: E402
+from benchmarks.commongen.run import (  # noqa: E402
+    BASELINES,
+    VARIANTS,
+    machine_rows,
+    plot_training_curves,
+)
 
 SPLIT_ORDER = ("dev", "test")
 DECODING_ORDER = ("greedy", "beam", "sample")
@@ -70,6 +77,39 @@ def combine(runs: list[Path]) -> list[dict]:
     return sorted(rows, key=_order)
 
 
+def training_curves(runs: list[Path]) -> dict:
+    """Each guide's per-step training record (``train`` of results.json) from the run that trained it."""
+    curves, origin = {}, {}
+    for run in runs:
+        results = json.loads((Path(run) / "results.json").read_text())
+        for name, info in results.get("train", {}).items():
+            if "cross_entropy" not in info:
+                continue
+            if name in curves:
+                raise SystemExit(f"{name} was trained in both {origin[name]} and {run}: pass one of them")
+            curves[name], origin[name] = info, run
+    if not curves:
+        raise SystemExit(f"none of {[str(r) for r in runs]} recorded training curves (results.json 'train')")
+    return curves
+
+
+def curve_summary(curves: dict) -> str:
+    """First and last cross-entropy and the regulariser's largest and last value of each guide."""
+    body = [
+        [
+            name,
+            str(len(info["cross_entropy"])),
+            f"{info['cross_entropy'][0]:.3f}",
+            f"{info['cross_entropy'][-1]:.3f}",
+            f"{max(info['regularizer']):.3f}",
+            f"{info['regularizer'][-1]:.3f}",
+        ]
+        for name, info in curves.items()
+    ]
+    header = ["guide", "steps", "CE first", "CE last", "regulariser max", "regulariser last"]
+    return markdown_table(header, body)
+
+
 def table(rows: list[dict]) -> str:
     """The markdown table of rows in the docs/results format."""
 
@@ -103,9 +143,26 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="*", default=[], help="run.py output directories to join")
-    p.add_argument("--json", required=True, help="rows file: written from --runs, else read")
+    p.add_argument("--json", default=None, help="rows file: written from --runs, else read")
     p.add_argument("--markdown", default=None, help="also write the table (and the commands) here")
+    p.add_argument(
+        "--curves", default=None, help="also plot every guide's training curves of --runs here (PNG)"
+    )
+    p.add_argument(
+        "--curves-only", action="store_true", help="only the curves (runs whose rows are not for --json)"
+    )
     args = p.parse_args(argv)
+    if args.curves_only and not (args.curves and args.runs):
+        p.error("--curves-only needs --curves and --runs")
+    if args.json is None and not args.curves_only:
+        p.error("--json is required (or --curves-only with --curves and --runs)")
+    if args.curves:
+        curves = training_curves([Path(r) for r in args.runs])
+        plot_training_curves(curves, Path(args.curves))
+        summary = curve_summary(curves)
+        print(summary)
+        if args.curves_only:
+            return summary
     if args.runs:
         rows = combine([Path(r) for r in args.runs])
         atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
