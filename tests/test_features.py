@@ -64,6 +64,8 @@ def _compare(guide, samples, regularizer_weight=None):
     reference = full_vocabulary_loss(guide, batch, regularizer_weight)
     uncached = guide_loss(guide, batch, regularizer_weight).loss
     batch.base_hidden = cache.batch_hidden(indices, batch.input_ids.shape[1])
+    if cache.metadata["last_hidden"]:  # DiNADO-Merge: log p from the cached last hidden states
+        batch.base_last_hidden = cache.batch_hidden(indices, batch.input_ids.shape[1], last=True)
     cached = guide_loss(guide, batch, regularizer_weight).loss
     return [(loss, _grads(loss, guide)) for loss in (reference, uncached, cached)]
 
@@ -276,7 +278,11 @@ def test_merge_cache_runs_only_the_layers_from_the_adapted_one_up(kind):
     batch.base_hidden = cache.batch_hidden(indices, batch.input_ids.shape[1])
     loss = guide_loss(guide, batch).loss
     assert calls == [0, 2]  # the bottom layer never runs; the top one with and without the adapter
-    batch.base_hidden = torch.zeros_like(batch.base_hidden)  # and what the top layer reads is the cache
+    batch.base_last_hidden = cache.batch_hidden(indices, batch.input_ids.shape[1], last=True)
+    calls[:] = [0, 0]
+    assert abs(guide_loss(guide, batch).loss.item() - loss.item()) < 1e-5  # log p from the cached last states
+    assert calls == [0, 1]  # and the top layer runs once, with the adapter
+    batch.base_hidden = torch.zeros_like(batch.base_hidden)  # what the top layer reads is the cache
     assert abs(guide_loss(guide, batch).loss.item() - loss.item()) > 1e-3
     for hook in hooks:
         hook.remove()
@@ -306,7 +312,7 @@ def test_a_base_whose_head_the_cache_cannot_reproduce_is_refused():
 
 
 @pytest.mark.parametrize("kind", list(BASES))
-def test_one_shared_base_pass_gives_each_guide_its_own_cache(kind):
+def test_one_shared_base_pass_gives_each_guide_its_own_cache(kind, tmp_path):
     samples = _samples()
     base = BASES[kind]()
     merge = Guide.create(base, "dinado-merge", lora_r=4, lora_target_modules=TOP_LAYER)
@@ -330,6 +336,20 @@ def test_one_shared_base_pass_gives_each_guide_its_own_cache(kind):
         assert cache.metadata == alone.metadata
         assert torch.allclose(cache.batch_hidden(range(12), 12), alone.batch_hidden(range(12), 12), atol=1e-6)
         dinado.train(guide, samples, max_steps=1, batch_size=4, cache_features=cache)  # accepted by train
+    assert [c.metadata["last_hidden"] for c in shared] == [True, False, True]
+    assert shared[0].batch_hidden(range(12), 12, last=True).equal(shared[1].batch_hidden(range(12), 12))
+    shared[0].save(tmp_path / "merge.safetensors")
+    for in_memory in (True, False):
+        loaded = FeatureCache.load(tmp_path / "merge.safetensors", in_memory=in_memory)
+        assert loaded.metadata["last_hidden"] and loaded.nbytes == shared[0].nbytes
+        for last in (False, True):
+            assert loaded.batch_hidden(range(12), 12, last).equal(shared[0].batch_hidden(range(12), 12, last))
+    on_disk = precompute_features(merge, samples, path=tmp_path / "written.safetensors")
+    for last in (False, True):
+        written, kept = on_disk.batch_hidden(range(12), 12, last), shared[0].batch_hidden(range(12), 12, last)
+        assert torch.allclose(written, kept, atol=1e-5)  # other batches: other padding, the same states
+    with pytest.raises(FeatureCacheError, match="no last hidden states"):
+        shared[1].batch_hidden(range(12), 12, last=True)
 
 
 def test_a_shared_pass_refuses_guides_on_different_bases():

@@ -33,6 +33,9 @@ class Batch:
     # the frozen base's last hidden states of these rows [B, L, H], from a FeatureCache: when set, the loss
     # reads them instead of running the base (module variants only; see features.py)
     base_hidden: torch.Tensor | None = None
+    # DiNADO-Merge: base_hidden is the input of its lowest adapted layer; this, where the cache holds them, the
+    # base's last hidden states [B, L, H] (log p without running the layers above without the adapter)
+    base_last_hidden: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{k: v.to(device) if v is not None else None for k, v in self.__dict__.items()})

@@ -17,8 +17,9 @@ they are recomputed in the backward pass: two more matrix products per chunk, no
 
 DiNADO-Merge trains a LoRA adapter inside the base, so the base's last hidden states change at every step; but
 the decoder layers below the lowest adapted one do not. Its cache holds the hidden states that layer reads
-(``metadata["layer"]``), and each step runs only the layers from there up (twice: with the adapter, and without it
-for log p) and the LM head only at the positions the loss reads (:func:`dinado.hf.start_at_layer`). With LoRA on
+(``metadata["layer"]``) and the base's own last hidden states, and each step runs only the layers from there up, with
+the adapter (log p comes from the cached last hidden states), and the LM head only at the positions the loss
+reads (:func:`dinado.hf.start_at_layer`). With LoRA on
 the top 6 of SmolLM2's 30 layers that skips four fifths of the stack; with LoRA everywhere (the default) the
 cache is the embeddings' output and only the LM head's rows are saved. Encoder-decoder bases work the same
 way for the module variants (the cache holds the decoder's hidden states; the source reaches them through
@@ -507,7 +508,9 @@ def _merge_position_stats(
 
     As :meth:`Guide.forward`: log p from the base without its adapter, log pi with it, the direction their clamped
     difference and the norm head on the adapted last hidden states; but the layers below the cached one are not
-    run, and the LM head and everything over the vocabulary only at the rows the loss reads."""
+    run, log p comes from the cached last hidden states where the cache holds them (``batch.base_last_hidden``;
+    else the layers above run a second time, without the adapter), and the LM head and everything over the
+    vocabulary only at the rows the loss reads."""
     layer, reason = merge_start_layer(guide)
     if reason is not None:
         raise FeatureCacheError(f"cached features cannot train this guide: {reason}")
@@ -518,8 +521,13 @@ def _merge_position_stats(
     body = base_body(base)
     kwargs = guide._base_kwargs(ids, mask, None, None)
     with start_at_layer(base, layer, batch.base_hidden.to(base_dtype)):
-        with torch.no_grad(), base.disable_adapter():
-            plain = last_hidden_state(body(**kwargs))
+        if (
+            batch.base_last_hidden is not None
+        ):  # the base's own last hidden states, cached with the layer's input
+            plain = batch.base_last_hidden.to(base_dtype)
+        else:
+            with torch.no_grad(), base.disable_adapter():
+                plain = last_hidden_state(body(**kwargs))
         adapted = last_hidden_state(body(**kwargs))
     comp, term = batch.completion_mask.bool(), batch.terminal_mask.bool()
     next_completion = F.pad(comp[:, 1:], (0, 1))
@@ -614,7 +622,9 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 
 class FeatureCache:
     """The frozen base's last hidden states of every collated row of a SampleSet: [tokens, H] and row offsets
-    (for DiNADO-Merge: what its lowest adapted decoder layer reads, that layer's index in ``metadata["layer"]``).
+    (for DiNADO-Merge: what its lowest adapted decoder layer reads, that layer's index in ``metadata["layer"]``,
+    and, where ``metadata["last_hidden"]``, the base's last hidden states too, so that a training step need not
+    run the layers above without the adapter to get log p).
 
     Built by :func:`precompute_features`; pass it to ``dinado.train(..., cache_features=cache)``, or let
     ``train`` build one. ``save(path)`` / ``FeatureCache.load(path)`` keep it in a safetensors file; a cache
@@ -622,13 +632,21 @@ class FeatureCache:
     """
 
     def __init__(
-        self, hidden: torch.Tensor | None, offsets: torch.Tensor, metadata: dict[str, Any], reader: Any = None
+        self,
+        hidden: torch.Tensor | None,
+        offsets: torch.Tensor,
+        metadata: dict[str, Any],
+        reader: Any = None,
+        last: torch.Tensor | None = None,
+        last_reader: Any = None,
     ) -> None:
         self._hidden = hidden
         self._reader = reader  # a safetensors slice of the file's "hidden" when not in memory
+        self._last, self._last_reader = last, last_reader  # the same for "last" (Merge caches only)
         self._handle: Any = None
         self.offsets = offsets
         self.metadata = dict(metadata)
+        self.metadata["last_hidden"] = last is not None or last_reader is not None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -651,17 +669,28 @@ class FeatureCache:
 
     @property
     def nbytes(self) -> int:
-        return self.num_tokens * self.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+        blocks = 2 if self.metadata["last_hidden"] else 1
+        return blocks * self.num_tokens * self.hidden_size * torch.empty((), dtype=self.dtype).element_size()
 
     def rows(self, index: int) -> torch.Tensor:
         a, b = int(self.offsets[index]), int(self.offsets[index + 1])
         return self._hidden[a:b] if self._hidden is not None else self._reader[a:b]
 
-    def batch_hidden(self, indices: Sequence[int], length: int) -> torch.Tensor:
-        """[B, length, H] hidden states of ``indices``, right-padded with zeros as ``SampleSet.collate`` pads."""
+    def last_rows(self, index: int) -> torch.Tensor:
+        a, b = int(self.offsets[index]), int(self.offsets[index + 1])
+        return self._last[a:b] if self._last is not None else self._last_reader[a:b]
+
+    def batch_hidden(self, indices: Sequence[int], length: int, last: bool = False) -> torch.Tensor:
+        """[B, length, H] hidden states of ``indices``, right-padded with zeros as ``SampleSet.collate`` pads
+        (``last``: the base's last hidden states a Merge cache also holds)."""
+        if last and not self.metadata["last_hidden"]:
+            raise FeatureCacheError(
+                "this cache holds no last hidden states (metadata['last_hidden'] is false)"
+            )
+        read = self.last_rows if last else self.rows
         out = torch.zeros((len(indices), length, self.hidden_size), dtype=self.dtype)
         for r, i in enumerate(indices):
-            rows = self.rows(i)
+            rows = read(i)
             out[r, : rows.shape[0]] = rows
         return out
 
@@ -693,12 +722,15 @@ class FeatureCache:
             raise FeatureCacheError(f"the feature cache does not fit: {'; '.join(problems)}")
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the cache as one safetensors file (``hidden``, ``offsets``, metadata in its header)."""
+        """Write the cache as one safetensors file (``hidden``, ``last`` where held, ``offsets``, metadata in its
+        header)."""
         with _SafetensorsWriter(
             path, len(self), self.num_tokens, self.hidden_size, self.dtype, self.metadata
         ) as w:
             for i in range(len(self)):
                 w.write_rows(int(self.offsets[i]), self.rows(i))
+                if self.metadata["last_hidden"]:
+                    w.write_rows(int(self.offsets[i]), self.last_rows(i), "last")
             w.write_offsets(self.offsets)
 
     @classmethod
@@ -713,9 +745,12 @@ class FeatureCache:
         metadata = json.loads(header["metadata"])
         metadata["path"] = str(path)
         offsets = handle.get_tensor("offsets")
+        has_last = bool(metadata.get("last_hidden"))
         if in_memory:
-            return cls(handle.get_tensor("hidden"), offsets, metadata)
-        cache = cls(None, offsets, metadata, reader=handle.get_slice("hidden"))
+            last = handle.get_tensor("last") if has_last else None
+            return cls(handle.get_tensor("hidden"), offsets, metadata, last=last)
+        last_reader = handle.get_slice("last") if has_last else None
+        cache = cls(None, offsets, metadata, reader=handle.get_slice("hidden"), last_reader=last_reader)
         cache._handle = handle  # the open file the reader reads from
         return cache
 
@@ -727,21 +762,25 @@ class _SafetensorsWriter:
     def __init__(self, path, num_samples, num_tokens, hidden_size, dtype, metadata) -> None:
         self.path = Path(path)
         self.element = torch.empty((), dtype=dtype).element_size()
-        hidden_bytes = num_tokens * hidden_size * self.element
+        block = num_tokens * hidden_size * self.element
         self.row_bytes = hidden_size * self.element
         offsets_bytes = (num_samples + 1) * 8
-        header = {
-            "__metadata__": {"format": CACHE_FORMAT, "metadata": json.dumps(metadata, sort_keys=True)},
-            "hidden": {
+        names = ["hidden", "last"] if metadata.get("last_hidden") else ["hidden"]
+        self.starts = {name: i * block for i, name in enumerate(names)}  # each [tokens, H] block's offset
+        hidden_bytes = len(names) * block
+        header: dict[str, Any] = {
+            "__metadata__": {"format": CACHE_FORMAT, "metadata": json.dumps(metadata, sort_keys=True)}
+        }
+        for name, start in self.starts.items():
+            header[name] = {
                 "dtype": _SAFETENSORS_DTYPES[dtype],
                 "shape": [num_tokens, hidden_size],
-                "data_offsets": [0, hidden_bytes],
-            },
-            "offsets": {
-                "dtype": "I64",
-                "shape": [num_samples + 1],
-                "data_offsets": [hidden_bytes, hidden_bytes + offsets_bytes],
-            },
+                "data_offsets": [start, start + block],
+            }
+        header["offsets"] = {
+            "dtype": "I64",
+            "shape": [num_samples + 1],
+            "data_offsets": [hidden_bytes, hidden_bytes + offsets_bytes],
         }
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
@@ -758,8 +797,8 @@ class _SafetensorsWriter:
         self.file.truncate(self.total)
         return self
 
-    def write_rows(self, first_token: int, rows: torch.Tensor) -> None:
-        self.file.seek(self.data_start + first_token * self.row_bytes)
+    def write_rows(self, first_token: int, rows: torch.Tensor, name: str = "hidden") -> None:
+        self.file.seek(self.data_start + self.starts[name] + first_token * self.row_bytes)
         self.file.write(_raw_bytes(rows))
 
     def write_offsets(self, offsets: torch.Tensor) -> None:
@@ -875,6 +914,9 @@ def _precompute(guides, samples, batch_size, dtype, paths, progress) -> list[Fea
     offsets = F.pad(lengths.cumsum(0), (1, 0))
     hidden_size = runner.config.base_hidden_size
     layers = [cache_layer(g) for g in guides]
+    # what each guide's cache holds: a module guide the last hidden states (None); a Merge guide the input of its
+    # lowest adapted layer and the last hidden states (log p without running the layers above a second time)
+    holds = [[None] if layer is None else [layer, None] for layer in layers]
     metadatas = [
         {
             "layer": layer,
@@ -883,6 +925,7 @@ def _precompute(guides, samples, batch_size, dtype, paths, progress) -> list[Fea
             "hidden_size": hidden_size,
             "dtype": str(storage).removeprefix("torch."),
             "num_samples": len(samples),
+            "last_hidden": layer is not None,
         }
         for g, layer in zip(guides, layers, strict=True)
     ]
@@ -890,12 +933,12 @@ def _precompute(guides, samples, batch_size, dtype, paths, progress) -> list[Fea
     keep_logits = "logits_to_keep" in _forward_parameters(base)
     order = sorted(range(len(samples)), key=lambda i: (int(lengths[i]), i))
     device = runner.device
-    shared = {  # one in-memory store per cached layer: guides reading the same states share it
-        layer: torch.empty((num_tokens, hidden_size), dtype=storage)
-        for layer, path in zip(layers, paths, strict=True)
+    shared = {  # one in-memory store per kind of states: guides reading the same states share it
+        key: torch.empty((num_tokens, hidden_size), dtype=storage)
+        for keys, path in zip(holds, paths, strict=True)
         if path is None
+        for key in keys
     }
-    stores = [shared[layer] if path is None else None for layer, path in zip(layers, paths, strict=True)]
     wanted = sorted({layer for layer in layers if layer is not None})
     with ExitStack() as stack:
         writers = []
@@ -913,7 +956,7 @@ def _precompute(guides, samples, batch_size, dtype, paths, progress) -> list[Fea
         if runner.module is None and hasattr(base, "disable_adapter"):
             stack.enter_context(base.disable_adapter())  # the frozen base's logits, for the checks
         bar = stack.enter_context(tqdm(total=len(samples), desc="cache features", disable=not progress))
-        last = stack.enter_context(capture_hidden(base)) if None in layers else None
+        last = stack.enter_context(capture_hidden(base))
         inputs = {layer: stack.enter_context(capture_layer_input(base, layer)) for layer in wanted}
         for n, start in enumerate(range(0, len(order), batch_size)):
             part = order[start : start + batch_size]
@@ -925,27 +968,27 @@ def _precompute(guides, samples, batch_size, dtype, paths, progress) -> list[Fea
                 kwargs["logits_to_keep"] = 1  # the LM head is recomputed at training time, where needed
             logits = base(**kwargs).logits
             states = {layer: seen[-1] for layer, seen in inputs.items()}
-            if last is not None:
-                states[None] = last.pop()
+            states[None] = last.pop()
             if n == 0:
                 for guide, layer in zip(guides, layers, strict=True):
                     _check_cache_head(guide, layer, states[layer], kwargs, logits, batch.attention_mask)
-                if last is not None:
-                    last.parts.clear()  # what the checks' own passes left in the hooks
+                last.parts.clear()  # what the checks' own passes left in the hooks
             for seen in inputs.values():
                 seen.clear()
             for layer in states:
                 states[layer] = states[layer].to("cpu", storage)
-            targets = [(layer, store) for layer, store in shared.items()]
-            targets += [(layer, w) for layer, w in zip(layers, writers, strict=True) if w is not None]
-            for layer, target in targets:
-                hidden = states[layer]
+            targets = [(key, store, None) for key, store in shared.items()]
+            for keys, writer in zip(holds, writers, strict=True):
+                if writer is not None:
+                    targets += [(key, writer, "hidden" if k == 0 else "last") for k, key in enumerate(keys)]
+            for key, target, name in targets:
+                hidden = states[key]
                 for r, i in enumerate(part):
                     rows = hidden[r, : int(lengths[i])]
-                    if isinstance(target, torch.Tensor):
+                    if name is None:
                         target[int(offsets[i]) : int(offsets[i + 1])] = rows
                     else:
-                        target.write_rows(int(offsets[i]), rows)
+                        target.write_rows(int(offsets[i]), rows, name)
             bar.update(len(part))
         for writer in writers:
             if writer is not None:
@@ -953,8 +996,8 @@ def _precompute(guides, samples, batch_size, dtype, paths, progress) -> list[Fea
     return [
         FeatureCache.load(path, in_memory=False)
         if path is not None
-        else FeatureCache(store, offsets, metadata)
-        for path, store, metadata in zip(paths, stores, metadatas, strict=True)
+        else FeatureCache(shared[keys[0]], offsets, metadata, last=shared[None] if len(keys) > 1 else None)
+        for path, keys, metadata in zip(paths, holds, metadatas, strict=True)
     ]
 
 

@@ -325,6 +325,8 @@ def train(
             for part, batch in zip(parts, collated, strict=True):
                 if cache is not None:
                     batch.base_hidden = cache.batch_hidden(part, batch.input_ids.shape[1])
+                    if cache.metadata["last_hidden"]:
+                        batch.base_last_hidden = cache.batch_hidden(part, batch.input_ids.shape[1], last=True)
                 terms = guide_loss(guide, batch.to(device), normalizer=normalizer)
                 terms.loss.backward()
                 loss_sum += terms.loss.item()
