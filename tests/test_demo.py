@@ -45,6 +45,11 @@ def test_the_commongen_demo_trains_merge_and_a_module_and_writes_its_summary(cha
         assert 0 <= metrics["success"] <= metrics["coverage"] + 1e-9 <= 1 + 1e-9
         assert metrics["base_perplexity"] > 1 and metrics["tokens_per_second"] > 0
     assert summary["train_samples"] == 4 * 2 and summary["seconds"] > 0
+    stages = summary["stages"]  # where the time went, stage by stage, adding up to (at most) the total
+    assert {"sample and label", "feature caches", "train dinado-merge", "decode and score base"} <= set(
+        stages
+    )
+    assert 0 < sum(stages.values()) <= summary["seconds"] + 1
     assert "| dinado-merge |" in printed and f"--adapter-scale {COMMONGEN_RECIPE['merge_scale']:g}" in printed
     assert (out / "report.md").is_file() and (out / "training_curves_dinado-soft.png").stat().st_size > 1000
     # each guide is saved and loads again on the base (what `dinado generate --guide` does)
@@ -74,3 +79,16 @@ def test_the_commongen_demo_trains_merge_and_a_module_and_writes_its_summary(cha
 def test_the_demo_refuses_bad_input_in_one_line(tmp_path, argv, message, capsys):
     assert main([*argv, "--output", str(tmp_path / "d")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_toy_demo_runs_end_to_end(tmp_path, capsys):
+    from dinado.demo import run_toy_demo
+
+    small = dict(corpus=600, held_out=4, train_prompts=4, samples_per_prompt=2, steps=2, pretrain_steps=2)
+    results = run_toy_demo(str(tmp_path / "toy"), **small)
+    assert set(results) == {"base", "nado", "dinado-soft", "dinado-merge"}
+    assert all(0.0 <= m["success"] <= 1.0 for m in results.values())
+    assert (tmp_path / "toy" / "report.md").is_file()
+    assert (tmp_path / "toy" / "guides" / "dinado-merge" / "dinado_config.json").is_file()
+    with pytest.raises(TypeError, match="unknown demo settings"):
+        run_toy_demo(str(tmp_path / "toy"), held_outt=3)

@@ -76,14 +76,14 @@ def _corpus(root: Path, num_train: int, num_test: int, seed: int) -> tuple[list[
     return prompts, held_out
 
 
-def _base(run: Path, data: Path, seed: int):
+def _base(run: Path, data: Path, seed: int, pretrain_steps: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = PretrainConfig(
         source_file=str(data / "train_src.txt"),
         target_file=str(data / "train_tgt.txt"),
         seed=seed,
-        **BASE_CONFIG,
+        **{**BASE_CONFIG, "max_steps": pretrain_steps},
     )
     base_dir = run / "base"
     saved = base_dir / "pretrain_config.json"
@@ -111,15 +111,36 @@ def _start(output: str, seed: int, threads: int | None) -> tuple[Path, float]:
     return run, time.perf_counter()
 
 
-def run_toy_demo(output: str, seed: int = 0, quick: bool = False, threads: int | None = None) -> dict:
+# The toy-language demo: a 2-layer GPT-2 pretrained on 20,000 toy sentences, then NADO, DiNADO-Soft and
+# DiNADO-Merge trained on 600 concept sets x 8 of its samples (``quick``: 150 sets, 150 steps, no Merge).
+TOY_RECIPE = dict(
+    corpus=20_000,
+    held_out=150,
+    train_prompts=600,
+    samples_per_prompt=8,
+    steps=450,
+    pretrain_steps=400,
+    merge=True,
+)
+_QUICK_TOY = dict(held_out=60, train_prompts=150, steps=150, merge=False)
+
+
+def run_toy_demo(
+    output: str, seed: int = 0, quick: bool = False, threads: int | None = None, **recipe
+) -> dict:
+    """The toy-language demo (module docstring); ``recipe`` overrides :data:`TOY_RECIPE`."""
+    unknown = sorted(set(recipe) - set(TOY_RECIPE))
+    if unknown:
+        raise TypeError(f"unknown demo settings {unknown}: choose from {sorted(TOY_RECIPE)}")
+    r = {**TOY_RECIPE, **(_QUICK_TOY if quick else {}), **recipe}
     run, start = _start(output, seed, threads)
-    train_prompts, held_out = _corpus(run / "data", 20_000, 60 if quick else 150, seed)
-    model, tokenizer = _base(run, run / "data", seed)
+    train_prompts, held_out = _corpus(run / "data", r["corpus"], r["held_out"], seed)
+    model, tokenizer = _base(run, run / "data", seed, r["pretrain_steps"])
     oracle = coverage_oracle()
     token_oracle = as_token_oracle(oracle, tokenizer)
     encode = lambda texts: [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
-    num_prompts, per_prompt = (150, 8) if quick else (600, 8)
+    num_prompts, per_prompt = r["train_prompts"], r["samples_per_prompt"]
     _log(f"sampling {per_prompt} completions for each of {num_prompts} training concept sets from the base")
     samples = sample(
         model,
@@ -136,15 +157,16 @@ def run_toy_demo(output: str, seed: int = 0, quick: bool = False, threads: int |
     _log(f"{len(samples)} samples, {samples.positive_rate:.1%} cover all their concepts")
 
     gen_kwargs = dict(max_new_tokens=24, do_sample=True, top_k=0, pad_token_id=tokenizer.pad_token_id)
-    variants = ["nado", "dinado-soft"] if quick else ["nado", "dinado-soft", "dinado-merge"]
-    steps = 150 if quick else 450
+    variants = ["nado", "dinado-soft", "dinado-merge"] if r["merge"] else ["nado", "dinado-soft"]
+    steps = r["steps"]
     # a guide never changes the model it is given (Merge's LoRA goes into its own module tree), so the same base
     # serves every variant and stays the base in the table
     plan = [(v, steps, dict(num_layers=2, lora_r=8, lora_alpha=16)) for v in variants]
-    systems, curves = _train_guides(model, tokenizer, samples, plan, run, seed)
+    stages: dict[str, float] = {}
+    systems, curves = _train_guides(model, tokenizer, samples, plan, run, seed, stages)
 
     results, outputs = _sample_and_score(
-        systems, model, tokenizer, held_out, oracle, seed, None, **gen_kwargs
+        systems, model, tokenizer, held_out, oracle, seed, None, stages, **gen_kwargs
     )
 
     atomic_write_text(run / "metrics.json", json.dumps(results, indent=2))
@@ -160,15 +182,20 @@ def run_toy_demo(output: str, seed: int = 0, quick: bool = False, threads: int |
     return results
 
 
-def _train_guides(model, tokenizer, samples, plan: list, run: Path, seed: int, merge_scale: float = 1.0):
+def _train_guides(
+    model, tokenizer, samples, plan: list, run: Path, seed: int, stages: dict, merge_scale: float = 1.0
+):
     """Train each ``(variant, steps, options)`` of ``plan`` on ``samples`` (batch 32) and save it under
     ``run/guides/<variant>``: (systems, curves), the systems being the base, each module guide and each Merge
-    guide folded into a copy of the base at ``merge_scale``; curves the per-step loss records."""
+    guide folded into a copy of the base at ``merge_scale``; curves the per-step loss records. Each stage's
+    seconds go into ``stages``."""
     systems: dict[str, object] = {"base": model}
     curves = {}
+    clock = time.perf_counter()
     guides = [Guide.create(model, variant, tokenizer=tokenizer, **options) for variant, _, options in plan]
     _log(f"one pass of the base over the {len(samples)} samples for the guides' feature caches")
     caches = precompute_shared_features(guides, samples, progress=True)
+    clock = _lap(stages, "feature caches", clock)
     for guide, cache, (variant, steps, _) in zip(guides, caches, plan, strict=True):
         _log(f"training {variant} for {steps} steps")
         records: list[dict] = []
@@ -185,15 +212,24 @@ def _train_guides(model, tokenizer, samples, plan: list, run: Path, seed: int, m
         guide.save_pretrained(run / "guides" / variant)
         curves[variant] = records
         systems[variant] = guide.merge(adapter_scale=merge_scale) if guide.module is None else guide
+        clock = _lap(stages, f"train {variant}", clock)
     return systems, curves
 
 
+def _lap(stages: dict, name: str, since: float) -> float:
+    """Record the seconds since ``since`` as stage ``name``; return now."""
+    now = time.perf_counter()
+    stages[name] = round(now - since, 1)
+    return now
+
+
 def _sample_and_score(
-    systems: dict, model, tokenizer, prompts, oracle, seed: int, prompt_format, **gen_kwargs
+    systems: dict, model, tokenizer, prompts, oracle, seed: int, prompt_format, stages: dict, **gen_kwargs
 ):
     """One output per prompt from each system (the same seed for each) and its metrics: (results, outputs)."""
     results, outputs = {}, {}
     for name, source in systems.items():
+        clock = time.perf_counter()
         _log(f"sampling {name} on {len(prompts)} held-out prompts")
         torch.manual_seed(seed)
         texts, new_tokens, seconds = generate_texts(
@@ -204,6 +240,7 @@ def _sample_and_score(
             prompts, texts, oracle, model=model, tokenizer=tokenizer, prompt_format=prompt_format
         )
         results[name]["tokens_per_second"] = new_tokens / max(seconds, 1e-9)
+        _lap(stages, f"decode and score {name}", clock)
     return results, outputs
 
 
@@ -268,12 +305,15 @@ def run_commongen_demo(
     held_out = [c.prompt for c in random.Random(seed).sample(unseen, r["held_out"])]
 
     _log(f"loading {base}")
+    stages: dict[str, float] = {}
+    clock = _lap(stages, "load data", start)
     model, tokenizer = load_model(base)
     chat = getattr(tokenizer, "chat_template", None) is not None
     fmt = PromptFormat(INSTRUCTION if chat else "{prompt}", chat)
     prompt_ids = encode_prompts(tokenizer, train_lines, prompt_format=fmt)
     texts = {tuple(i): line for i, line in zip(prompt_ids, train_lines, strict=True)}
     oracle = coverage_oracle()
+    clock = _lap(stages, "load base", clock)
     _log(
         f"sampling {r['samples_per_set']} completions for each of {r['train_sets']} CommonGen train concept sets"
     )
@@ -291,6 +331,7 @@ def run_commongen_demo(
     )
     samples.save(run / "samples.safetensors")
     labelled = relabel(samples, as_token_oracle(coverage_oracle(soft=True), tokenizer, texts))
+    _lap(stages, "sample and label", clock)
     _log(
         f"{len(samples)} samples, {samples.positive_rate:.1%} cover all their concepts; soft labels (covered "
         f"share) average {labelled.positive_rate:.3f}"
@@ -302,11 +343,13 @@ def run_commongen_demo(
         lora_r=8, lora_alpha=16, lora_target_modules=rf".*layers\.({top})\.(self_attn|mlp)\.[a-z]+_proj"
     )
     plan = [("dinado-merge", r["merge_steps"], merge), ("dinado-soft", r["module_steps"], dict(num_layers=2))]
-    systems, curves = _train_guides(model, tokenizer, labelled, plan, run, seed, r["merge_scale"])
+    systems, curves = _train_guides(model, tokenizer, labelled, plan, run, seed, stages, r["merge_scale"])
 
     gen_kwargs = dict(max_new_tokens=r["max_new_tokens"], do_sample=True, top_k=0, temperature=1.0)
     gen_kwargs["pad_token_id"] = tokenizer.pad_token_id
-    results, outputs = _sample_and_score(systems, model, tokenizer, held_out, oracle, seed, fmt, **gen_kwargs)
+    results, outputs = _sample_and_score(
+        systems, model, tokenizer, held_out, oracle, seed, fmt, stages, **gen_kwargs
+    )
 
     seconds = time.perf_counter() - start
     examples = [{"prompt": p, **{n: outputs[n][i] for n in systems}} for i, p in enumerate(held_out[:12])]
@@ -326,6 +369,8 @@ def run_commongen_demo(
         "held_out_sets": len(held_out),
         "train_samples": len(samples),
         "seconds": seconds,
+        "stages": stages,
+        "threads": torch.get_num_threads(),
     }
     atomic_write_text(run / "summary.json", json.dumps(summary, indent=2))
     _print_results(
@@ -336,6 +381,7 @@ def run_commongen_demo(
         f"{base} --guide {run / 'guides' / 'dinado-merge'} --adapter-scale {r['merge_scale']:g} --output "
         f"runs/merged\nReport: {run / 'report.md'}; summary: {run / 'summary.json'}; total {seconds:.0f} s"
     )
+    print("Seconds per stage: " + ", ".join(f"{k} {v:g}" for k, v in stages.items()))
     return summary
 
 
