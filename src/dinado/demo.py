@@ -161,7 +161,7 @@ def run_toy_demo(
     steps = r["steps"]
     # a guide never changes the model it is given (Merge's LoRA goes into its own module tree), so the same base
     # serves every variant and stays the base in the table
-    plan = [(v, steps, dict(num_layers=2, lora_r=8, lora_alpha=16)) for v in variants]
+    plan = [(v, steps, dict(num_layers=2, lora_r=8, lora_alpha=16), None) for v in variants]
     stages: dict[str, float] = {}
     systems, curves = _train_guides(model, tokenizer, samples, plan, run, seed, stages)
 
@@ -185,18 +185,18 @@ def run_toy_demo(
 def _train_guides(
     model, tokenizer, samples, plan: list, run: Path, seed: int, stages: dict, merge_scale: float = 1.0
 ):
-    """Train each ``(variant, steps, options)`` of ``plan`` on ``samples`` (batch 32) and save it under
-    ``run/guides/<variant>``: (systems, curves), the systems being the base, each module guide and each Merge
-    guide folded into a copy of the base at ``merge_scale``; curves the per-step loss records. Each stage's
-    seconds go into ``stages``."""
+    """Train each ``(variant, steps, options, learning rate or None)`` of ``plan`` on ``samples`` (batch 32)
+    and save it under ``run/guides/<variant>``: (systems, curves), the systems being the base, each module guide
+    and each Merge guide folded into a copy of the base at ``merge_scale``; curves the per-step loss records.
+    Each stage's seconds go into ``stages``."""
     systems: dict[str, object] = {"base": model}
     curves = {}
     clock = time.perf_counter()
-    guides = [Guide.create(model, variant, tokenizer=tokenizer, **options) for variant, _, options in plan]
+    guides = [Guide.create(model, variant, tokenizer=tokenizer, **options) for variant, _, options, _ in plan]
     _log(f"one pass of the base over the {len(samples)} samples for the guides' feature caches")
     caches = precompute_shared_features(guides, samples, progress=True)
     clock = _lap(stages, "feature caches", clock)
-    for guide, cache, (variant, steps, _) in zip(guides, caches, plan, strict=True):
+    for guide, cache, (variant, steps, _, learning_rate) in zip(guides, caches, plan, strict=True):
         _log(f"training {variant} for {steps} steps")
         records: list[dict] = []
         train(
@@ -204,6 +204,7 @@ def _train_guides(
             samples,
             max_steps=steps,
             batch_size=32,
+            learning_rate=learning_rate,
             seed=seed,
             progress=True,
             cache_features=cache,
@@ -261,17 +262,19 @@ def _print_results(results: dict, examples: list[dict], systems: list[str], held
 
 
 # The SmolLM2 demo recipe (docs/demo.md, docs/results/commongen.md): 100 train concept sets x 4 samples, soft
-# coverage labels; DiNADO-Merge with LoRA r 8 on the top 6 decoder layers for 40 steps of 32, folded in at 12 times
-# its weight change (the strength chosen for this recipe on 100 train concept sets it never trained on, not on
-# dev: 0.07 -> 0.22 success there); DiNADO-Soft (2-layer module) for 20 steps at alpha 1. Sized towards 6 minutes
-# on 2 CPU cores, not there yet (13.9 min on one contended thread: docs/demo.md); the full CommonGen recipe (200
-# sets x 8, 150 steps, scale 6) takes ~40 minutes there.
+# coverage labels; DiNADO-Merge with LoRA r 8 on the top 6 decoder layers for 20 steps of 32 at learning rate 2e-3,
+# folded in at 6 times its weight change; DiNADO-Soft (2-layer module) for 20 steps at alpha 1. Steps, learning
+# rate and scale were chosen on 200 train concept sets the guides never trained on, not on dev (base 0.135;
+# 40 steps at 1e-3, scale 12: 0.255; 20 steps at 2e-3, scale 6: 0.285 and half the training time; 16 steps at
+# 3e-3 stayed below the base at every scale tried). The full CommonGen recipe (200 sets x 8, 150 steps) takes
+# ~40 minutes on 2 cores.
 COMMONGEN_RECIPE = dict(
     train_sets=100,
     samples_per_set=4,
-    merge_steps=40,
+    merge_steps=20,
+    merge_lr=2e-3,
     module_steps=20,
-    merge_scale=12.0,
+    merge_scale=6.0,
     lora_layers=6,
     held_out=100,
     max_new_tokens=32,
@@ -342,7 +345,10 @@ def run_commongen_demo(
     merge = dict(
         lora_r=8, lora_alpha=16, lora_target_modules=rf".*layers\.({top})\.(self_attn|mlp)\.[a-z]+_proj"
     )
-    plan = [("dinado-merge", r["merge_steps"], merge), ("dinado-soft", r["module_steps"], dict(num_layers=2))]
+    plan = [
+        ("dinado-merge", r["merge_steps"], merge, r["merge_lr"]),
+        ("dinado-soft", r["module_steps"], dict(num_layers=2), None),
+    ]
     systems, curves = _train_guides(model, tokenizer, labelled, plan, run, seed, stages, r["merge_scale"])
 
     gen_kwargs = dict(max_new_tokens=r["max_new_tokens"], do_sample=True, top_k=0, temperature=1.0)
