@@ -145,6 +145,25 @@ def test_the_strength_is_chosen_on_train_sets_the_run_did_not_train_on(smoke, tm
     assert {tuple(s.concepts) for s in picked} == left and len(picked) == len(left)
 
 
+def test_a_selection_split_can_follow_devs_concept_counts():
+    from collections import Counter
+
+    from dinado.tasks.commongen import load_split
+
+    strength = load_benchmark("commongen", "strength.py")
+    train, dev = load_split(DATA, "train"), load_split(DATA, "dev")
+    run_args = {"seed": 0, "train_sets": 100}
+    trained = {tuple(s.concepts) for s in load_benchmark("commongen", "run.py").subset(train, 100, 1)}
+    uniform = strength.selection_split(train, run_args, 200, 31)
+    matched = strength.selection_split(train, run_args, 200, 31, like=dev)
+    shares = lambda sets: {k: n / len(sets) for k, n in Counter(len(s.concepts) for s in sets).items()}
+    assert shares(uniform)[3] > 0.65  # train is mostly 3-concept sets
+    assert len(matched) == 200 and not trained & {tuple(s.concepts) for s in matched}
+    for k, share in shares(dev).items():
+        assert abs(shares(matched)[k] - share) <= 1 / 200  # dev's shares, to one set
+    assert matched == strength.selection_split(train, run_args, 200, 31, like=dev)  # seeded
+
+
 @pytest.mark.parametrize("scale", ["0", "10000"])
 def test_saved_guides_decode_again_without_training_and_merge_at_a_chosen_scale(smoke, tmp_path, scale):
     out, results = smoke

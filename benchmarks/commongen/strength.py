@@ -10,6 +10,10 @@ DiNADO-Merge the strength is ``Guide.merge(adapter_scale=s)`` (the adapter's wei
 the base's cost); for the module variants it is the guidance strength alpha of ``dinado.generate``
 (``log p + alpha * d``). Scale 0 is the base itself. Writes ``strength.json`` and ``strength.md`` to
 ``--output`` (default: the run directory).
+
+``--concept-mix dev`` draws the selection sets with dev's shares of 3-, 4- and 5-concept sets (dev: 50 / 25 / 25%;
+train: 77 / 13 / 10%), so that the split is as hard as the one the strength is used on; the default, ``train``,
+draws uniformly from train as the earlier recorded selections did.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import random
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -35,8 +40,9 @@ from benchmarks.commongen.run import decode_kwargs, open_run, score  # noqa: E40
 log = logger("strength", "stdout")
 
 
-def selection_split(all_train: list, run_args: dict, size: int, seed: int) -> list:
-    """``size`` train concept sets outside the run's training subset (run.py draws it with seed + 1)."""
+def selection_split(all_train: list, run_args: dict, size: int, seed: int, like: list | None = None) -> list:
+    """``size`` train concept sets outside the run's training subset (run.py draws it with seed + 1); with
+    ``like`` (e.g. the dev split), in ``like``'s shares of concept counts (largest remainders), else uniformly."""
     rng = random.Random(run_args["seed"] + 1)
     n = run_args["train_sets"]
     trained = all_train if n <= 0 or n >= len(all_train) else rng.sample(all_train, n)
@@ -44,7 +50,21 @@ def selection_split(all_train: list, run_args: dict, size: int, seed: int) -> li
     rest = [s for s in all_train if tuple(s.concepts) not in seen]
     if not rest:
         raise SystemExit("the run trained on every train concept set: there is no selection split left")
-    return random.Random(seed).sample(rest, min(size, len(rest)))
+    size = min(size, len(rest))
+    if like is None:
+        return random.Random(seed).sample(rest, size)
+    counts = Counter(len(s.concepts) for s in like)
+    exact = {k: size * n / len(like) for k, n in counts.items()}
+    quota = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: quota[k] - exact[k])[: size - sum(quota.values())]:
+        quota[k] += 1
+    rng, chosen = random.Random(seed), []
+    for k in sorted(quota):
+        pool = [s for s in rest if len(s.concepts) == k]
+        if len(pool) < quota[k]:
+            raise SystemExit(f"only {len(pool)} unused train sets have {k} concepts; {quota[k]} are needed")
+        chosen += rng.sample(pool, quota[k])
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,6 +76,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=31, help="seed of the selection split")
     p.add_argument(
         "--decoding", choices=("sample", "beam", "greedy"), default="sample", help="decoding to choose it for"
+    )
+    p.add_argument(
+        "--concept-mix",
+        choices=("train", "dev"),
+        default="train",
+        help="draw the selection sets uniformly from train, or in dev's shares of 3/4/5-concept sets",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
@@ -70,11 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
     run_args = results["args"]
     out_dir = Path(args.output or run)
     guide = Guide.from_pretrained(run / "guides" / args.variant, model, tokenizer=tokenizer).eval()
-    sets = selection_split(load_split(run_args["data_dir"], "train"), run_args, args.sets, args.seed)
+    like = load_split(run_args["data_dir"], "dev") if args.concept_mix == "dev" else None
+    sets = selection_split(load_split(run_args["data_dir"], "train"), run_args, args.sets, args.seed, like)
     lines = [s.prompt for s in sets]
     decode = decode_kwargs(argparse.Namespace(**run_args), tokenizer, args.decoding)
+    mix = sorted(Counter(len(s.concepts) for s in sets).items())
     log(
-        f"{len(sets)} selection concept sets from train (none trained on); {args.decoding}; strengths {scales}"
+        f"{len(sets)} selection concept sets from train (none trained on; concept counts {mix}); "
+        f"{args.decoding}; strengths {scales}"
     )
     rows = []
     for scale in scales:
@@ -113,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         "decoding": args.decoding,
         "kind": "adapter_scale" if guide.module is None else "alpha",
         "selection_sets": len(sets),
+        "concept_mix": args.concept_mix,
         "rows": rows,
         "chosen": best["strength"],
     }
