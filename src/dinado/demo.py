@@ -258,7 +258,7 @@ def _print_results(results: dict, examples: list[dict], systems: list[str], held
     for ex in examples[:4]:
         print(f"  {ex['prompt']}")
         for name in systems:
-            print(f"    {name:<12} {ex[name]}")
+            print(f"    {name:<12} {ex[name].replace(chr(10), ' ⏎ ')}")  # one line per output
 
 
 # The SmolLM2 demo recipe (docs/demo.md, docs/results/commongen.md): 100 train concept sets x 4 samples, soft
