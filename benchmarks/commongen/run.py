@@ -698,12 +698,13 @@ def plot_training_curves(train_info: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_ce, ax_reg) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, info in train_info.items():
+    for i, (name, info) in enumerate(train_info.items()):
         if "cross_entropy" not in info:
             continue
-        ax_ce.plot(info["cross_entropy"], label=name)
+        color = f"C{i}"  # one colour per guide in both panels
+        ax_ce.plot(info["cross_entropy"], label=name, color=color)
         if any(v != 0 for v in info["regularizer"]):
-            ax_reg.plot(info["regularizer"], label=name)
+            ax_reg.plot(info["regularizer"], label=name, color=color)
     ax_ce.set_title("cross-entropy term")
     ax_reg.set_title("regulariser term (KL(Bern(S) || Bern(R)))")
     for ax in (ax_ce, ax_reg):
