@@ -337,6 +337,7 @@ def test_one_shared_base_pass_gives_each_guide_its_own_cache(kind, tmp_path):
         assert torch.allclose(cache.batch_hidden(range(12), 12), alone.batch_hidden(range(12), 12), atol=1e-6)
         dinado.train(guide, samples, max_steps=1, batch_size=4, cache_features=cache)  # accepted by train
     assert [c.metadata["last_hidden"] for c in shared] == [True, False, True]
+    assert [features.estimated_bytes(g, samples) for g in (merge, soft)] == [c.nbytes for c in shared[:2]]
     assert shared[0].batch_hidden(range(12), 12, last=True).equal(shared[1].batch_hidden(range(12), 12))
     shared[0].save(tmp_path / "merge.safetensors")
     for in_memory in (True, False):

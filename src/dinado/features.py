@@ -819,10 +819,12 @@ def _raw_bytes(tensor: torch.Tensor) -> bytes:
 
 
 def estimated_bytes(guide: Guide, samples: SampleSet, dtype: torch.dtype | None = None) -> int:
-    """The size of the cache of ``samples`` for ``guide``'s base, in ``dtype`` (default: the base's)."""
+    """The size of the cache of ``samples`` for ``guide``'s base, in ``dtype`` (default: the base's); a Merge
+    cache holds two blocks (its layer's input and the last hidden states)."""
     dtype = dtype or next(unwrap_peft(guide.base).parameters()).dtype
     tokens = sum(_rows(samples, i) for i in range(len(samples)))
-    return tokens * guide.config.base_hidden_size * torch.empty((), dtype=dtype).element_size()
+    blocks = 1 if cache_layer(guide) is None else 2
+    return blocks * tokens * guide.config.base_hidden_size * torch.empty((), dtype=dtype).element_size()
 
 
 def _check_head(
