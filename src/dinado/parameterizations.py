@@ -20,7 +20,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .numerics import row_max
+
+def row_max(x: torch.Tensor) -> torch.Tensor:
+    """``x.amax(dim=-1)`` with amax's gradient (shared among tied maxima), but through ``max``'s single-index
+    backward when every row's maximum is unique: amax's backward compares every element with the maximum, which
+    over a [rows, 49k] vocabulary costs ~20x its forward on CPU."""
+    if x.shape[-1] > 1 and x.requires_grad:
+        top_two = x.detach().topk(2, dim=-1).values
+        if not bool((top_two[..., 0] == top_two[..., 1]).any()):
+            return x.max(dim=-1).values
+    return x.amax(dim=-1)
 
 
 @dataclass
