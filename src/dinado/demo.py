@@ -101,6 +101,14 @@ def _base(run: Path, data: Path, seed: int, pretrain_steps: int):
     return model, tokenizer
 
 
+def _recipe(defaults: dict, quick: dict, overrides: dict) -> dict:
+    """``defaults`` updated by ``quick`` then by the caller's ``overrides`` (names must be the defaults')."""
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise TypeError(f"unknown demo settings {unknown}: choose from {sorted(defaults)}")
+    return {**defaults, **quick, **overrides}
+
+
 def _start(output: str, seed: int, threads: int | None) -> tuple[Path, float]:
     """Threads and seed set, the run directory made: (run directory, start time)."""
     if threads:
@@ -129,10 +137,7 @@ def run_toy_demo(
     output: str, seed: int = 0, quick: bool = False, threads: int | None = None, **recipe
 ) -> dict:
     """The toy-language demo (module docstring); ``recipe`` overrides :data:`TOY_RECIPE`."""
-    unknown = sorted(set(recipe) - set(TOY_RECIPE))
-    if unknown:
-        raise TypeError(f"unknown demo settings {unknown}: choose from {sorted(TOY_RECIPE)}")
-    r = {**TOY_RECIPE, **(_QUICK_TOY if quick else {}), **recipe}
+    r = _recipe(TOY_RECIPE, _QUICK_TOY if quick else {}, recipe)
     run, start = _start(output, seed, threads)
     train_prompts, held_out = _corpus(run / "data", r["corpus"], r["held_out"], seed)
     model, tokenizer = _base(run, run / "data", seed, r["pretrain_steps"])
@@ -293,10 +298,7 @@ def run_commongen_demo(
 ) -> dict:
     """The real-model demo (module docstring); ``recipe`` overrides :data:`COMMONGEN_RECIPE`; ``quick`` shrinks
     it to a smoke test (a few sets and steps: it shows the pipeline runs, not that the guides help)."""
-    unknown = sorted(set(recipe) - set(COMMONGEN_RECIPE))
-    if unknown:
-        raise TypeError(f"unknown demo settings {unknown}: choose from {sorted(COMMONGEN_RECIPE)}")
-    r = {**COMMONGEN_RECIPE, **(_QUICK_COMMONGEN if quick else {}), **recipe}
+    r = _recipe(COMMONGEN_RECIPE, _QUICK_COMMONGEN if quick else {}, recipe)
     run, start = _start(output, seed, threads)
     all_train = load_split(data_dir, "train")
     seen = {tuple(sorted(c.concepts)) for c in all_train}
