@@ -185,12 +185,56 @@ def test_saved_guides_decode_again_without_training_and_merge_at_a_chosen_scale(
     assert same == (scale == "0")
 
 
+def test_module_guides_decode_with_candidate_restricted_guidance(smoke, tmp_path, monkeypatch):
+    out, _ = smoke
+    run = load_benchmark("commongen", "run.py")
+    seen = []
+    real = run.generate_texts
+
+    def spy(source, *args, **kwargs):
+        seen.append((type(source).__name__, kwargs.get("candidates")))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(run, "generate_texts", spy)
+    argv = [
+        "--quick", "--output", str(tmp_path / "top3"), "--data-dir", str(DATA), "--base", str(out / "base"),
+        "--train-sets", "10", "--samples-per-set", "2", "--samples", str(out / "samples.safetensors"),
+        "--systems", "dinado-soft,dinado-merge", "--reuse-guides", str(out), "--candidates", "3",
+        "--dev-sets", "3", "--no-test", "--no-efficiency", "--decodings", "greedy", "--best-of", "",
+        "--max-new-tokens", "4", "--batch-size", "8",
+    ]  # fmt: skip
+    results = run.main(argv)
+    # the module guide gets the option; the base and the merged Merge model (plain models) do not
+    assert len(seen) == 3 and [c for name, c in seen if name == "Guide"] == [3]
+    assert all(c is None for name, c in seen if name != "Guide") and results["args"]["candidates"] == 3
+
+
+def test_candidates_must_be_positive(tmp_path, capsys):
+    run = load_benchmark("commongen", "run.py")
+    with pytest.raises(SystemExit):
+        run.parse_args(["--output", str(tmp_path), "--candidates", "0"])
+    assert "--candidates" in capsys.readouterr().err
+
+
 def test_calibration_reads_the_runs_guides_and_writes_its_report(smoke, tmp_path):
     out, _ = smoke
     argv = ["--run", str(out), "--sets", "2", "--samples-per-set", "2", "--depths", "1,2", "--rollouts", "2"]
     load_benchmark("commongen", "calibration.py").main([*argv, "--output", str(tmp_path)])
     report = json.loads((tmp_path / "calibration.json").read_text())
     assert report["run"] == str(out) and report["table"]
+
+
+@pytest.mark.parametrize(
+    "run_args, values, name",
+    [
+        ({"labels": "all"}, [0.0, 0.0, 1.0], "all concepts covered"),
+        ({"labels": "soft", "label_power": 1.0}, [0.0, 0.5, 1.0], "covered share"),
+        ({"labels": "soft", "label_power": 2.0}, [0.0, 0.25, 1.0], "covered share^2"),
+    ],
+)
+def test_calibration_scores_a_guide_against_the_labels_it_was_trained_on(run_args, values, name):
+    target, target_name = load_benchmark("commongen", "calibration.py").training_target(run_args)
+    assert target_name == name and [target(x) for x in (0.0, 0.5, 1.0)] == pytest.approx(values)
 
 
 @pytest.mark.parametrize("flags", [["--label-power", "2"], ["--labels", "soft", "--label-power", "0"]])

@@ -1,14 +1,16 @@
-"""Value calibration at intermediate prefixes: does a guide's R_theta(prefix) match P(C = 1 | prefix) under p?
+"""Value calibration at intermediate prefixes: does a guide's R_theta(prefix) match E[C | prefix] under p?
 
     python benchmarks/commongen/calibration.py --run /tmp/cg/run --sets 40 --rollouts 8
 
 For concept sets of dev that no guide saw, samples are drawn from the base p; at prefix depths d (completion
-tokens so far) the true value R*(prefix) = P(all concepts appear | prefix) is estimated by ``--rollouts``
-continuations from p of that prefix, each judged by the coverage oracle with the prefix included. Each guide of
-the run (``<run>/guides/<variant>``, as run.py saves them) gives R_theta(prefix) from one forward pass. Reported
-per variant and depth: mean absolute error |R_theta - R*_hat|, the ROC AUC of R_theta against the sample's own
-final label, the mean of each; and a calibration PNG (R*_hat against binned R_theta). R*_hat has the Monte-Carlo
-error of ``--rollouts`` draws (a standard error of at most 0.5 / sqrt(k)).
+tokens so far) the true value R*(prefix) = E_p[C | prefix] is estimated by ``--rollouts`` continuations from p of
+that prefix, each judged by the coverage oracle with the prefix included. C is what the run's guides were trained
+on: the all-concepts label (``run.py --labels all``) or the covered share, to ``--label-power`` (``--labels
+soft``), so that a soft-label guide is not scored against a target it never learned. Each guide of the run
+(``<run>/guides/<variant>``, as run.py saves them) gives R_theta(prefix) from one forward pass. Reported per
+variant and depth: mean absolute error |R_theta - R*_hat|, the ROC AUC of R_theta against the sample's own final
+all-concepts label, the mean of each; and a calibration PNG (R*_hat against binned R_theta). R*_hat has the
+Monte-Carlo error of ``--rollouts`` draws (a standard error of at most 0.5 / sqrt(k)).
 """
 
 from __future__ import annotations
@@ -41,14 +43,17 @@ from benchmarks.commongen.run import open_run  # noqa: E402
 log = logger("calibration")
 
 
+ALL_COVERED = 1.0 - 1e-9  # a covered share at or above this is "every concept covered"
+
+
 @torch.no_grad()
 def rollout_values(model, tokenizer, rows, oracle, k, max_new_tokens, eos, seed, batch_size=64):
-    """R*_hat for each (prompt ids + prefix ids) row: the share of k continuations from p that satisfy the oracle,
-    the oracle reading the prefix and the continuation together."""
+    """The oracle's k labels for each (prompt ids + prefix ids) row, one per continuation from p, the oracle
+    reading the prefix and the continuation together (R*_hat is their mean, or the mean of a function of them)."""
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     expanded = [(i, r) for i, r in enumerate(rows) for _ in range(k)]
-    hits = [0.0] * len(rows)
+    hits: list[list[float]] = [[] for _ in rows]
     with eval_mode(model):
         for start in range(0, len(expanded), batch_size):
             chunk = expanded[start : start + batch_size]
@@ -64,8 +69,17 @@ def rollout_values(model, tokenizer, rows, oracle, k, max_new_tokens, eos, seed,
                 completions.append(prefix + new)
             labels = oracle([c[1][0] for c in chunk], completions)
             for (i, _), y in zip(chunk, labels, strict=True):
-                hits[i] += float(y) / k
+                hits[i].append(float(y))
     return hits
+
+
+def training_target(run_args: dict):
+    """The function of the covered share that the run's guides were trained to predict: the all-concepts label
+    (``--labels all``) or the share to ``--label-power`` (``--labels soft``), with its name."""
+    if run_args.get("labels", "all") == "soft":
+        power = float(run_args.get("label_power", 1.0))
+        return (lambda share: share**power), ("covered share" if power == 1.0 else f"covered share^{power:g}")
+    return (lambda share: float(share >= ALL_COVERED)), "all concepts covered"
 
 
 @torch.no_grad()
@@ -110,9 +124,12 @@ def main(argv: list[str] | None = None) -> dict:
     dev = load_split(run_args["data_dir"], "dev")
     lines = [s.prompt for s in random.Random(args.seed + 21).sample(dev, min(args.sets, len(dev)))]
     ids = encode_prompts(tokenizer, lines, prompt_format=fmt)
+    # one soft oracle (the covered share) serves both targets: the guides' own (their training labels) and the
+    # all-concepts label (share 1) that the AUC is computed against
     oracle = as_token_oracle(
-        coverage_oracle(), tokenizer, {tuple(i): line for i, line in zip(ids, lines, strict=True)}
+        coverage_oracle(soft=True), tokenizer, {tuple(i): line for i, line in zip(ids, lines, strict=True)}
     )
+    target, target_name = training_target(run_args)
     max_new = run_args["max_new_tokens"]
     log(f"{len(lines)} dev concept sets x {args.samples_per_set} samples from p")
     samples = sample(
@@ -129,8 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
     picks = [(i, d) for i in range(len(samples)) for d in depths if d < len(samples.completions[i])]
     rows = [(list(samples.prompts[i]), list(samples.completions[i][:d])) for i, d in picks]
     log(f"{len(picks)} prefixes x {args.rollouts} rollouts")
-    truth = rollout_values(model, tokenizer, rows, oracle, args.rollouts, max_new, eos, args.seed + 23)
-    final = [float(samples.labels[i]) for i, _ in picks]
+    shares = rollout_values(model, tokenizer, rows, oracle, args.rollouts, max_new, eos, args.seed + 23)
+    truth = [sum(target(x) for x in row) / len(row) for row in shares]
+    log(f"R* is the expected {target_name} (what the run's guides were trained on)")
+    final = [float(float(samples.labels[i]) >= ALL_COVERED) for i, _ in picks]
     table: dict[str, dict] = {}
     values: dict[str, list[float]] = {}
     for path in sorted((run / "guides").iterdir()):
@@ -151,7 +170,13 @@ def main(argv: list[str] | None = None) -> dict:
                 "mean_r_theta": sum(r[j] for j in idx) / len(idx),
                 "mean_r_star": sum(truth[j] for j in idx) / len(idx),
             }
-    report = {"args": vars(args), "run": str(run), "table": table, "prefixes": len(picks)}
+    report = {
+        "args": vars(args),
+        "run": str(run),
+        "target": target_name,
+        "table": table,
+        "prefixes": len(picks),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "calibration.json", json.dumps(report, indent=1, default=str))
     lines_md = [
@@ -164,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
             lines_md.append(
                 f"| {name} | {d} | {c['prefixes']} | {c['mean_r_theta']:.3f} | {c['mean_r_star']:.3f} | {c['mae']:.3f} | {a} |"
             )
-    markdown = "\n".join(lines_md) + "\n"
+    markdown = f"R* = the expected {target_name} under p; AUC against the all-concepts label\n\n"
+    markdown += "\n".join(lines_md) + "\n"
     atomic_write_text(out_dir / "calibration.md", markdown)
     plot(values, truth, out_dir / "calibration.png")
     print(markdown)

@@ -159,6 +159,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guide-lr", type=float, default=None, help="guide learning rate (default: dinado's)")
     p.add_argument("--alpha", type=float, default=1.0, help="guidance strength of the module variants")
     p.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        help="decode the module variants with candidate-restricted guidance: only p's top-K tokens (and the "
+        "sequence's own) are guided (dinado.generate(..., candidates=K)); default: every token",
+    )
+    p.add_argument(
         "--merge-scale",
         type=float,
         default=1.0,
@@ -215,6 +222,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = sorted(set(args.systems) - set(VARIANTS + BASELINES)) + sorted(set(args.decodings) - set(DECODINGS))
     if bad:
         p.error(f"unknown systems or decodings {bad}: systems {VARIANTS + BASELINES}, decodings {DECODINGS}")
+    if args.candidates is not None and args.candidates < 1:
+        p.error(f"--candidates takes a positive number of tokens (p's top-K), got {args.candidates}")
     for flag in ("guide_options", "merge_options"):
         try:
             setattr(args, flag, json.loads(getattr(args, flag)))
@@ -445,6 +454,11 @@ def run_systems(
                         args.batch_size,
                         alpha=args.alpha if isinstance(source, Guide) else 1.0,
                         prompt_format=args.prompt_format,
+                        **(
+                            {"candidates": args.candidates}
+                            if isinstance(source, Guide) and args.candidates
+                            else {}
+                        ),
                         **decode_kwargs(args, tokenizer, mode),
                     )
                 calls = guide_oracle_calls if name in VARIANTS else 0
