@@ -103,6 +103,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"training steps per guide (default {FULL['steps']}; quick {QUICK['steps']})",
     )
     parser.add_argument("--batch-size", type=int, default=256, help="training batch size (default 256)")
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="training learning rate (default: dinado.train's default for each variant)",
+    )
     parser.add_argument("--variants", nargs="+", default=list(dinado.VARIANTS), choices=dinado.VARIANTS)
     parser.add_argument(
         "--proposal-samples",
@@ -164,6 +170,7 @@ def fit(
         batch_size=args.batch_size,
         seed=args.seed,
         use_weights=use_weights,
+        learning_rate=args.learning_rate,
     )
     result = evaluate(guide)
     return guide, Fit(result.kl_q_star_q, result.success_q, report.wall_seconds)
@@ -286,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"dinado {dinado.__version__} (sources {source_fingerprint()}), torch {torch.__version__}, "
         f"torch threads {torch.get_num_threads()}; steps {args.steps}, batch {args.batch_size}, "
-        f"seed {args.seed}\n"
+        f"seed {args.seed}, learning rate {args.learning_rate or 'default'}\n"
     )
     overall = time.perf_counter()
 

@@ -130,3 +130,28 @@ def test_a_bfloat16_module_gives_float32_loss_terms(variant, cache):
         if log_root is not None:
             ce, count = ce + bernoulli_cross_entropy(log_root, batch.labels).sum(), count + len(indices)
         assert abs(terms.cross_entropy.item() - (ce / count).item()) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "variant, options, length, expected",
+    [
+        (
+            "dinado-hard",
+            {},
+            24,
+            1e-3 * 6 / 24,
+        ),  # a Hard value is a product over 24 tokens: a quarter of the step
+        ("dinado-hard", {}, 4, 1e-3),  # as short as the exact testbed's completions: unchanged
+        ("dinado-merge", {"consistency": "hard"}, 12, 1e-3 * 6 / 12),
+        ("dinado-soft", {}, 24, 1e-3),  # a predicted norm: no product, no scaling
+        ("nado", {}, 24, 1e-3),
+    ],
+)
+def test_hard_consistencys_default_learning_rate_shrinks_with_completion_length(
+    variant, options, length, expected
+):
+    guide = Guide.create(tiny_gpt2(), variant, **options)
+    completions = [[7] * (length - 1) + [0], [9] * (length - 1) + [0]]
+    samples = SampleSet.from_token_ids([[0, 5]] * 2, completions, [1.0, 0.0])
+    assert dinado.train(guide, samples, max_steps=1, batch_size=2).learning_rate == pytest.approx(expected)
+    assert dinado.train(guide, samples, max_steps=1, batch_size=2, learning_rate=0.01).learning_rate == 0.01

@@ -143,8 +143,24 @@ def check_samples(guide: Guide, samples: SampleSet, allow_base_mismatch: bool = 
         )
 
 
-def default_learning_rate(guide: Guide) -> float:
-    return DEFAULT_LEARNING_RATES["lora" if guide.config.uses_lora else "module"]
+# Hard consistency (DiNADO-Hard; Merge with consistency="hard") learns no norm: a prefix's value is the root value
+# times the product of the per-token ratios q/p along the completion (method.md §3), so one optimiser step moves
+# the value of a completion of L tokens about L times as far as the per-token direction moves. The defaults above
+# were measured on the exact testbed, whose completions hold at most 6 tokens; on longer ones Hard's default rate
+# is scaled by 6 / (mean completion length). Measured (docs/results/commongen.md, "DiNADO-Hard's learning
+# rate"): on SmolLM2 CommonGen samples (24 tokens on average) 1e-3 overshoots (R >= 1, cross-entropy 13 at step
+# 3) and ends above its starting loss, while the scaled rate trains smoothly; on the testbed nothing changes.
+HARD_REFERENCE_LENGTH = 6.0
+
+
+def default_learning_rate(guide: Guide, samples: SampleSet | None = None) -> float:
+    """The default learning rate of ``guide`` (its kind's rate; for Hard consistency, scaled down by the mean
+    completion length of ``samples`` when that is over HARD_REFERENCE_LENGTH tokens)."""
+    lr = DEFAULT_LEARNING_RATES["lora" if guide.config.uses_lora else "module"]
+    if guide.config.consistency == "hard" and samples is not None and len(samples) > 0:
+        mean_length = sum(len(c) for c in samples.completions) / len(samples)
+        lr *= min(1.0, HARD_REFERENCE_LENGTH / mean_length)
+    return lr
 
 
 def _feature_cache(
@@ -217,6 +233,10 @@ def train(
     memory (large vocabularies); the loss is a mean over the whole batch's prefix terms, so every chunk's sums
     are divided by the batch's term counts and the step is the same for any ``micro_batch_size``.
 
+    ``learning_rate=None`` takes :func:`default_learning_rate`: 1e-3, and for Hard consistency 1e-3 times
+    6 / (the samples' mean completion length) when their completions are longer than 6 tokens on average (a
+    Hard value is a product over the completion's tokens, so a step moves it in proportion to the length).
+
     ``cache_features``: the module variants (NADO, DiNADO-Soft/-Hard) leave the base frozen, so its hidden
     states can be computed once (:func:`dinado.features.precompute_features`) and every step runs only the
     guide module and, where the loss needs log p, the base's LM head. DiNADO-Merge's adapter leaves the decoder
@@ -274,7 +294,7 @@ def train(
         math.ceil(epochs * steps_per_epoch) if epochs is not None else math.inf,
     )
     total = int(total)
-    lr = default_learning_rate(guide) if learning_rate is None else learning_rate
+    lr = default_learning_rate(guide, samples) if learning_rate is None else learning_rate
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
