@@ -126,7 +126,7 @@ TRAIN_SPEC = signature_spec(
         "epochs": "epochs (default 1 when --max-steps is not given; with both, the smaller wins)",
         "batch_size": "sequences per step (as dinado.train)",
         "micro_batch_size": "split steps into chunks for memory",
-        "learning_rate": "default: the variant's",
+        "learning_rate": "default: 1e-3; Hard consistency: 1e-3 x 6 / mean completion length when that is over 6",
         "weight_clip": "cap on self-normalised importance weights",
         "use_weights": "apply importance weights recorded in the samples",
         "checkpoint_every": "steps between checkpoints",
