@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     shares = rollout_values(model, tokenizer, rows, oracle, args.rollouts, max_new, eos, args.seed + 23)
     truth = [sum(target(x) for x in row) / len(row) for row in shares]
     log(f"R* is the expected {target_name} (what the run's guides were trained on)")
-    final = [float(float(samples.labels[i]) >= ALL_COVERED) for i, _ in picks]
+    all_covered, _ = training_target({"labels": "all"})
+    final = [all_covered(float(samples.labels[i])) for i, _ in picks]
     table: dict[str, dict] = {}
     values: dict[str, list[float]] = {}
     for path in sorted((run / "guides").iterdir()):

@@ -440,6 +440,9 @@ def run_systems(
 
     rows: list[dict] = []
     outputs: dict[str, dict[str, list[str]]] = {}
+    candidate_kwargs = (
+        {} if args.candidates is None else {"candidates": args.candidates}
+    )  # module guides only
     for split, sets in splits.items():
         split_prompts = [s.prompt for s in sets]
         for mode in args.decodings:
@@ -454,11 +457,7 @@ def run_systems(
                         args.batch_size,
                         alpha=args.alpha if isinstance(source, Guide) else 1.0,
                         prompt_format=args.prompt_format,
-                        **(
-                            {"candidates": args.candidates}
-                            if isinstance(source, Guide) and args.candidates
-                            else {}
-                        ),
+                        **(candidate_kwargs if isinstance(source, Guide) else {}),
                         **decode_kwargs(args, tokenizer, mode),
                     )
                 calls = guide_oracle_calls if name in VARIANTS else 0

@@ -143,19 +143,17 @@ def check_samples(guide: Guide, samples: SampleSet, allow_base_mismatch: bool = 
         )
 
 
-# Hard consistency (DiNADO-Hard; Merge with consistency="hard") learns no norm: a prefix's value is the root value
-# times the product of the per-token ratios q/p along the completion (method.md §3), so one optimiser step moves
-# the value of a completion of L tokens about L times as far as the per-token direction moves. The defaults above
-# were measured on the exact testbed, whose completions hold at most 6 tokens; on longer ones Hard's default rate
-# is scaled by 6 / (mean completion length). Measured (docs/results/commongen.md, "DiNADO-Hard's learning
-# rate"): on SmolLM2 CommonGen samples (24 tokens on average) 1e-3 overshoots (R >= 1, cross-entropy 13 at step
-# 3) and ends above its starting loss, while the scaled rate trains smoothly; on the testbed nothing changes.
+# The exact testbed's completion length, where the defaults above were measured; Hard consistency scales its rate
+# by this over the samples' mean completion length (measured: docs/results/commongen.md, "DiNADO-Hard's learning
+# rate").
 HARD_REFERENCE_LENGTH = 6.0
 
 
 def default_learning_rate(guide: Guide, samples: SampleSet | None = None) -> float:
-    """The default learning rate of ``guide`` (its kind's rate; for Hard consistency, scaled down by the mean
-    completion length of ``samples`` when that is over HARD_REFERENCE_LENGTH tokens)."""
+    """The default learning rate of ``guide``: its kind's rate, and for Hard consistency (DiNADO-Hard; Merge with
+    ``consistency="hard"``) that rate times HARD_REFERENCE_LENGTH / the mean completion length of ``samples`` when
+    it is longer. A Hard value is the root value times the per-token ratios q/p along the completion (method.md
+    §3), so one step moves it about length times as far as it moves one token's ratio."""
     lr = DEFAULT_LEARNING_RATES["lora" if guide.config.uses_lora else "module"]
     if guide.config.consistency == "hard" and samples is not None and len(samples) > 0:
         mean_length = sum(len(c) for c in samples.completions) / len(samples)
