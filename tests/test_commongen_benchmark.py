@@ -209,6 +209,40 @@ def test_module_guides_decode_with_candidate_restricted_guidance(smoke, tmp_path
     assert all(c is None for name, c in seen if name != "Guide") and results["args"]["candidates"] == 3
 
 
+def test_guides_can_train_on_importance_weighted_samples_from_a_merge_proposal(smoke, tmp_path):
+    out, smoke_results = smoke
+    run = load_benchmark("commongen", "run.py")
+    common = [
+        "--quick", "--data-dir", str(DATA), "--base", str(out / "base"), "--train-sets", "10",
+        "--samples-per-set", "2", "--proposal", str(out), "--dev-sets", "2", "--no-test", "--no-efficiency",
+        "--decodings", "greedy", "--best-of", "", "--max-new-tokens", "4", "--batch-size", "8", "--no-base",
+    ]  # fmt: skip
+    argv = [*common, "--output", str(tmp_path / "prop"), "--systems", "dinado-soft", "--guide-steps", "1"]
+    results = run.main([*argv, "--proposal-scale", "3"])
+    drawn = SampleSet.load(tmp_path / "prop" / "samples.safetensors")
+    assert drawn.log_weights is not None and drawn.log_weights.abs().max() > 1e-3  # q differs from p
+    assert "sample from the proposal" in results["seconds"]
+    info = results["train"]["proposal"]
+    assert info["scale"] == 3 and 1.0 - 1e-6 <= info["ess_per_set"] <= 2.0 + 1e-6
+    # the guide's oracle calls: its own 20 samples and the 20 the proposal was trained on
+    assert [r["train_oracle_calls"] for r in results["rows"]] == [20 + smoke_results["samples"]]
+    # the same samples again, reused: they must carry weights when --proposal is named
+    reused = run.main(
+        [*common, "--output", str(tmp_path / "again"), "--systems", "", "--samples", str(tmp_path / "prop" /
+         "samples.safetensors")]
+    )  # fmt: skip
+    assert reused["train"]["proposal"]["ess_per_set"] == pytest.approx(info["ess_per_set"])
+    with pytest.raises(SystemExit, match="drawn from p"):
+        run.main([*common, "--output", str(tmp_path / "p"), "--samples", str(out / "samples.safetensors")])
+
+
+def test_a_proposal_needs_a_saved_merge_guide(tmp_path, capsys):
+    run = load_benchmark("commongen", "run.py")
+    with pytest.raises(SystemExit):
+        run.parse_args(["--output", str(tmp_path / "o"), "--proposal", str(tmp_path)])
+    assert "no DiNADO-Merge guide" in capsys.readouterr().err
+
+
 def test_candidates_must_be_positive(tmp_path, capsys):
     run = load_benchmark("commongen", "run.py")
     with pytest.raises(SystemExit):

@@ -9,7 +9,8 @@ Stages (each one's wall time is recorded):
    ``--base-finetune-steps N`` a raw LM such as gpt2-large is first LoRA-fine-tuned on the references and
    merged), or, without ``--base``, a small GPT-2 pretrained here with ``dinado.pretrain``.
 2. sample: ``--samples-per-set`` completions from the base for each of ``--train-sets`` training concept sets
-   (a seeded random subset of CommonGen train), labelled by the inflection-aware coverage oracle.
+   (a seeded random subset of CommonGen train), labelled by the inflection-aware coverage oracle; with
+   ``--proposal RUN`` they come from that run's merged DiNADO-Merge guide instead, importance-weighted.
 3. train: NADO, DiNADO-Hard, DiNADO-Soft and DiNADO-Merge (LoRA) on those samples; the baselines: supervised
    LoRA fine-tuning and PEFT prompt tuning on the references of the same concept sets.
 4. decode dev (and test) with beam search and with sampling; best-of-N rejection sampling (N = 4, 16) from the
@@ -180,6 +181,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--samples", default=None, help="reuse this samples.safetensors (same base, sets and seed)"
     )
     p.add_argument(
+        "--proposal",
+        default=None,
+        help="draw the guides' training samples from the DiNADO-Merge guide saved in this earlier run "
+        "(<dir>/guides/dinado-merge, merged at --proposal-scale) instead of from p; each sample keeps its "
+        "importance weight log p - log q, self-normalised per concept set in training (with --samples: "
+        "those samples were drawn from it; its training samples are counted as oracle calls either way)",
+    )
+    p.add_argument(
+        "--proposal-scale", type=float, default=1.0, help="the proposal's adapter scale (Guide.merge)"
+    )
+    p.add_argument(
         "--rows-json", default=None, help="also write the result rows in the docs/results format here"
     )
     p.add_argument("--no-test", action="store_true", help="decode dev only (= --splits dev)")
@@ -229,6 +241,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, flag, json.loads(getattr(args, flag)))
         except json.JSONDecodeError as exc:
             p.error(f"--{flag.replace('_', '-')} is not JSON: {exc}")
+    if args.proposal is not None:
+        merge_dir = Path(args.proposal) / "guides" / "dinado-merge"
+        if not merge_dir.is_dir():
+            p.error(f"--proposal {args.proposal}: no DiNADO-Merge guide at {merge_dir}")
     if args.label_power <= 0 or (args.label_power != 1.0 and args.labels != "soft"):
         p.error(f"--label-power {args.label_power:g} needs --labels soft and a positive value")
     args.budgets = sorted(int(x) for x in args.budgets.split(",") if x.strip())
@@ -349,9 +365,17 @@ def run_systems(
             raise SystemExit(
                 f"--samples {args.samples} holds other prompts than this run's (sets, seed, format)"
             )
+        if args.proposal is not None and samples.log_weights is None:
+            raise SystemExit(
+                f"--samples {args.samples} were drawn from p, not from --proposal {args.proposal}"
+            )
         log(f"reusing {args.samples}")
     else:
-        with timer.stage("sample from the base"):
+        proposal = None
+        if args.proposal is not None:
+            source = Path(args.proposal) / "guides" / "dinado-merge"
+            proposal = Guide.from_pretrained(source, model, tokenizer=tokenizer).merge(args.proposal_scale)
+        with timer.stage("sample from the base" if proposal is None else "sample from the proposal"):
             samples = sample(
                 model,
                 prompt_ids,
@@ -362,10 +386,20 @@ def run_systems(
                 seed=args.seed,
                 tokenizer=tokenizer,
                 eos_token_id=sample_eos(args, tokenizer),
+                proposal=proposal,
             )
+        del proposal
     samples.save(run / "samples.safetensors")
     guide_oracle_calls = len(samples)
-    log(f"{len(samples)} samples from p, {samples.positive_rate:.1%} cover all their concepts")
+    origin = "p" if samples.log_weights is None else "the proposal"
+    log(f"{len(samples)} samples from {origin}, {samples.positive_rate:.1%} cover all their concepts")
+    if samples.log_weights is not None:
+        ess = mean_group_ess(samples)
+        train_info["proposal"] = {"source": args.proposal, "scale": args.proposal_scale, "ess_per_set": ess}
+        if args.proposal is not None:  # the proposal's own training samples count too
+            proposal_results = json.loads((Path(args.proposal) / "results.json").read_text())
+            guide_oracle_calls += int(proposal_results.get("samples", 0))
+        log(f"importance weights: mean effective sample size {ess:.2f} of {k} per concept set")
     training_set = samples
     if args.labels == "soft":
         # the same samples labelled by the covered share; no oracle call is counted twice (the share is read
