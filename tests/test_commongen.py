@@ -7,6 +7,7 @@ from dinado.tasks.commongen import (
     commongen_metrics,
     coverage_oracle,
     format_prompt,
+    is_word_list,
     load_pairs,
     load_split,
 )
@@ -103,6 +104,17 @@ def test_commongen_metrics_count_inflected_concepts(dev):
     m = commongen_metrics(sets, outputs)
     assert m["success"] == 0.5  # the reference covers its own concepts, the second output none
     assert 0 < m["coverage"] < 1
+
+
+def test_word_lists_are_counted_and_do_not_count_as_sentence_success(dev):
+    sets = dev[:2]
+    concepts = sets[1].concepts
+    listed = ", ".join(concepts) + ", and, the, a, " + ", ".join(concepts)  # covers every concept, as a list
+    assert is_word_list(listed) and not is_word_list(sets[0].references[0])
+    assert not is_word_list("one, two, three, four words in a longer sentence that reads on and on as prose")
+    m = commongen_metrics(sets, [sets[0].references[0], listed])
+    assert m["success"] == pytest.approx(1.0) and m["word_lists"] == pytest.approx(0.5)
+    assert m["sentence_success"] == pytest.approx(0.5)  # the list covers its concepts but is not a sentence
 
 
 class _FakeDatasets:

@@ -220,17 +220,31 @@ def caption_metrics(outputs: Sequence[str], references: Sequence[Sequence[str]])
     }
 
 
+def is_word_list(text: str) -> bool:
+    """Whether an output reads as a comma-separated list of words rather than a sentence: at least 4 commas and
+    at least one comma per 3 words. A coverage oracle rewards such lists ("sit, while, the, arm, make, stand,
+    ..."); a guide pushed too hard learns to produce them (docs/results/commongen.md)."""
+    commas = text.count(",")
+    return commas >= 4 and 3 * commas >= len(text.split())
+
+
 def commongen_metrics(sets: Sequence[ConceptSet], outputs: Sequence[str]) -> dict[str, float | None]:
-    """Coverage, all-concepts success and the caption metrics for one output per concept set."""
+    """Coverage, all-concepts success and the caption metrics for one output per concept set; ``word_lists`` is the
+    share of outputs that are comma-separated word lists (:func:`is_word_list`) and ``sentence_success`` the
+    all-concepts success counting those as failures."""
     if len(sets) != len(outputs):
         raise ValueError(f"{len(outputs)} outputs for {len(sets)} concept sets")
     prompts = [s.prompt for s in sets]
     oracle = coverage_oracle()
     cover = oracle.coverage(prompts, list(outputs))
     flat = [c for row in cover for c in row]
+    lists = [is_word_list(o) for o in outputs]
     metrics: dict[str, float | None] = {
         "coverage": sum(flat) / len(flat),
         "success": sum(all(row) for row in cover) / len(cover),
+        "sentence_success": sum(all(row) and not listed for row, listed in zip(cover, lists, strict=True))
+        / len(cover),
+        "word_lists": sum(lists) / len(lists),
         "mean_words": sum(len(o.split()) for o in outputs) / len(outputs),
     }
     metrics.update(caption_metrics(outputs, [s.references for s in sets]))
