@@ -241,10 +241,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, flag, json.loads(getattr(args, flag)))
         except json.JSONDecodeError as exc:
             p.error(f"--{flag.replace('_', '-')} is not JSON: {exc}")
+    args.proposal_guide = None  # the saved Merge guide that --proposal names
     if args.proposal is not None:
-        merge_dir = Path(args.proposal) / "guides" / "dinado-merge"
-        if not merge_dir.is_dir():
-            p.error(f"--proposal {args.proposal}: no DiNADO-Merge guide at {merge_dir}")
+        args.proposal_guide = str(Path(args.proposal) / "guides" / "dinado-merge")
+        if not Path(args.proposal_guide).is_dir():
+            p.error(f"--proposal {args.proposal}: no DiNADO-Merge guide at {args.proposal_guide}")
     if args.label_power <= 0 or (args.label_power != 1.0 and args.labels != "soft"):
         p.error(f"--label-power {args.label_power:g} needs --labels soft and a positive value")
     args.budgets = sorted(int(x) for x in args.budgets.split(",") if x.strip())
@@ -372,9 +373,10 @@ def run_systems(
         log(f"reusing {args.samples}")
     else:
         proposal = None
-        if args.proposal is not None:
-            source = Path(args.proposal) / "guides" / "dinado-merge"
-            proposal = Guide.from_pretrained(source, model, tokenizer=tokenizer).merge(args.proposal_scale)
+        if args.proposal_guide is not None:
+            merge_guide = Guide.from_pretrained(args.proposal_guide, model, tokenizer=tokenizer)
+            proposal = merge_guide.merge(args.proposal_scale)
+            del merge_guide
         with timer.stage("sample from the base" if proposal is None else "sample from the proposal"):
             samples = sample(
                 model,
