@@ -10,6 +10,7 @@ from dinado.tasks.commongen import (
     is_word_list,
     load_pairs,
     load_split,
+    sentence_check,
 )
 
 from .conftest import SHARED_DATA
@@ -115,6 +116,23 @@ def test_word_lists_are_counted_and_do_not_count_as_sentence_success(dev):
     m = commongen_metrics(sets, [sets[0].references[0], listed])
     assert m["success"] == pytest.approx(1.0) and m["word_lists"] == pytest.approx(0.5)
     assert m["sentence_success"] == pytest.approx(0.5)  # the list covers its concepts but is not a sentence
+
+
+def test_a_sentences_only_oracle_gives_word_lists_zero_and_round_trips_its_config(dev):
+    s = dev[1]
+    listed = ", ".join(s.concepts) + ", and, the, a, " + ", ".join(s.concepts)
+    half = " ".join(s.concepts[:1]) + " is here."
+    prompts = [s.prompt] * 3
+    plain = coverage_oracle(soft=True)(prompts, [s.references[0], listed, half])
+    strict = coverage_oracle(soft=True, sentences_only=True)
+    values = strict(prompts, [s.references[0], listed, half])
+    assert plain[1] == pytest.approx(1.0) and values[1] == 0.0  # covers every concept, but as a list
+    assert values[0] == pytest.approx(plain[0]) and values[2] == pytest.approx(plain[2]) and 0 < values[2] < 1
+    assert coverage_oracle(sentences_only=True)(prompts[:1], [listed]) == [0.0]
+    again = oracle_from_config(strict.to_config())
+    assert again(prompts, [s.references[0], listed, half]) == pytest.approx(values)
+    with pytest.raises(ValueError, match="2 prompts for 1 completions"):
+        sentence_check(prompts[:2], [listed])
 
 
 class _FakeDatasets:

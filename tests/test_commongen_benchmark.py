@@ -236,6 +236,57 @@ def test_guides_can_train_on_importance_weighted_samples_from_a_merge_proposal(s
         run.main([*common, "--output", str(tmp_path / "p"), "--samples", str(out / "samples.safetensors")])
 
 
+@pytest.mark.parametrize("listed", [True, False])
+def test_sentences_only_trains_the_guides_on_labels_that_give_word_lists_zero(
+    smoke, tmp_path, monkeypatch, listed
+):
+    out, _ = smoke
+    run = load_benchmark("commongen", "run.py")
+    import dinado.tasks.commongen as commongen
+
+    monkeypatch.setattr(commongen, "is_word_list", lambda text: listed)  # every completion is a list, or none
+    common = [
+        "--quick",
+        "--data-dir",
+        str(DATA),
+        "--base",
+        str(out / "base"),
+        "--train-sets",
+        "10",
+        "--samples-per-set",
+        "2",
+        "--samples",
+        str(out / "samples.safetensors"),
+        "--systems",
+        "",
+        "--dev-sets",
+        "2",
+        "--no-test",
+        "--no-efficiency",
+        "--decodings",
+        "greedy",
+        "--best-of",
+        "",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "8",
+        "--no-base",
+        "--labels",
+        "soft",
+        "--references",
+        "1",
+    ]  # fmt: skip  (the references cover their concepts: labels above 0 unless they count as word lists)
+    strict = run.main([*common, "--sentences-only", "--output", str(tmp_path / "strict")])["train"]["labels"]
+    plain = run.main([*common, "--output", str(tmp_path / "plain")])["train"]["labels"]
+    assert strict["sentences_only"] and not plain["sentences_only"] and plain["mean"] > 0
+    assert strict["mean"] == (0.0 if listed else pytest.approx(plain["mean"]))
+    with pytest.raises(SystemExit, match="--sentences-only"):
+        load_benchmark("commongen", "calibration.py").training_target(
+            {"labels": "soft", "sentences_only": True}
+        )
+
+
 def test_a_proposal_needs_a_saved_merge_guide(tmp_path, capsys):
     run = load_benchmark("commongen", "run.py")
     with pytest.raises(SystemExit):
@@ -298,6 +349,64 @@ def test_strength_can_be_chosen_under_beam_search(smoke, tmp_path, monkeypatch):
     assert report["decoding"] == "beam" and len(seen) == 2
     assert all(k["num_beams"] == results["args"]["beams"] and k["do_sample"] is False for k in seen)
     assert "decoding: beam" in (tmp_path / "strength.md").read_text()
+
+
+def test_strength_can_restrict_guidance_to_candidates_and_choose_by_sentence_success(
+    smoke, tmp_path, monkeypatch
+):
+    out, _ = smoke
+    strength = load_benchmark("commongen", "strength.py")
+    seen = []
+    real = strength.generate_texts
+
+    def spy(source, *args, **kwargs):
+        seen.append((type(source).__name__, kwargs.get("candidates")))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(strength, "generate_texts", spy)
+    # strength 1 decodes word lists only, strength 2 none: success would pick either, sentence success picks 2
+    real_score = strength.score
+
+    def fake_score(args, model, tokenizer, sets, texts):
+        metrics = real_score(args, model, tokenizer, sets, texts)
+        lists = 1.0 if len(seen) == 2 else 0.0
+        return dict(metrics, success=0.5, coverage=0.5, word_lists=lists, sentence_success=0.5 * (1 - lists))
+
+    monkeypatch.setattr(strength, "score", fake_score)
+    argv = [
+        "--run",
+        str(out),
+        "--variant",
+        "dinado-soft",
+        "--sets",
+        "3",
+        "--scales",
+        "0,1,2",
+        "--batch-size",
+        "4",
+    ]
+    report = strength.main(
+        [*argv, "--candidates", "5", "--criterion", "sentence_success", "--output", str(tmp_path)]
+    )
+    assert seen == [("GPT2LMHeadModel", None), ("Guide", 5), ("Guide", 5)]  # the base is never restricted
+    assert report["candidates"] == 5 and report["criterion"] == "sentence_success" and report["chosen"] == 2.0
+    assert [r["word_lists"] for r in report["rows"]] == [0.0, 1.0, 0.0]
+    assert "sentence success" in (tmp_path / "strength.md").read_text()
+    with pytest.raises(SystemExit, match="module variants"):
+        strength.main(
+            [
+                "--run",
+                str(out),
+                "--sets",
+                "3",
+                "--scales",
+                "1",
+                "--candidates",
+                "5",
+                "--output",
+                str(tmp_path),
+            ]
+        )
 
 
 @pytest.mark.parametrize(

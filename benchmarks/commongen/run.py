@@ -144,6 +144,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the guides' training labels: 1 when every concept is covered (all), or the covered share (soft)",
     )
     p.add_argument(
+        "--sentences-only",
+        action="store_true",
+        help="train the guides on labels that give 0 to comma-separated word lists whatever they cover "
+        "(coverage_oracle(sentences_only=True)); the samples, best-of-N and the metrics keep the coverage oracle",
+    )
+    p.add_argument(
         "--label-power",
         type=float,
         default=1.0,
@@ -402,20 +408,23 @@ def run_systems(
             proposal_results = json.loads((Path(args.proposal) / "results.json").read_text())
             guide_oracle_calls += int(proposal_results.get("samples", 0))
         log(f"importance weights: mean effective sample size {ess:.2f} of {k} per concept set")
-    training_set = samples
-    if args.labels == "soft":
-        # the same samples labelled by the covered share; no oracle call is counted twice (the share is read
-        # off the same coverage check), and samples.safetensors keeps the all-concepts labels
-        _, soft_token_oracle = prompt_ids_and_oracle(args, tokenizer, prompts, soft_oracle)
-        training_set = relabel(samples, soft_token_oracle)
-        log(f"soft coverage labels: mean label {training_set.positive_rate:.3f}")
+    training_set, label_token_oracle = samples, token_oracle
+    if args.labels == "soft" or args.sentences_only:
+        # the same samples labelled by the covered share and/or with word lists at 0; no oracle call is counted
+        # twice (both are read off the same completion), and samples.safetensors keeps the all-concepts labels
+        label_oracle = coverage_oracle(soft=args.labels == "soft", sentences_only=args.sentences_only)
+        _, label_token_oracle = prompt_ids_and_oracle(args, tokenizer, prompts, label_oracle)
+        training_set = relabel(samples, label_token_oracle)
+        kind = "soft coverage" if args.labels == "soft" else "all-concepts"
+        lists = " (word lists at 0)" if args.sentences_only else ""
+        log(f"{kind} labels{lists}: mean label {training_set.positive_rate:.3f}")
     if args.references > 0:
         pairs = [(s.prompt, r) for s in train_sets for r in s.references[: args.references]]
         references = reference_samples(
             tokenizer,
             [p for p, _ in pairs],
             [r for _, r in pairs],
-            soft_token_oracle if args.labels == "soft" else token_oracle,
+            label_token_oracle,
             prompt_format=args.prompt_format,
         )
         training_set = SampleSet.concat([training_set, references])
@@ -429,6 +438,11 @@ def run_systems(
     if args.label_power != 1.0:
         training_set = training_set.with_labels(training_set.labels**args.label_power)
         log(f"labels to the power {args.label_power:g}: mean label {training_set.positive_rate:.3f}")
+    train_info["labels"] = {
+        "kind": args.labels,
+        "sentences_only": args.sentences_only,
+        "mean": training_set.positive_rate,
+    }
 
     def make_guide(variant: str) -> Guide:
         if variant == "dinado-merge":

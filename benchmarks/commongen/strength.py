@@ -14,6 +14,11 @@ the base's cost); for the module variants it is the guidance strength alpha of `
 ``--concept-mix dev`` draws the selection sets with dev's shares of 3-, 4- and 5-concept sets (dev: 50 / 25 / 25%;
 train: 77 / 13 / 10%), so that the split is as hard as the one the strength is used on; the default, ``train``,
 draws uniformly from train as the earlier recorded selections did.
+
+Every row also records ``word_lists`` (the share of comma-separated word-list outputs) and ``sentence_success``
+(success counting them as failures); ``--criterion sentence_success`` chooses by the latter, for guides that
+can cover concepts by listing them. ``--candidates K`` decodes a module variant with candidate-restricted
+guidance (only p's top-K tokens are guided), as ``run.py --candidates`` does.
 """
 
 from __future__ import annotations
@@ -83,6 +88,19 @@ def main(argv: list[str] | None = None) -> dict:
         default="train",
         help="draw the selection sets uniformly from train, or in dev's shares of 3/4/5-concept sets",
     )
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        help="module variants: guide only p's top-K tokens (dinado.generate(..., candidates=K)); default: all",
+    )
+    p.add_argument(
+        "--criterion",
+        choices=("success", "sentence_success"),
+        default="success",
+        help="what the chosen strength maximises: all-concepts success, or that success counting comma-separated "
+        "word lists as failures",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default=None, help="directory for strength.json / .md (default: --run)")
@@ -90,12 +108,18 @@ def main(argv: list[str] | None = None) -> dict:
     scales = [float(x) for x in args.scales.split(",") if x.strip()]
     if not scales or any(s < 0 for s in scales):
         p.error(f"--scales must be non-negative numbers, got {args.scales!r}")
+    if args.candidates is not None and args.candidates < 1:
+        p.error(f"--candidates takes a positive number of tokens (p's top-K), got {args.candidates}")
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     results, model, tokenizer, fmt = open_run(run)
     run_args = results["args"]
     out_dir = Path(args.output or run)
     guide = Guide.from_pretrained(run / "guides" / args.variant, model, tokenizer=tokenizer).eval()
+    if args.candidates is not None and guide.module is None:
+        raise SystemExit(
+            f"--candidates applies to the module variants; {args.variant} is merged (an adapter scale)"
+        )
     like = load_split(run_args["data_dir"], "dev") if args.concept_mix == "dev" else None
     sets = selection_split(load_split(run_args["data_dir"], "train"), run_args, args.sets, args.seed, like)
     lines = [s.prompt for s in sets]
@@ -113,9 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
             source, alpha = guide.merge(adapter_scale=scale), 1.0
         else:
             source, alpha = guide, scale
+        restrict = {"candidates": args.candidates} if args.candidates is not None and source is guide else {}
         torch.manual_seed(run_args["seed"])
         texts, _, seconds = generate_texts(
-            source, tokenizer, lines, args.batch_size, alpha=alpha, prompt_format=fmt, **decode
+            source, tokenizer, lines, args.batch_size, alpha=alpha, prompt_format=fmt, **restrict, **decode
         )
         metrics = score(
             argparse.Namespace(batch_size=args.batch_size, prompt_format=fmt), model, tokenizer, sets, texts
@@ -128,13 +153,16 @@ def main(argv: list[str] | None = None) -> dict:
                 "coverage": coverage,
                 "words": words,
                 "base_ppl": metrics["base_ppl"],
+                "word_lists": metrics["word_lists"],
+                "sentence_success": metrics["sentence_success"],
             }
         )
         log(
-            f"strength {scale:g}: success {success:.3f}, coverage {coverage:.3f}, {words:.1f} words, base "
-            f"perplexity {metrics['base_ppl']:.1f} ({seconds:.0f} s)"
+            f"strength {scale:g}: success {success:.3f} (sentences {metrics['sentence_success']:.3f}), coverage "
+            f"{coverage:.3f}, {words:.1f} words, word lists {metrics['word_lists']:.3f}, base perplexity "
+            f"{metrics['base_ppl']:.1f} ({seconds:.0f} s)"
         )
-    best = max((r for r in rows if r["strength"] > 0), key=lambda r: (r["success"], r["coverage"]))
+    best = max((r for r in rows if r["strength"] > 0), key=lambda r: (r[args.criterion], r["coverage"]))
     report = {
         "command": shlex.join(["python", "benchmarks/commongen/strength.py", *(argv or sys.argv[1:])]),
         "run": str(run),
@@ -143,16 +171,23 @@ def main(argv: list[str] | None = None) -> dict:
         "kind": "adapter_scale" if guide.module is None else "alpha",
         "selection_sets": len(sets),
         "concept_mix": args.concept_mix,
+        "candidates": args.candidates,
+        "criterion": args.criterion,
         "rows": rows,
         "chosen": best["strength"],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "strength.json", json.dumps(report, indent=2))
     table = markdown_table(
-        ["strength", "success", "coverage", "words", "base ppl"],
+        ["strength", "success", "sentence success", "word lists", "coverage", "words", "base ppl"],
         [
-            [f"{r['strength']:g}", f"{r['success']:.3f}", f"{r['coverage']:.3f}", f"{r['words']:.1f}"]
-            + [f"{r['base_ppl']:.1f}"]
+            [
+                f"{r['strength']:g}",
+                f"{r['success']:.3f}",
+                f"{r['sentence_success']:.3f}",
+                f"{r['word_lists']:.3f}",
+            ]
+            + [f"{r['coverage']:.3f}", f"{r['words']:.1f}", f"{r['base_ppl']:.1f}"]
             for r in rows
         ],
     )

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..oracles import KeywordOracle
+from ..oracles import AllOf, CallableOracle, KeywordOracle
+from ..oracles.base import OracleBase
 
 PROMPT_MARKER = "="
 # what an instruct base (one whose tokenizer has a chat template) reads in its user turn; a base trained on
@@ -157,11 +158,22 @@ class CommonGenConcepts:
 
 
 def coverage_oracle(
-    soft: bool = False, *, marker: str | None = PROMPT_MARKER, sep: str | None = None
-) -> KeywordOracle:
+    soft: bool = False,
+    *,
+    marker: str | None = PROMPT_MARKER,
+    sep: str | None = None,
+    sentences_only: bool = False,
+) -> OracleBase:
     """Inflection-aware concept coverage read from each prompt (:class:`CommonGenConcepts`): all-or-nothing,
-    or the covered share (``soft=True``). (Formerly ``KeywordOracle.commongen(marker=, sep=, soft=)``.)"""
-    return KeywordOracle(CommonGenConcepts(marker=marker, sep=sep), soft=soft)
+    or the covered share (``soft=True``). (Formerly ``KeywordOracle.commongen(marker=, sep=, soft=)``.)
+
+    ``sentences_only=True`` gives 0 to comma-separated word lists (:func:`is_word_list`) whatever they cover:
+    ``AllOf(CallableOracle(sentence_check), coverage)``, so that a guide trained on its labels is not rewarded
+    for listing the concepts instead of writing a sentence."""
+    coverage = KeywordOracle(CommonGenConcepts(marker=marker, sep=sep), soft=soft)
+    if not sentences_only:
+        return coverage
+    return AllOf(CallableOracle(sentence_check), coverage)
 
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
@@ -226,6 +238,14 @@ def is_word_list(text: str) -> bool:
     ..."); a guide pushed too hard learns to produce them (docs/results/commongen.md)."""
     commas = text.count(",")
     return commas >= 4 and 3 * commas >= len(text.split())
+
+
+def sentence_check(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    """A batched text oracle: 0.0 for each completion that is a comma-separated word list (:func:`is_word_list`),
+    1.0 otherwise (the prompts are not read)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+    return [0.0 if is_word_list(c) else 1.0 for c in completions]
 
 
 def commongen_metrics(sets: Sequence[ConceptSet], outputs: Sequence[str]) -> dict[str, float | None]:
