@@ -462,6 +462,46 @@ def test_processes_split_a_run_by_split_and_system_and_combine_joins_their_rows(
     assert "| test (4) | greedy | dinado-merge | 1 |" in (tmp_path / "r.md").read_text()
 
 
+def test_combine_adds_a_later_runs_rows_to_an_existing_file(smoke, tmp_path):
+    out, _ = smoke
+    run = load_benchmark("commongen", "run.py")
+    combine = load_benchmark("commongen", "combine.py")
+    common = [
+        "--quick", "--data-dir", str(DATA), "--base", str(out / "base"), "--train-sets", "10",
+        "--samples-per-set", "2", "--samples", str(out / "samples.safetensors"), "--reuse-guides", str(out),
+        "--dev-sets", "3", "--splits", "dev", "--no-efficiency", "--decodings", "greedy", "--best-of", "",
+        "--max-new-tokens", "4", "--batch-size", "8",
+    ]  # fmt: skip
+    run.main([*common, "--output", str(tmp_path / "a"), "--systems", ""])
+    run.main(
+        [*common, "--output", str(tmp_path / "b"), "--systems", "dinado-soft", "--no-base", "--alpha", "2"]
+    )
+    run.main(
+        [*common, "--output", str(tmp_path / "c"), "--systems", "dinado-soft", "--no-base", "--alpha", "4",
+         "--candidates", "5"]
+    )  # fmt: skip
+    rows = tmp_path / "rows.json"
+    combine.main(["--runs", str(tmp_path / "a"), "--json", str(rows)])
+    (tmp_path / "a" / "results.json").unlink()  # the first run is gone; its rows live on in the file
+    combine.main(["--runs", str(tmp_path / "b"), "--json", str(rows), "--add"])
+    first = json.loads(rows.read_text())
+    assert [(r["system"], r["strength"], r.get("candidates")) for r in first] == [
+        ("base", None, None),
+        ("dinado-soft", 2.0, None),
+    ]
+    assert {"word_lists", "sentence_success"} <= set(first[1])
+    with pytest.raises(SystemExit, match="--replace"):
+        combine.main(["--runs", str(tmp_path / "c"), "--json", str(rows), "--add"])
+    assert json.loads(rows.read_text()) == first  # refused: nothing written
+    table = combine.main(["--runs", str(tmp_path / "c"), "--json", str(rows), "--add", "--replace"])
+    again = json.loads(rows.read_text())
+    assert [(r["system"], r["strength"], r.get("candidates")) for r in again] == [
+        ("base", None, None),
+        ("dinado-soft", 4.0, 5),
+    ]
+    assert again[0] == first[0] and "| 4, top-5 |" in table
+
+
 def test_combine_plots_every_guides_training_curves_in_one_png(smoke, tmp_path):
     out, _ = smoke
     combine = load_benchmark("commongen", "combine.py")

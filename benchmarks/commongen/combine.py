@@ -3,6 +3,8 @@
     python benchmarks/commongen/combine.py --runs runs/dev-sample runs/dev-beam runs/test-sample runs/test-beam \
         --json docs/results/commongen_smollm2.json --markdown docs/results/commongen_smollm2.md
     python benchmarks/commongen/combine.py --json docs/results/commongen_smollm2.json      # the table only
+    python benchmarks/commongen/combine.py --json docs/results/commongen_smollm2.json --add --runs runs/new \
+        [--replace]          # add a later run's rows to the file (its earlier runs need not exist any more)
     python benchmarks/commongen/combine.py --runs runs/merge runs/modules --curves-only \
         --curves docs/results/commongen_smollm2_curves.png   # every guide's training curves in one PNG
 
@@ -77,6 +79,19 @@ def combine(runs: list[Path]) -> list[dict]:
     return sorted(rows, key=_order)
 
 
+def add_rows(existing: list[dict], new: list[dict], replace: bool) -> list[dict]:
+    """``existing`` rows with ``new`` ones added, ordered; a (split, decoding, system) cell already in
+    ``existing`` is an error unless ``replace``, which drops the old row for the new one."""
+    cells = {(r["split"], r["decoding"], r["system"]) for r in new}
+    clash = sorted(c for c in cells if c in {(r["split"], r["decoding"], r["system"]) for r in existing})
+    if clash and not replace:
+        raise SystemExit(
+            f"{clash} are already in the file: pass --replace to put the new runs' rows in their place"
+        )
+    kept = [r for r in existing if (r["split"], r["decoding"], r["system"]) not in cells]
+    return sorted(kept + new, key=_order)
+
+
 def training_curves(runs: list[Path]) -> dict:
     """Each guide's per-step training record (``train`` of results.json) from the run that trained it."""
     curves, origin = {}, {}
@@ -123,7 +138,9 @@ def table(rows: list[dict]) -> str:
             f"{r['split']} ({r['sets']:,})" if "sets" in r else r["split"],
             r["decoding"],
             r["system"],
-            "–" if r.get("strength") is None else f"{r['strength']:g}",
+            "–"
+            if r.get("strength") is None
+            else f"{r['strength']:g}" + ("" if r.get("candidates") is None else f", top-{r['candidates']}"),
             f(r["success"]),
             f(r["coverage"]),
             f(r["bleu4"]),
@@ -151,7 +168,15 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument(
         "--curves-only", action="store_true", help="only the curves (runs whose rows are not for --json)"
     )
+    p.add_argument("--add", action="store_true", help="add the --runs' rows to the existing --json file")
+    p.add_argument(
+        "--replace", action="store_true", help="with --add: new rows replace rows of the same cell"
+    )
     args = p.parse_args(argv)
+    if args.replace and not args.add:
+        p.error("--replace goes with --add")
+    if args.add and not (args.runs and args.json and Path(args.json).is_file()):
+        p.error("--add needs --runs and an existing --json file")
     if args.curves_only and not (args.curves and args.runs):
         p.error("--curves-only needs --curves and --runs")
     if args.json is None and not args.curves_only:
@@ -165,6 +190,8 @@ def main(argv: list[str] | None = None) -> str:
             return summary
     if args.runs:
         rows = combine([Path(r) for r in args.runs])
+        if args.add:
+            rows = add_rows(json.loads(Path(args.json).read_text()), rows, args.replace)
         atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
     else:
         path = Path(args.json)

@@ -804,15 +804,20 @@ def plot_efficiency(result: dict, path: Path) -> None:
 def machine_rows(rows: list[dict], args: dict) -> list[dict]:
     """The rows in the format of docs/results/commongen_smollm2.json (system / decoding names fixed there), with
     each guide's ``strength`` (the run's ``--merge-scale`` for DiNADO-Merge, ``--alpha`` for the module variants;
-    None for the rest). ``args`` is the run's arguments as results.json keeps them."""
+    None for the rest), a module variant's ``candidates`` when it was decoded with candidate-restricted guidance,
+    and ``word_lists`` / ``sentence_success`` where the run scored them. ``args`` is the run's arguments as
+    results.json keeps them."""
     out = []
     for r in rows:
         system, decoding = r["system"], r["decoding"]
         if decoding.startswith("best of "):
             system, decoding = f"best-of-{decoding.split()[2]}", "sample"
-        strength = None
+        strength, candidates = None, None
         if system in VARIANTS:
             strength = args["merge_scale"] if system == "dinado-merge" else args["alpha"]
+            candidates = None if system == "dinado-merge" else args.get("candidates")
+        extra = {"candidates": candidates} if candidates is not None else {}
+        extra.update({k: r[k] for k in ("word_lists", "sentence_success") if k in r})
         out.append(
             {
                 "split": r["split"],
@@ -829,6 +834,7 @@ def machine_rows(rows: list[dict], args: dict) -> list[dict]:
                 "strength": strength,
                 "oracle_calls_train": r["train_oracle_calls"],
                 "oracle_calls_test": r["test_oracle_calls"],
+                **extra,
             }
         )
     return out
