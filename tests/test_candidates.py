@@ -43,7 +43,7 @@ def test_q_k_is_q_theta_with_a_zero_direction_off_the_candidates(variant, consis
 
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True])
 def test_bad_candidates_are_refused(bad):
-    guide = Guide.create(tiny_causal("gpt2"), "nado")
+    guide = Guide.create(tiny_causal("gpt2"), "dinado-soft")
     with pytest.raises(ValueError, match="candidates must be a positive integer"):
         dinado.generate(guide, PROMPTS, MASK, max_new_tokens=2, candidates=bad)
 
@@ -52,6 +52,14 @@ def test_candidates_on_merge_are_refused_with_the_reason():
     guide = Guide.create(tiny_causal("gpt2"), "dinado-merge", lora_r=2)
     with pytest.raises(ValueError, match="option of the module variants"):
         dinado.generate(guide, PROMPTS, MASK, max_new_tokens=2, candidates=3)
+
+
+def test_candidates_on_nado_are_refused_with_the_reason():
+    guide = Guide.create(tiny_causal("gpt2"), "nado")
+    with pytest.raises(ValueError, match="not supported for nado"):
+        dinado.generate(guide, PROMPTS, MASK, max_new_tokens=2, candidates=3)
+    with pytest.raises(ValueError, match="not supported for nado"):
+        guide.log_q(guide(PROMPTS, MASK), 1.0, 3, PROMPTS, MASK)
 
 
 def test_on_the_exact_testbed_more_candidates_cost_less_kl(toy_base):

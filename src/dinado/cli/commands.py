@@ -15,7 +15,7 @@ import yaml
 from .._utils import atomic_write_text
 from ..demo import run_commongen_demo, run_toy_demo
 from ..evaluation import evaluate_texts, markdown_report, plot_training_curves
-from ..guide import Guide
+from ..guide import Guide, check_candidates
 from ..hf import is_encoder_decoder
 from ..pretrain import PretrainConfig, pretrain
 from ..sampling import sample
@@ -138,9 +138,14 @@ def _decoding_guide(config: dict[str, Any], model, tokenizer) -> Guide | None:
     guide = load_guide(config, model, tokenizer) if config.get("guide") else None
     if config["candidates"] is not None and (guide is None or guide.module is None):
         raise CLIError(
-            "--candidates restricts a guide module's head to the top-k tokens: it needs --guide with a NADO, "
+            "--candidates restricts a guide module's head to the top-k tokens: it needs --guide with a "
             "DiNADO-Hard or DiNADO-Soft guide (a merged or Merge guide already decodes at the base's cost)"
         )
+    if config["candidates"] is not None:
+        try:
+            check_candidates(guide, config["candidates"])
+        except ValueError as err:
+            raise CLIError(f"--candidates: {err}") from None
     return guide
 
 
