@@ -7,6 +7,8 @@ from dinado.tasks.commongen import (
     commongen_metrics,
     coverage_oracle,
     format_prompt,
+    is_loop,
+    is_sentence,
     is_word_list,
     load_pairs,
     load_split,
@@ -116,6 +118,38 @@ def test_word_lists_are_counted_and_do_not_count_as_sentence_success(dev):
     m = commongen_metrics(sets, [sets[0].references[0], listed])
     assert m["success"] == pytest.approx(1.0) and m["word_lists"] == pytest.approx(0.5)
     assert m["sentence_success"] == pytest.approx(0.5)  # the list covers its concepts but is not a sentence
+
+
+@pytest.mark.parametrize(
+    "text, loop",
+    [
+        ("A kid dances every dance dance dance at the party", True),
+        ("Talk Talk Wear Wear Talk Talk Talk", True),
+        ("he climbs the wall, the wall, the wall and talks", True),  # a two-word run, punctuation ignored
+        ("The cat sat on the couch next to the pet", False),
+        (
+            "A dog runs, and a dog barks, while a dog sleeps",
+            False,
+        ),  # repeated, but never three times in a row
+        ("very very good", False),
+    ],
+)
+def test_repetition_loops_are_found_and_sentences_are_not(text, loop):
+    assert is_loop(text) is loop and is_sentence(text) is (not loop)
+
+
+def test_loops_are_counted_and_do_not_count_as_sentence_success(dev):
+    sets = dev[:2]
+    looped = (
+        " ".join(sets[1].concepts) + " " + " ".join([sets[1].concepts[-1]] * 4)
+    )  # every concept, then a loop
+    assert not is_loop(sets[0].references[0])
+    m = commongen_metrics(sets, [sets[0].references[0], looped])
+    assert m["success"] == pytest.approx(1.0) and m["loops"] == pytest.approx(0.5) and m["word_lists"] == 0.0
+    assert m["sentence_success"] == pytest.approx(0.5)
+    assert coverage_oracle(sentences_only=True)([sets[1].prompt], [looped]) == [0.0]
+    with pytest.raises(ValueError, match="times must be at least 2"):
+        is_loop("a a a", times=1)
 
 
 def test_a_sentences_only_oracle_gives_word_lists_zero_and_round_trips_its_config(dev):

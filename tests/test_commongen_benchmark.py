@@ -28,6 +28,25 @@ def smoke(tmp_path_factory):
     return out, results
 
 
+@pytest.fixture
+def generate_calls(monkeypatch):
+    """Spy on a benchmark module's generate_texts: install(module) returns the list its calls are recorded in,
+    each as (type name of the model or guide decoded with, keyword arguments)."""
+
+    def install(module):
+        calls = []
+        real = module.generate_texts
+
+        def spy(source, *args, **kwargs):
+            calls.append((type(source).__name__, kwargs))
+            return real(source, *args, **kwargs)
+
+        monkeypatch.setattr(module, "generate_texts", spy)
+        return calls
+
+    return install
+
+
 def test_the_benchmark_writes_every_system_split_and_decoding(smoke):
     out, results = smoke
     saved = json.loads((out / "results.json").read_text())
@@ -185,17 +204,10 @@ def test_saved_guides_decode_again_without_training_and_merge_at_a_chosen_scale(
     assert same == (scale == "0")
 
 
-def test_module_guides_decode_with_candidate_restricted_guidance(smoke, tmp_path, monkeypatch):
+def test_module_guides_decode_with_candidate_restricted_guidance(smoke, tmp_path, generate_calls):
     out, _ = smoke
     run = load_benchmark("commongen", "run.py")
-    seen = []
-    real = run.generate_texts
-
-    def spy(source, *args, **kwargs):
-        seen.append((type(source).__name__, kwargs.get("candidates")))
-        return real(source, *args, **kwargs)
-
-    monkeypatch.setattr(run, "generate_texts", spy)
+    calls = generate_calls(run)
     argv = [
         "--quick", "--output", str(tmp_path / "top3"), "--data-dir", str(DATA), "--base", str(out / "base"),
         "--train-sets", "10", "--samples-per-set", "2", "--samples", str(out / "samples.safetensors"),
@@ -204,6 +216,7 @@ def test_module_guides_decode_with_candidate_restricted_guidance(smoke, tmp_path
         "--max-new-tokens", "4", "--batch-size", "8",
     ]  # fmt: skip
     results = run.main(argv)
+    seen = [(name, kwargs.get("candidates")) for name, kwargs in calls]
     # the module guide gets the option; the base and the merged Merge model (plain models) do not
     assert len(seen) == 3 and [c for name, c in seen if name == "Guide"] == [3]
     assert all(c is None for name, c in seen if name != "Guide") and results["args"]["candidates"] == 3
@@ -333,44 +346,37 @@ def test_label_power_needs_soft_labels_and_a_positive_value(tmp_path, flags, cap
     )
 
 
-def test_strength_can_be_chosen_under_beam_search(smoke, tmp_path, monkeypatch):
+def test_strength_can_be_chosen_under_beam_search(smoke, tmp_path, generate_calls):
     out, results = smoke
     strength = load_benchmark("commongen", "strength.py")
-    seen = []
-    real = strength.generate_texts
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(strength, "generate_texts", spy)
+    calls = generate_calls(strength)
     argv = ["--run", str(out), "--sets", "3", "--scales", "0,2", "--batch-size", "4", "--decoding", "beam"]
     report = strength.main([*argv, "--output", str(tmp_path)])
-    assert report["decoding"] == "beam" and len(seen) == 2
-    assert all(k["num_beams"] == results["args"]["beams"] and k["do_sample"] is False for k in seen)
+    assert report["decoding"] == "beam" and len(calls) == 2
+    assert all(k["num_beams"] == results["args"]["beams"] and k["do_sample"] is False for _, k in calls)
     assert "decoding: beam" in (tmp_path / "strength.md").read_text()
 
 
 def test_strength_can_restrict_guidance_to_candidates_and_choose_by_sentence_success(
-    smoke, tmp_path, monkeypatch
+    smoke, tmp_path, monkeypatch, generate_calls
 ):
     out, _ = smoke
     strength = load_benchmark("commongen", "strength.py")
-    seen = []
-    real = strength.generate_texts
-
-    def spy(source, *args, **kwargs):
-        seen.append((type(source).__name__, kwargs.get("candidates")))
-        return real(source, *args, **kwargs)
-
-    monkeypatch.setattr(strength, "generate_texts", spy)
+    calls = generate_calls(strength)
     # strength 1 decodes word lists only, strength 2 none: success would pick either, sentence success picks 2
     real_score = strength.score
 
     def fake_score(args, model, tokenizer, sets, texts):
         metrics = real_score(args, model, tokenizer, sets, texts)
-        lists = 1.0 if len(seen) == 2 else 0.0
-        return dict(metrics, success=0.5, coverage=0.5, word_lists=lists, sentence_success=0.5 * (1 - lists))
+        lists = 1.0 if len(calls) == 2 else 0.0
+        return dict(
+            metrics,
+            success=0.5,
+            coverage=0.5,
+            word_lists=lists,
+            loops=0.0,
+            sentence_success=0.5 * (1 - lists),
+        )
 
     monkeypatch.setattr(strength, "score", fake_score)
     argv = [
@@ -388,6 +394,7 @@ def test_strength_can_restrict_guidance_to_candidates_and_choose_by_sentence_suc
     report = strength.main(
         [*argv, "--candidates", "5", "--criterion", "sentence_success", "--output", str(tmp_path)]
     )
+    seen = [(name, kwargs.get("candidates")) for name, kwargs in calls]
     assert seen == [("GPT2LMHeadModel", None), ("Guide", 5), ("Guide", 5)]  # the base is never restricted
     assert report["candidates"] == 5 and report["criterion"] == "sentence_success" and report["chosen"] == 2.0
     assert [r["word_lists"] for r in report["rows"]] == [0.0, 1.0, 0.0]

@@ -805,7 +805,7 @@ def machine_rows(rows: list[dict], args: dict) -> list[dict]:
     """The rows in the format of docs/results/commongen_smollm2.json (system / decoding names fixed there), with
     each guide's ``strength`` (the run's ``--merge-scale`` for DiNADO-Merge, ``--alpha`` for the module variants;
     None for the rest), a module variant's ``candidates`` when it was decoded with candidate-restricted guidance,
-    and ``word_lists`` / ``sentence_success`` where the run scored them. ``args`` is the run's arguments as
+    and ``word_lists`` / ``loops`` / ``sentence_success`` where the run scored them. ``args`` is the run's arguments as
     results.json keeps them."""
     out = []
     for r in rows:
@@ -817,7 +817,7 @@ def machine_rows(rows: list[dict], args: dict) -> list[dict]:
             strength = args["merge_scale"] if system == "dinado-merge" else args["alpha"]
             candidates = None if system == "dinado-merge" else args.get("candidates")
         extra = {"candidates": candidates} if candidates is not None else {}
-        extra.update({k: r[k] for k in ("word_lists", "sentence_success") if k in r})
+        extra.update({k: r[k] for k in ("word_lists", "loops", "sentence_success") if k in r})
         out.append(
             {
                 "split": r["split"],

@@ -15,9 +15,10 @@ the base's cost); for the module variants it is the guidance strength alpha of `
 train: 77 / 13 / 10%), so that the split is as hard as the one the strength is used on; the default, ``train``,
 draws uniformly from train as the earlier recorded selections did.
 
-Every row also records ``word_lists`` (the share of comma-separated word-list outputs) and ``sentence_success``
-(success counting them as failures); ``--criterion sentence_success`` chooses by the latter, for guides that
-can cover concepts by listing them. ``--candidates K`` decodes a module variant with candidate-restricted
+Every row also records ``word_lists`` and ``loops`` (the shares of comma-separated word-list outputs and of
+repetition loops, dinado.tasks.commongen.is_word_list / is_loop) and ``sentence_success`` (success counting both
+as failures); ``--criterion sentence_success`` chooses by the latter, for guides that can cover concepts by
+listing or repeating them. ``--candidates K`` decodes a module variant with candidate-restricted
 guidance (only p's top-K tokens are guided), as ``run.py --candidates`` does.
 """
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         choices=("success", "sentence_success"),
         default="success",
         help="what the chosen strength maximises: all-concepts success, or that success counting comma-separated "
-        "word lists as failures",
+        "word lists and repetition loops as failures",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
@@ -154,12 +155,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "words": words,
                 "base_ppl": metrics["base_ppl"],
                 "word_lists": metrics["word_lists"],
+                "loops": metrics["loops"],
                 "sentence_success": metrics["sentence_success"],
             }
         )
         log(
             f"strength {scale:g}: success {success:.3f} (sentences {metrics['sentence_success']:.3f}), coverage "
-            f"{coverage:.3f}, {words:.1f} words, word lists {metrics['word_lists']:.3f}, base perplexity "
+            f"{coverage:.3f}, {words:.1f} words, word lists {metrics['word_lists']:.3f}, loops {metrics['loops']:.3f}, base "
+            f"perplexity "
             f"{metrics['base_ppl']:.1f} ({seconds:.0f} s)"
         )
     best = max((r for r in rows if r["strength"] > 0), key=lambda r: (r[args.criterion], r["coverage"]))
@@ -179,13 +182,14 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "strength.json", json.dumps(report, indent=2))
     table = markdown_table(
-        ["strength", "success", "sentence success", "word lists", "coverage", "words", "base ppl"],
+        ["strength", "success", "sentence success", "word lists", "loops", "coverage", "words", "base ppl"],
         [
             [
                 f"{r['strength']:g}",
                 f"{r['success']:.3f}",
                 f"{r['sentence_success']:.3f}",
                 f"{r['word_lists']:.3f}",
+                f"{r['loops']:.3f}",
             ]
             + [f"{r['coverage']:.3f}", f"{r['words']:.1f}", f"{r['base_ppl']:.1f}"]
             for r in rows

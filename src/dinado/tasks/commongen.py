@@ -167,9 +167,9 @@ def coverage_oracle(
     """Inflection-aware concept coverage read from each prompt (:class:`CommonGenConcepts`): all-or-nothing,
     or the covered share (``soft=True``). (Formerly ``KeywordOracle.commongen(marker=, sep=, soft=)``.)
 
-    ``sentences_only=True`` gives 0 to comma-separated word lists (:func:`is_word_list`) whatever they cover:
-    ``AllOf(CallableOracle(sentence_check), coverage)``, so that a guide trained on its labels is not rewarded
-    for listing the concepts instead of writing a sentence."""
+    ``sentences_only=True`` gives 0 to comma-separated word lists and repetition loops (:func:`is_sentence`)
+    whatever they cover: ``AllOf(CallableOracle(sentence_check), coverage)``, so that a guide trained on its
+    labels is not rewarded for listing or repeating the concepts instead of writing a sentence."""
     coverage = KeywordOracle(CommonGenConcepts(marker=marker, sep=sep), soft=soft)
     if not sentences_only:
         return coverage
@@ -240,18 +240,42 @@ def is_word_list(text: str) -> bool:
     return commas >= 4 and 3 * commas >= len(text.split())
 
 
+_WORD = re.compile(r"[\w'-]+")
+
+
+def is_loop(text: str, times: int = 3, max_n: int = 4) -> bool:
+    """Whether an output falls into a repetition loop: some run of 1 to ``max_n`` words repeated ``times`` times
+    in a row, case and punctuation ignored ("dance dance dance", "Talk Talk Talk", "of the wall of the wall of the
+    wall"). A coverage oracle rewards a loop over a concept as much as a sentence; a guide pushed too hard
+    produces them (docs/results/commongen.md)."""
+    if times < 2 or max_n < 1:
+        raise ValueError(f"times must be at least 2 and max_n at least 1, got times={times}, max_n={max_n}")
+    words = _WORD.findall(text.lower())
+    for n in range(1, max_n + 1):
+        for i in range(len(words) - n * times + 1):
+            gram = words[i : i + n]
+            if all(words[i + k * n : i + (k + 1) * n] == gram for k in range(1, times)):
+                return True
+    return False
+
+
+def is_sentence(text: str) -> bool:
+    """Neither a comma-separated word list (:func:`is_word_list`) nor a repetition loop (:func:`is_loop`)."""
+    return not is_word_list(text) and not is_loop(text)
+
+
 def sentence_check(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-    """A batched text oracle: 0.0 for each completion that is a comma-separated word list (:func:`is_word_list`),
-    1.0 otherwise (the prompts are not read)."""
+    """A batched text oracle: 0.0 for each completion that is a comma-separated word list or a repetition loop
+    (:func:`is_sentence`), 1.0 otherwise (the prompts are not read)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-    return [0.0 if is_word_list(c) else 1.0 for c in completions]
+    return [1.0 if is_sentence(c) else 0.0 for c in completions]
 
 
 def commongen_metrics(sets: Sequence[ConceptSet], outputs: Sequence[str]) -> dict[str, float | None]:
-    """Coverage, all-concepts success and the caption metrics for one output per concept set; ``word_lists`` is the
-    share of outputs that are comma-separated word lists (:func:`is_word_list`) and ``sentence_success`` the
-    all-concepts success counting those as failures."""
+    """Coverage, all-concepts success and the caption metrics for one output per concept set; ``word_lists`` and
+    ``loops`` are the shares of outputs that are comma-separated word lists (:func:`is_word_list`) and repetition
+    loops (:func:`is_loop`), and ``sentence_success`` the all-concepts success counting both as failures."""
     if len(sets) != len(outputs):
         raise ValueError(f"{len(outputs)} outputs for {len(sets)} concept sets")
     prompts = [s.prompt for s in sets]
@@ -259,12 +283,15 @@ def commongen_metrics(sets: Sequence[ConceptSet], outputs: Sequence[str]) -> dic
     cover = oracle.coverage(prompts, list(outputs))
     flat = [c for row in cover for c in row]
     lists = [is_word_list(o) for o in outputs]
+    loops = [is_loop(o) for o in outputs]
+    sentences = [is_sentence(o) for o in outputs]
     metrics: dict[str, float | None] = {
         "coverage": sum(flat) / len(flat),
         "success": sum(all(row) for row in cover) / len(cover),
-        "sentence_success": sum(all(row) and not listed for row, listed in zip(cover, lists, strict=True))
+        "sentence_success": sum(all(row) and ok for row, ok in zip(cover, sentences, strict=True))
         / len(cover),
         "word_lists": sum(lists) / len(lists),
+        "loops": sum(loops) / len(loops),
         "mean_words": sum(len(o.split()) for o in outputs) / len(outputs),
     }
     metrics.update(caption_metrics(outputs, [s.references for s in sets]))
