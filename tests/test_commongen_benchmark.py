@@ -505,7 +505,7 @@ def test_combine_adds_a_later_runs_rows_to_an_existing_file(smoke, tmp_path):
         ("base", None, None),
         ("dinado-soft", 2.0, None),
     ]
-    assert {"word_lists", "sentence_success"} <= set(first[1])
+    assert {"word_lists", "loops", "sentence_success"} <= set(first[1])
     with pytest.raises(SystemExit, match="--replace"):
         combine.main(["--runs", str(tmp_path / "c"), "--json", str(rows), "--add"])
     assert json.loads(rows.read_text()) == first  # refused: nothing written
@@ -516,6 +516,16 @@ def test_combine_adds_a_later_runs_rows_to_an_existing_file(smoke, tmp_path):
         ("dinado-soft", 4.0, 5),
     ]
     assert again[0] == first[0] and "| 4, top-5 |" in table
+    # the sentence-success column: the value where a row has it, "–" for a row scored before loops were counted
+    legacy = [{k: v for k, v in r.items() if k != "loops"} if r["system"] == "base" else r for r in again]
+    rows.write_text(json.dumps(legacy))
+    lines = {
+        line.split(" | ")[2]: line
+        for line in combine.main(["--json", str(rows)]).splitlines()
+        if "| dev" in line
+    }
+    cells = {name: line.split(" | ")[5] for name, line in lines.items()}
+    assert cells == {"base": "–", "dinado-soft": f"{again[1]['sentence_success']:.3f}"}
 
 
 def test_combine_plots_every_guides_training_curves_in_one_png(smoke, tmp_path):

@@ -126,12 +126,14 @@ def curve_summary(curves: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """The markdown table of rows in the docs/results format."""
+    """The markdown table of rows in the docs/results format ("sentence success": success counting word lists and
+    repetition loops as failures, "–" for rows scored before it was measured)."""
 
     def f(value, digits: int = 3) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
-    header = ["split (sets)", "decoding", "system", "strength", "success", "coverage", "BLEU-4", "CIDEr"]
+    header = ["split (sets)", "decoding", "system", "strength", "success", "sentence success", "coverage"]
+    header += ["BLEU-4", "CIDEr"]
     header += ["METEOR", "ROUGE-L", "SPICE", "words", "base ppl", "oracle calls (train / test)"]
     body = [
         [
@@ -142,6 +144,7 @@ def table(rows: list[dict]) -> str:
             if r.get("strength") is None
             else f"{r['strength']:g}" + ("" if r.get("candidates") is None else f", top-{r['candidates']}"),
             f(r["success"]),
+            f(r["sentence_success"]) if "sentence_success" in r and "loops" in r else "–",
             f(r["coverage"]),
             f(r["bleu4"]),
             f(r["cider"]),
