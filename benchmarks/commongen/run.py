@@ -809,8 +809,8 @@ def machine_rows(rows: list[dict], args: dict) -> list[dict]:
     """The rows in the format of docs/results/commongen_smollm2.json (system / decoding names fixed there), with
     each guide's ``strength`` (the run's ``--merge-scale`` for DiNADO-Merge, ``--alpha`` for the module variants;
     None for the rest), a module variant's ``candidates`` when it was decoded with candidate-restricted guidance,
-    and ``word_lists`` / ``loops`` / ``sentence_success`` where the run scored them. ``args`` is the run's arguments as
-    results.json keeps them."""
+    and ``word_lists`` / ``loops`` / ``sentence_success`` where the run scored them. ``args`` is the run's
+    arguments as results.json keeps them."""
     out = []
     for r in rows:
         system, decoding = r["system"], r["decoding"]

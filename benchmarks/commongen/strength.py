@@ -161,9 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         log(
             f"strength {scale:g}: success {success:.3f} (sentences {metrics['sentence_success']:.3f}), coverage "
-            f"{coverage:.3f}, {words:.1f} words, word lists {metrics['word_lists']:.3f}, loops {metrics['loops']:.3f}, base "
-            f"perplexity "
-            f"{metrics['base_ppl']:.1f} ({seconds:.0f} s)"
+            f"{coverage:.3f}, {words:.1f} words, word lists {metrics['word_lists']:.3f}, loops "
+            f"{metrics['loops']:.3f}, base perplexity {metrics['base_ppl']:.1f} ({seconds:.0f} s)"
         )
     best = max((r for r in rows if r["strength"] > 0), key=lambda r: (r[args.criterion], r["coverage"]))
     report = {

@@ -284,7 +284,7 @@ def commongen_metrics(sets: Sequence[ConceptSet], outputs: Sequence[str]) -> dic
     flat = [c for row in cover for c in row]
     lists = [is_word_list(o) for o in outputs]
     loops = [is_loop(o) for o in outputs]
-    sentences = [is_sentence(o) for o in outputs]
+    sentences = [not (listed or looped) for listed, looped in zip(lists, loops, strict=True)]  # is_sentence
     metrics: dict[str, float | None] = {
         "coverage": sum(flat) / len(flat),
         "success": sum(all(row) for row in cover) / len(cover),
