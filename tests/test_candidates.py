@@ -14,14 +14,15 @@ import dinado
 from dinado import Guide, exact
 from dinado.parameterizations import candidate_set, parameterization_for
 
-from .conftest import tiny_causal
-from .test_decoding import MASK, PROMPTS
+from .conftest import randomize_guide, tiny_causal
+from .test_decoding import MASK, PROMPTS, _check_steps, decoded_steps
 
 HEADS = {"full": {}, "tied-rank3": {"head": "tied", "head_rank": 3}, "no-pointer": {"pointer": False}}
 
 
-@pytest.mark.parametrize(("variant", "consistency"), [("nado", "soft"), ("dinado-soft", "soft")])
-def test_q_k_is_q_theta_with_a_zero_direction_off_the_candidates(variant, consistency):
+@pytest.mark.parametrize("consistency", ["soft", "hard"])
+def test_dinado_q_k_is_q_theta_with_a_zero_direction_off_the_candidates(consistency):
+    variant = "dinado-soft" if consistency == "soft" else "dinado-hard"
     param = parameterization_for(variant, consistency)
     gen = torch.Generator().manual_seed(0)
     log_p = torch.log_softmax(torch.randn(4, 9, generator=gen), -1)
@@ -54,12 +55,40 @@ def test_candidates_on_merge_are_refused_with_the_reason():
         dinado.generate(guide, PROMPTS, MASK, max_new_tokens=2, candidates=3)
 
 
-def test_candidates_on_nado_are_refused_with_the_reason():
-    guide = Guide.create(tiny_causal("gpt2"), "nado")
-    with pytest.raises(ValueError, match="not supported for nado"):
-        dinado.generate(guide, PROMPTS, MASK, max_new_tokens=2, candidates=3)
-    with pytest.raises(ValueError, match="not supported for nado"):
-        guide.log_q(guide(PROMPTS, MASK), 1.0, 3, PROMPTS, MASK)
+@pytest.mark.parametrize("alpha", [1.0, 2.5])
+def test_nado_q_k_keeps_the_tail_at_p_and_tilts_the_candidates_by_r_to_the_alpha(alpha):
+    # NADO has no neutral direction (a zero logit is R = 1/2): off the candidates q_K = p, and the candidates
+    # share p's mass on K in proportion to p * R^alpha
+    param = parameterization_for("nado", "soft")
+    gen = torch.Generator().manual_seed(1)
+    log_p = torch.log_softmax(torch.randn(4, 9, generator=gen), -1)
+    direction = 2 * torch.randn(4, 9, generator=gen)
+    everything = torch.arange(9).expand(4, 9)
+    full = param.log_q(log_p, direction, alpha)
+    assert (param.candidate_log_q(log_p, everything, direction, alpha) - full).abs().max() < 1e-5
+    top = log_p.topk(3).indices
+    q_k = param.candidate_log_q(log_p, top, direction.gather(-1, top), alpha)
+    assert q_k.logsumexp(-1).abs().max() < 1e-5
+    rest = torch.ones_like(log_p, dtype=torch.bool).scatter(-1, top, False)
+    assert (q_k - log_p)[rest].abs().max() < 1e-5  # the tail keeps p
+    on_k = log_p.gather(-1, top) + alpha * torch.nn.functional.logsigmoid(direction.gather(-1, top))
+    expected = on_k - on_k.logsumexp(-1, keepdim=True) + log_p.gather(-1, top).logsumexp(-1, keepdim=True)
+    assert (q_k.gather(-1, top) - expected).abs().max() < 1e-5
+    shifted = param.candidate_log_q(log_p + 3.0, top, direction.gather(-1, top), alpha)  # logits work too
+    assert (shifted - q_k).abs().max() < 1e-5
+    repeated = torch.cat([top, top[:, :1]], -1)  # a token listed twice counts once
+    again = param.candidate_log_q(log_p, repeated, direction.gather(-1, repeated), alpha)
+    assert (again - q_k).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["sampling", "beam3"])
+def test_nado_decodes_q_k_at_every_step(mode):
+    guide = Guide.create(tiny_causal("gpt2", vocab_size=12), "nado")
+    randomize_guide(guide)
+    guide.eval()
+    steps = decoded_steps(guide, mode, candidates=4)
+    assert _check_steps(guide, steps, PROMPTS.shape[1], candidates=4) < 1e-4
+    assert _check_steps(guide, steps, PROMPTS.shape[1]) > 1e-3  # q_K, not q_theta
 
 
 def test_on_the_exact_testbed_more_candidates_cost_less_kl(toy_base):

@@ -307,14 +307,11 @@ def test_a_proposal_needs_a_saved_merge_guide(tmp_path, capsys):
     assert "no DiNADO-Merge guide" in capsys.readouterr().err
 
 
-def test_candidates_must_be_positive_and_leave_nado_out(tmp_path, capsys):
+def test_candidates_must_be_positive(tmp_path, capsys):
     run = load_benchmark("commongen", "run.py")
     with pytest.raises(SystemExit):
         run.parse_args(["--output", str(tmp_path), "--candidates", "0"])
     assert "--candidates" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        run.parse_args(["--output", str(tmp_path), "--candidates", "5", "--systems", "nado,dinado-hard"])
-    assert "does not apply to nado" in capsys.readouterr().err
     assert (
         run.parse_args(
             ["--output", str(tmp_path), "--candidates", "5", "--systems", "dinado-hard"]

@@ -242,10 +242,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown systems or decodings {bad}: systems {VARIANTS + BASELINES}, decodings {DECODINGS}")
     if args.candidates is not None and args.candidates < 1:
         p.error(f"--candidates takes a positive number of tokens (p's top-K), got {args.candidates}")
-    if args.candidates is not None and "nado" in args.systems:
-        p.error(
-            "--candidates does not apply to nado (dinado.guide.check_candidates says why): leave nado out"
-        )
     for flag in ("guide_options", "merge_options"):
         try:
             setattr(args, flag, json.loads(getattr(args, flag)))

@@ -78,8 +78,7 @@ def check_same_base(
 
 
 def check_candidates(guide: Guide, candidates: int | None) -> None:
-    """Refuse a candidate count that is not a positive integer, candidates on a guide without a module, and
-    candidates on NADO (see the error)."""
+    """Refuse a candidate count that is not a positive integer, and candidates on a guide without a module."""
     if candidates is None:
         return
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
@@ -90,16 +89,6 @@ def check_candidates(guide: Guide, candidates: int | None) -> None:
         raise ValueError(
             "candidates is an option of the module variants; dinado-merge's adapted model is q_theta itself and "
             "costs no more than the base: decode it without candidates"
-        )
-    if guide.config.variant == "nado":
-        # q_K gives every token outside K the zero direction's guidance; for NADO that is R = sigmoid(0) = 1/2,
-        # above the values a trained head gives most tokens (on CommonGen with SmolLM2: mean log R -1.17 on p's
-        # top-5, 95% below log 1/2), so alpha > 0 moves mass from p's best tokens to the whole tail
-        raise ValueError(
-            "candidates is not supported for nado: NADO's values are probabilities R = sigmoid(s), and every "
-            "token outside the candidates would be treated as R = 1/2, more than a trained NADO head gives most "
-            "tokens, which sends the samples into p's tail (docs/results/commongen.md); decode nado without "
-            "candidates, or use dinado-hard / dinado-soft, whose zero direction means no change"
         )
 
 

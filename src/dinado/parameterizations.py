@@ -123,7 +123,8 @@ class Parameterization:
         tokens it learned nothing about. So q_K = q_theta exactly when the direction is 0 off K, and the direction
         is needed on K only, which is what makes it cheap on a large vocabulary. (Giving the other tokens the
         candidates' mean boost instead was measured and is worse: the one keyword the guide raises inflates the
-        mean, and the whole tail with it; docs/benchmarks.md.)
+        mean, and the whole tail with it; docs/benchmarks.md.) NADO, which has no neutral direction, overrides
+        this (:meth:`NADOParameterization.candidate_log_q`).
         """
         # the tail's alpha * g(0) is one shift of every token: adding it to K's boost instead is the same softmax
         boost = alpha * (self.guidance(direction) - self.guidance(direction.new_zeros(())))
@@ -176,6 +177,24 @@ class NADOParameterization(Parameterization):
     def prefix_log_values(self, stats, input_ids, completion_mask):
         # R(x_<=t + v) = sigmoid(s_v): S(x_<=t) = sum_v p(v) sigmoid(s_v) is the guided normaliser itself
         return F.logsigmoid(stats.taken), stats.guided_lse[:, 1:], None
+
+    def candidate_log_q(self, log_p, candidates, direction, alpha=1.0):
+        """log q_K for NADO: the candidates share p's mass on K in proportion to p * R^alpha; every other token
+        keeps p's own probability.
+
+        NADO has no neutral direction (its guidance is log R, and a zero logit means R = 1/2, above what a
+        trained head gives most tokens: sending that to the tail moved SmolLM2's samples into p's tail,
+        docs/results/commongen.md). Giving the tail the candidates' p-weighted mean of R^alpha instead is the
+        same as saying "a token the guide was not asked about leaves the odds of success unchanged": the guide
+        only redistributes mass among the candidates. With every token a candidate this is log q_theta.
+        """
+        guided = log_p.gather(-1, candidates) + alpha * self.guidance(direction)  # [..., n]
+        on_k = torch.zeros_like(log_p, dtype=torch.bool).scatter(-1, candidates, True)  # repeats count once
+        k_scores = torch.full_like(log_p, float("-inf")).scatter(-1, candidates, guided)
+        # log E_{p restricted to K}[R^alpha]: the tail's shift, so that K keeps its mass sum_K p
+        k_mass = log_p.masked_fill(~on_k, float("-inf")).logsumexp(-1, keepdim=True)
+        tail = k_scores.logsumexp(-1, keepdim=True) - k_mass
+        return F.log_softmax(torch.where(on_k, k_scores, log_p + tail), dim=-1)
 
 
 class DiNADOParameterization(Parameterization):
