@@ -599,7 +599,7 @@ def test_every_guide_config_option_is_settable_from_train(tmp_path, base_dir, ca
     )
     created = []
 
-    def create(cls, base, variant, tokenizer=None, **options):
+    def create(cls, base, variant, tokenizer=None, seed=None, **options):
         created.append({"variant": variant, **options})
         raise ValueError("recorded")
 

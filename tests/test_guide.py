@@ -148,6 +148,26 @@ def test_unknown_variant_and_option_are_refused():
         Guide.create(tiny_gpt2(), "dinado-soft", consistency="hard")
 
 
+@pytest.mark.parametrize("variant", ["dinado-soft", "dinado-merge"])
+def test_a_seeded_guide_starts_the_same_whatever_ran_before_and_leaves_the_global_state(variant):
+    base = tiny_gpt2()
+    options = {"lora_r": 2} if variant == "dinado-merge" else {"num_layers": 1}
+    state = lambda g: {k: v.detach().clone() for k, v in g.trainable_state().items()}  # noqa: E731
+    torch.manual_seed(0)
+    first = state(Guide.create(base, variant, seed=3, **options))
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), after)  # the global random state was not used
+    torch.manual_seed(123)  # another global state: the same seeded guide
+    again = state(Guide.create(base, variant, seed=3, **options))
+    other = state(Guide.create(base, variant, seed=4, **options))
+    random_params = [k for k in first if first[k].abs().sum() > 0]
+    assert random_params and all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in random_params)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        Guide.create(base, variant, seed="3", **options)
+
+
 @pytest.mark.parametrize("kind", SEQ2SEQ_KINDS)
 @pytest.mark.parametrize("variant", ["dinado-soft", "dinado-merge"])
 def test_a_guide_over_an_encoder_decoder_base_leaves_the_callers_model_untouched(variant, kind):

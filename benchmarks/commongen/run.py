@@ -109,6 +109,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--guide-seed",
+        type=int,
+        default=None,
+        help="seed of each guide's initial parameters (Guide.create(seed=...)); default: --seed",
+    )
+    p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest on shared 2-core machines)"
     )
     p.add_argument("--device", default="cpu")
@@ -237,6 +243,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--splits takes dev and/or test once each, got {','.join(args.splits) or 'none'}")
     if "dev" not in args.splits and (args.efficiency_only or not args.no_efficiency):
         p.error("the sample-efficiency study is scored on dev: add dev to --splits or pass --no-efficiency")
+    if args.guide_seed is None:
+        args.guide_seed = args.seed
     bad = sorted(set(args.systems) - set(VARIANTS + BASELINES)) + sorted(set(args.decodings) - set(DECODINGS))
     if bad:
         p.error(f"unknown systems or decodings {bad}: systems {VARIANTS + BASELINES}, decodings {DECODINGS}")
@@ -449,7 +457,7 @@ def run_systems(
             options = {"lora_r": 8, "lora_alpha": 16, **args.merge_options}
         else:
             options = {"num_layers": 2, **args.guide_options}
-        return Guide.create(model, variant, tokenizer=tokenizer, **options)
+        return Guide.create(model, variant, tokenizer=tokenizer, seed=args.guide_seed, **options)
 
     def fit(guide: Guide, data, steps: int) -> dict:
         return train(
@@ -697,7 +705,14 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
             data = pool.subset(indices)
             ess = mean_group_ess(data)
             for variant in ("nado", "dinado-soft"):
-                guide = Guide.create(model, variant, tokenizer=tokenizer, num_layers=2, **args.guide_options)
+                guide = Guide.create(
+                    model,
+                    variant,
+                    tokenizer=tokenizer,
+                    seed=args.guide_seed,
+                    num_layers=2,
+                    **args.guide_options,
+                )
                 key = f"efficiency: {variant} {arm} {budget}"
                 with timer.stage(key):
                     train(

@@ -152,9 +152,22 @@ class Guide(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(
-        cls, base_model: PreTrainedModel, variant: str, tokenizer: Any = None, **options: Any
+        cls,
+        base_model: PreTrainedModel,
+        variant: str,
+        tokenizer: Any = None,
+        seed: int | None = None,
+        **options: Any,
     ) -> Guide:
-        """Build a guide of ``variant`` over a frozen ``base_model``; options are GuideConfig fields."""
+        """Build a guide of ``variant`` over a frozen ``base_model``; options are GuideConfig fields.
+
+        ``seed``: initialise the guide's own random parameters (the module, the norm head, LoRA's A matrices)
+        from this seed, leaving the global random state as it was; ``None`` draws them from the global state, so
+        the guide then depends on everything that used it before (measured on SmolLM2 CommonGen: two DiNADO-Merge
+        guides from different initial states differ by as much as independent runs, docs/results/commongen.md).
+        """
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
         allowed = set(GuideConfig.__dataclass_fields__) - {
             "variant",
             "base_model_name",
@@ -178,7 +191,11 @@ class Guide(nn.Module):
             base_fingerprint=base_fingerprint(base_model),
             **options,
         )
-        return cls(base_model, config)
+        if seed is None:
+            return cls(base_model, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(base_model, config)
 
     def train(self, mode: bool = True) -> Guide:
         super().train(mode)

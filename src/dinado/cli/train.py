@@ -50,9 +50,10 @@ def cmd_train(config: dict[str, Any]) -> None:
     elif output.exists() and not output.is_dir():
         raise CLIError(f"output {output} exists and is not a directory: choose another --output")
     model, tokenizer = load_base(config)
-    torch.manual_seed(config["seed"])  # the guide's initialisation must follow --seed too
-    try:
-        guide = Guide.create(model, config["variant"], tokenizer=tokenizer, **guide_options(config))
+    try:  # the guide's initialisation follows --seed too
+        guide = Guide.create(
+            model, config["variant"], tokenizer=tokenizer, seed=config["seed"], **guide_options(config)
+        )
     except (TypeError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     check_samples(guide, samples, config["allow_base_mismatch"])
