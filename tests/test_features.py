@@ -394,3 +394,31 @@ def test_merge_statistics_match_the_torch_composition_where_the_clamp_and_ties_a
     sum(u @ v for u, v in zip(upstream, expected, strict=True)).backward()
     assert abs(ours.grad[0, 5].item()) < 1e-20 and abs(ours.grad[1, 3].item()) > 1e-3
     assert torch.allclose(ours.grad, theirs.grad)
+
+
+def test_merge_statistics_share_the_max_gradient_among_maxima_within_float_noise():
+    # at initialisation the cached Merge path's direction is float noise around 0 (log p read from the cache, the
+    # adapted model run on the top layers only): the max's gradient must be shared as if every token tied, not
+    # given to whichever token's noise is largest
+    from dinado.parameterizations import parameterization_for
+
+    param = parameterization_for("dinado-soft", "soft")
+    g = torch.Generator().manual_seed(0)
+    log_p = torch.log_softmax(torch.randn(4, 40, generator=g) * 2, dim=-1)
+    following = torch.randint(0, 40, (4,), generator=g)
+    upstream = torch.randn(4, generator=g)
+
+    def max_gradient(logits):
+        logits = logits.clone().requires_grad_()
+        _, mx, _ = features._MergeStats.apply(logits, log_p, following, param)
+        (upstream @ mx).backward()
+        return logits.grad
+
+    exact_ties = max_gradient(log_p)  # d = 0 exactly: every token ties, as torch.amax shares them
+    noisy = max_gradient(log_p + 1e-5 * torch.randn(4, 40, generator=g))
+    assert (noisy - exact_ties).abs().max() < 1e-4 * exact_ties.abs().max()
+    clear = log_p.clone()
+    clear[:, 7] += 1.0  # one token's direction clearly above the rest: it takes the whole gradient
+    one_hot = torch.zeros(4, 40).index_fill_(1, torch.tensor([7]), 1.0)
+    expected = upstream[:, None] * (one_hot - torch.softmax(clear, -1))  # through log_softmax
+    assert (max_gradient(clear) - expected).abs().max() < 1e-5

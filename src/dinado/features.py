@@ -57,7 +57,7 @@ from .hf import (
     start_at_layer,
     unwrap_peft,
 )
-from .numerics import LOG_FLOOR
+from .numerics import LOG_FLOOR, TIE_TOLERANCE
 from .parameterizations import PositionStats
 
 CHUNK_ELEMENTS = 1 << 24  # rows x vocabulary per chunk of the full-vocabulary statistics (64 MiB in float32)
@@ -554,7 +554,9 @@ class _MergeStats(torch.autograd.Function):
     then ``logsumexp(log p + guidance(d))``, ``max d`` and ``d`` at the ``following`` tokens, with the gradient
     with respect to ``logits`` written out by hand. The same values as the composition of torch operations, at a
     fraction of its cost over a 49k vocabulary on CPU (no autograd graph of [M, V] intermediates; torch's
-    logsumexp and amax backward passes are the slow part)."""
+    logsumexp and amax backward passes are the slow part). The same gradients too, except that maxima within
+    :data:`~dinado.numerics.TIE_TOLERANCE` of each other share the max's gradient as exact ties do (the cache's
+    log p and the adapted pass differ by float noise, which at initialisation is all the direction holds)."""
 
     @staticmethod
     def forward(ctx, logits, log_p, following, param):
@@ -574,8 +576,9 @@ class _MergeStats(torch.autograd.Function):
         scale = param.guidance_grad(direction)
         if scale is not None:
             weights.mul_(scale)
-        tied = top_two.shape[-1] > 1 and bool((top_two[:, 1] == top_two[:, 0]).any())
-        argmax = (direction == direction_max[:, None]) if tied else top_index[:, 0]
+        # maxima within TIE_TOLERANCE (float noise: the cache's log p against the adapted pass) share the gradient
+        tied = top_two.shape[-1] > 1 and bool((top_two[:, 0] - top_two[:, 1] <= TIE_TOLERANCE).any())
+        argmax = (direction >= (direction_max - TIE_TOLERANCE)[:, None]) if tied else top_index[:, 0]
         ctx.save_for_backward(logits, lse_logits, passes, weights, following)
         ctx.argmax = argmax
         ctx.mark_non_differentiable(following)

@@ -8,6 +8,12 @@ import torch
 
 LOG_FLOOR = -70.0  # log-probabilities are clamped here before they are subtracted (method.md §5)
 LOG_CEIL = -1e-6  # log-values are kept strictly below 0 so that log(1 - R) stays finite
+# DiNADO-Merge's cached training: direction values this close to their row's maximum count as tied for the max's
+# gradient (shared among them, as torch.amax shares exact ties). There log p is read from the cache and the adapted
+# model runs only the top layers, so at initialisation, where every direction is 0, the direction holds float32
+# noise instead (up to 3e-5, mean 4e-7 on SmolLM2): without this the max's whole gradient went to one arbitrary
+# token per row, the first Adam steps followed it, and the guides came out worse (docs/results/commongen.md).
+TIE_TOLERANCE = 1e-4
 _LN_HALF = -math.log(2.0)
 
 
