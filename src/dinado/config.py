@@ -70,7 +70,10 @@ class GuideConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (dinado-merge)"})
     lora_target_modules: str | list[str] = field(
         default="all-linear",
-        metadata={"help": "layers LoRA adapts (dinado-merge): all-linear or comma-separated module names"},
+        metadata={
+            "help": "layers LoRA adapts (dinado-merge): all-linear, comma-separated module names, or one regular "
+            "expression matched against full module names"
+        },
     )
     regularizer_weight: float | None = field(
         default=None, metadata={"help": "consistency regulariser weight (default: the variant's)"}

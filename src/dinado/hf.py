@@ -396,6 +396,17 @@ def check_local_model(name_or_path: str, gguf_file: str | None = None) -> None:
     raise FileNotFoundError(f"{name_or_path} holds no config.json, so it is not a saved model: {hint}")
 
 
+def _forget_gguf_quantizer(model: nn.Module) -> None:
+    """A GGUF file is dequantised to plain float weights at load time, but transformers keeps its quantizer on the
+    model, and save_pretrained then refuses ("quantized with gguf and is not serializable"): `dinado merge
+    --base smollm2-135m-instruct` could not save. Drop the marks so the model saves and reloads as a plain one."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load_model(
     name_or_path: str, tokenizer: str | None = None, gguf_file: str | None = None
 ) -> tuple[Any, Any]:
@@ -420,6 +431,7 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf is not None else {}))
     if gguf is not None:
         model.config._name_or_path = name_or_path if gguf_file is None else f"{name_or_path}/{gguf_file}"
+        _forget_gguf_quantizer(model)
     model.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -72,8 +73,18 @@ def _parse_mapping(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid YAML/JSON: {' '.join(str(exc).split())}") from None
 
 
+REGEX_CHARACTERS = set("*[]()|\\^$+?{}")  # not ".": module paths hold dots and are names
+
+
 def _parse_names(text: Any) -> str | list[str]:
-    """``all-linear``, or module names separated by commas (a YAML list of names is joined first)."""
+    """``all-linear``, module names separated by commas (a YAML list of names is joined first), or one regular
+    expression (any of ``*[]()|\\^$+?{}`` in it) that PEFT matches against each module's full name."""
+    if isinstance(text, str) and REGEX_CHARACTERS & set(text):
+        try:
+            re.compile(text)
+        except re.error as exc:
+            raise argparse.ArgumentTypeError(f"not a valid regular expression {text!r}: {exc}") from None
+        return text.strip()
     names = [name.strip() for name in str(text).split(",") if name.strip()]
     if not names:
         raise argparse.ArgumentTypeError(
@@ -99,7 +110,7 @@ KINDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "nonnegative": (_parse_nonnegative, "a number >= 0"),
     "probability": (_parse_probability, "a number in (0, 1]"),
     "str": (_parse_str, "a string"),
-    "names": (_parse_names, "all-linear or module names separated by commas"),
+    "names": (_parse_names, "all-linear, module names separated by commas, or one regular expression"),
     "bool": (_parse_bool, "true or false"),
     "auto_bool": (_parse_auto_bool, "auto, true or false"),
     "flag": (_parse_bool, "true or false"),
