@@ -80,11 +80,12 @@ def _parse_names(text: Any) -> str | list[str]:
     """``all-linear``, module names separated by commas (a YAML list of names is joined first), or one regular
     expression (any of ``*[]()|\\^$+?{}`` in it) that PEFT matches against each module's full name."""
     if isinstance(text, str) and REGEX_CHARACTERS & set(text):
+        pattern = text.strip()  # the expression that is checked is the one that is kept
         try:
-            re.compile(text)
+            re.compile(pattern)
         except re.error as exc:
             raise argparse.ArgumentTypeError(f"not a valid regular expression {text!r}: {exc}") from None
-        return text.strip()
+        return pattern
     names = [name.strip() for name in str(text).split(",") if name.strip()]
     if not names:
         raise argparse.ArgumentTypeError(
