@@ -422,3 +422,69 @@ def test_merge_statistics_share_the_max_gradient_among_maxima_within_float_noise
     one_hot = torch.zeros(4, 40).index_fill_(1, torch.tensor([7]), 1.0)
     expected = upstream[:, None] * (one_hot - torch.softmax(clear, -1))  # through log_softmax
     assert (max_gradient(clear) - expected).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------- caches recorded while sampling
+PROMPTS = [[0, 5, 6], [0, 7], [0, 9, 10, 11, 12]]
+
+
+def _length_oracle(prompts, completions):
+    return [min(len(c) / 40, 1.0) for c in completions]
+
+
+@pytest.mark.parametrize("kind, seed", [("gpt2", 3), ("llama", 4)])
+def test_sampling_records_the_caches_a_second_pass_would_build(kind, seed):
+    base = BASES[kind]()
+    guides = [
+        Guide.create(base, "dinado-merge", lora_r=4, lora_target_modules=TOP_LAYER, seed=0),
+        Guide.create(base, "dinado-soft", seed=0),
+    ]
+    kwargs = dict(max_new_tokens=40, batch_size=3, seed=seed)
+    samples, caches = dinado.sample_with_features(base, guides, PROMPTS, 2, _length_oracle, **kwargs)
+    plain = dinado.sample(base, PROMPTS, 2, _length_oracle, **kwargs)
+    assert samples.completions == plain.completions and samples.labels.equal(plain.labels)
+    lengths = [len(c) for c in samples.completions]
+    # rows that stop at EOS, rows cut at max_new_tokens, and (gpt2) a batch whose rows all stop early
+    assert min(lengths) < 40 and max(lengths) == 40
+    if kind == "gpt2":
+        assert max(lengths[:3]) < 40
+    passed = dinado.precompute_shared_features(guides, samples, batch_size=4)
+    width = max(len(p) + len(c) for p, c in zip(samples.prompts, samples.completions, strict=True))
+    rows = range(len(samples))
+    for recorded, computed in zip(caches, passed, strict=True):
+        assert recorded.metadata == computed.metadata and recorded.nbytes == computed.nbytes
+        for last in (False, True) if recorded.metadata["last_hidden"] else (False,):
+            a, b = recorded.batch_hidden(rows, width, last), computed.batch_hidden(rows, width, last)
+            assert (a - b).abs().max() <= 1e-5 * (1 + b.abs().max())  # float rounding of other passes only
+    assert caches[0].metadata["layer"] == 1 and caches[1].metadata["layer"] is None
+    # training on either cache takes the same steps
+    for guide in guides:
+        losses = []
+        for cache in caches[guides.index(guide)], passed[guides.index(guide)]:
+            twin = copy.deepcopy(guide)
+            report = dinado.train(twin, samples, max_steps=3, batch_size=4, seed=0, cache_features=cache)
+            losses.append(report.loss)
+        assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_sampling_with_features_refuses_other_bases_and_checks_what_it_recorded(monkeypatch):
+    from dinado import sampling
+
+    base = _tiny_llama()
+    guide = Guide.create(base, "dinado-soft")
+    with pytest.raises(FeatureCacheError, match="created on another base"):
+        dinado.sample_with_features(_tiny_llama(seed=5), [guide], PROMPTS, 1, _length_oracle, 4)
+    with pytest.raises(ValueError, match="decoder-only base itself"):
+        dinado.sample(guide, PROMPTS, 1, _length_oracle, 4, record_states={None: []})
+    with pytest.raises(ValueError, match="at least one guide"):
+        dinado.sample_with_features(base, [], PROMPTS, 1, _length_oracle, 4)
+    recorder = sampling._record_states
+
+    def shifted(model, seen, out, *args):  # states one position off: what a misaligned recording would keep
+        recorder(model, seen, out, *args)
+        for rows in out.values():
+            rows[-1] = rows[-1].roll(1, dims=0)
+
+    monkeypatch.setattr(sampling, "_record_states", shifted)
+    with pytest.raises(FeatureCacheError, match="differ from a full pass"):
+        dinado.sample_with_features(base, [guide], PROMPTS[:1], 1, _length_oracle, 6, batch_size=1)

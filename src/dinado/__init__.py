@@ -5,7 +5,7 @@ from ._version import __version__ as __version__
 from .config import VARIANTS, GuideConfig
 from .data import SampleSet
 from .decoding import GuideLogitsProcessor, generate
-from .features import FeatureCache, precompute_features, precompute_shared_features
+from .features import FeatureCache, precompute_features, precompute_shared_features, sample_with_features
 from .guide import Guide
 from .hf import load_model
 from .oracles import TextOracle
@@ -31,5 +31,6 @@ __all__ = [
     "reference_samples",
     "relabel",
     "sample",
+    "sample_with_features",
     "train",
 ]

@@ -27,7 +27,7 @@ import torch
 
 from ._utils import atomic_write_text
 from .evaluation import evaluate_texts, markdown_report, plot_training_curves
-from .features import precompute_shared_features
+from .features import precompute_shared_features, sample_with_features
 from .guide import Guide
 from .hf import load_model
 from .oracles import as_token_oracle
@@ -187,20 +187,38 @@ def run_toy_demo(
     return results
 
 
+def _create_guides(model, tokenizer, plan: list, seed: int) -> list[Guide]:
+    return [
+        Guide.create(model, variant, tokenizer=tokenizer, seed=seed, **options)
+        for variant, _, options, _ in plan
+    ]
+
+
 def _train_guides(
-    model, tokenizer, samples, plan: list, run: Path, seed: int, stages: dict, merge_scale: float = 1.0
+    model,
+    tokenizer,
+    samples,
+    plan: list,
+    run: Path,
+    seed: int,
+    stages: dict,
+    merge_scale: float = 1.0,
+    guides: list[Guide] | None = None,
+    caches: list | None = None,
 ):
     """Train each ``(variant, steps, options, learning rate or None)`` of ``plan`` on ``samples`` (batch 32)
     and save it under ``run/guides/<variant>``: (systems, curves), the systems being the base, each module guide
     and each Merge guide folded into a copy of the base at ``merge_scale``; curves the per-step loss records.
-    Each stage's seconds go into ``stages``."""
+    ``guides`` and their feature ``caches`` where sampling already made them (else created here, with one pass of
+    the base for the caches). Each stage's seconds go into ``stages``."""
     systems: dict[str, object] = {"base": model}
     curves = {}
     clock = time.perf_counter()
-    guides = [Guide.create(model, variant, tokenizer=tokenizer, **options) for variant, _, options, _ in plan]
-    _log(f"one pass of the base over the {len(samples)} samples for the guides' feature caches")
-    caches = precompute_shared_features(guides, samples, progress=True)
-    clock = _lap(stages, "feature caches", clock)
+    if guides is None:
+        guides = _create_guides(model, tokenizer, plan, seed)
+        _log(f"one pass of the base over the {len(samples)} samples for the guides' feature caches")
+        caches = precompute_shared_features(guides, samples, progress=True)
+        clock = _lap(stages, "feature caches", clock)
     for guide, cache, (variant, steps, _, learning_rate) in zip(guides, caches, plan, strict=True):
         _log(f"training {variant} for {steps} steps")
         records: list[dict] = []
@@ -320,11 +338,23 @@ def run_commongen_demo(
     texts = {tuple(i): line for i, line in zip(prompt_ids, train_lines, strict=True)}
     oracle = coverage_oracle()
     clock = _lap(stages, "load base", clock)
-    _log(
-        f"sampling {r['samples_per_set']} completions for each of {r['train_sets']} CommonGen train concept sets"
+    layers = model.config.num_hidden_layers
+    top = "|".join(str(i) for i in range(max(layers - r["lora_layers"], 0), layers))
+    merge = dict(
+        lora_r=8, lora_alpha=16, lora_target_modules=rf".*layers\.({top})\.(self_attn|mlp)\.[a-z]+_proj"
     )
-    samples = sample(
+    plan = [
+        ("dinado-merge", r["merge_steps"], merge, r["merge_lr"]),
+        ("dinado-soft", r["module_steps"], dict(num_layers=2), None),
+    ]
+    guides = _create_guides(model, tokenizer, plan, seed)
+    _log(
+        f"sampling {r['samples_per_set']} completions for each of {r['train_sets']} CommonGen train concept sets "
+        "(keeping the base's hidden states for the guides' training)"
+    )
+    samples, caches = sample_with_features(
         model,
+        guides,
         prompt_ids,
         r["samples_per_set"],
         as_token_oracle(oracle, tokenizer, texts),
@@ -342,17 +372,9 @@ def run_commongen_demo(
         f"{len(samples)} samples, {samples.positive_rate:.1%} cover all their concepts; soft labels (covered "
         f"share) average {labelled.positive_rate:.3f}"
     )
-
-    layers = model.config.num_hidden_layers
-    top = "|".join(str(i) for i in range(max(layers - r["lora_layers"], 0), layers))
-    merge = dict(
-        lora_r=8, lora_alpha=16, lora_target_modules=rf".*layers\.({top})\.(self_attn|mlp)\.[a-z]+_proj"
+    systems, curves = _train_guides(
+        model, tokenizer, labelled, plan, run, seed, stages, r["merge_scale"], guides, caches
     )
-    plan = [
-        ("dinado-merge", r["merge_steps"], merge, r["merge_lr"]),
-        ("dinado-soft", r["module_steps"], dict(num_layers=2), None),
-    ]
-    systems, curves = _train_guides(model, tokenizer, labelled, plan, run, seed, stages, r["merge_scale"])
 
     gen_kwargs = dict(max_new_tokens=r["max_new_tokens"], do_sample=True, top_k=0, temperature=1.0)
     gen_kwargs["pad_token_id"] = tokenizer.pad_token_id

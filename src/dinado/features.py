@@ -888,24 +888,132 @@ def precompute_shared_features(
     of the same forward pass; this runs it once instead of once per guide. Every guide must have been created
     on the same base weights; the caches are in memory (``precompute_features(path=...)`` writes one to disk).
     """
+    return _precompute(guides, samples, batch_size, dtype, [None] * len(guides), progress)
+
+
+def _cache_metadata(guide: Guide, layer: int | None, samples: SampleSet, storage: torch.dtype) -> dict:
+    return {
+        "layer": layer,
+        "samples_fingerprint": samples_fingerprint(samples),
+        "base_fingerprint": guide.config.base_fingerprint,
+        "hidden_size": guide.config.base_hidden_size,
+        "dtype": str(storage).removeprefix("torch."),
+        "num_samples": len(samples),
+        "last_hidden": layer is not None,
+    }
+
+
+def _check_guides(guides: Sequence[Guide]) -> list[Guide]:
     guides = list(guides)
     if not guides:
-        raise ValueError("precompute_shared_features needs at least one guide")
+        raise ValueError("need at least one guide")
     prints = {g.config.base_fingerprint for g in guides}
     if len(prints) > 1:
         raise FeatureCacheError(
             f"the guides were created on different bases (weights hashes {sorted(map(str, prints))}): one base "
             "pass cannot serve them; call precompute_features for each"
         )
-    return _precompute(guides, samples, batch_size, dtype, [None] * len(guides), progress)
-
-
-@torch.no_grad()
-def _precompute(guides, samples, batch_size, dtype, paths, progress) -> list[FeatureCache]:
     for guide in guides:
         reason = unsupported_reason(guide)
         if reason is not None:
             raise FeatureCacheError(f"cached features cannot train this guide: {reason}")
+    return guides
+
+
+def sample_with_features(
+    model: torch.nn.Module,
+    guides: Sequence[Guide],
+    prompts: Sequence[Sequence[int]],
+    num_samples: int,
+    oracle: Callable,
+    max_new_tokens: int,
+    dtype: torch.dtype | None = None,
+    **sample_kwargs: Any,
+) -> tuple[SampleSet, list[FeatureCache]]:
+    """:func:`dinado.sample` from the base ``model`` and, from the very forward passes that generate the samples,
+    one :class:`FeatureCache` per guide (as :func:`precompute_shared_features` builds them with a second pass of
+    the base over the finished samples, which this saves: about a third of sampling's cost).
+
+    ``guides`` must have been created on ``model`` (decoder-only; module variants and DiNADO-Merge); ``dtype`` is
+    the caches' storage type (default: the base's). The states come from cached incremental decoding, so they
+    equal a full pass's up to float rounding; the first two samples are checked against a full pass (and the
+    guides' loss paths against the base's logits, as ``precompute_features`` checks them).
+    ``sample_kwargs`` go to :func:`dinado.sample` (``temperature``, ``batch_size``, ``seed``, ``tokenizer``...).
+    """
+    from .hf import base_fingerprint
+    from .sampling import sample
+
+    guides = _check_guides(guides)
+    recorded = guides[0].config.base_fingerprint
+    if recorded is not None and base_fingerprint(model) != recorded:
+        raise FeatureCacheError(
+            f"the guides were created on another base (weights hash {recorded}, this model's "
+            f"{base_fingerprint(model)}): sample from the model the guides were created on"
+        )
+    storage = dtype or next(unwrap_peft(model).parameters()).dtype
+    if storage not in _SAFETENSORS_DTYPES or not storage.is_floating_point:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {storage}")
+    layers = [cache_layer(g) for g in guides]
+    states: dict[int | None, list[torch.Tensor]] = {key: [] for key in {None, *layers}}
+    samples = sample(
+        model, prompts, num_samples, oracle, max_new_tokens, record_states=states, **sample_kwargs
+    )
+    lengths = torch.tensor([_rows(samples, i) for i in range(len(samples))], dtype=torch.int64)
+    offsets = F.pad(lengths.cumsum(0), (1, 0))
+    stores = {key: torch.cat(rows).to(storage) for key, rows in states.items()}
+    del states
+    caches = [
+        FeatureCache(
+            stores[layer],
+            offsets,
+            _cache_metadata(g, layer, samples, storage),
+            last=stores[None] if layer is not None else None,
+        )
+        for g, layer in zip(guides, layers, strict=True)
+    ]
+    _check_recorded(model, guides, caches, samples)
+    return samples, caches
+
+
+@torch.no_grad()
+def _check_recorded(model, guides: list[Guide], caches: list[FeatureCache], samples: SampleSet) -> None:
+    """A full pass of the base over the first two samples: the recorded states must be its own (up to rounding),
+    and each guide's cached loss path must give the base's logits."""
+    part = list(range(min(2, len(samples))))
+    batch = samples.collate(part)
+    runner = next((g for g in guides if g.module is not None), guides[0])
+    kwargs = runner._base_kwargs(batch.input_ids, batch.attention_mask, None, None)
+    length = batch.input_ids.shape[1]
+    wanted = sorted({cache_layer(g) for g in guides} - {None})
+    with ExitStack() as stack:
+        stack.enter_context(eval_mode(model))
+        last = stack.enter_context(capture_hidden(model))
+        inputs = {layer: stack.enter_context(capture_layer_input(model, layer)) for layer in wanted}
+        logits = model(**kwargs).logits
+        fresh = {layer: seen[-1] for layer, seen in inputs.items()}
+        fresh[None] = last.pop()
+    real = batch.attention_mask.bool()
+    for cache, layer in zip(caches, (cache_layer(g) for g in guides), strict=True):
+        for key, kept in ((layer, cache.batch_hidden(part, length)),) + (
+            ((None, cache.batch_hidden(part, length, last=True)),) if layer is not None else ()
+        ):
+            ours, theirs = kept[real].float(), fresh[key][real].float()
+            diff = (ours - theirs).abs().max().item()
+            tolerance = (1e-3 if cache.dtype == torch.float32 else 3e-2) * (1.0 + theirs.abs().max().item())
+            if not diff <= tolerance:
+                where = "the last hidden states" if key is None else f"the input of decoder layer {key}"
+                raise FeatureCacheError(
+                    f"the states recorded while sampling differ from a full pass of the base ({where}, largest "
+                    f"difference {diff:.3g}): build the caches with precompute_shared_features instead"
+                )
+    for guide, cache, layer in zip(guides, caches, (cache_layer(g) for g in guides), strict=True):
+        hidden = cache.batch_hidden(part, length).to(logits.dtype)
+        _check_cache_head(guide, layer, hidden, kwargs, logits, batch.attention_mask)
+
+
+@torch.no_grad()
+def _precompute(guides, samples, batch_size, dtype, paths, progress) -> list[FeatureCache]:
+    guides = _check_guides(guides)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     # the frozen base itself where a module guide holds it: a Merge guide's adapted copy reads the same input at
@@ -922,18 +1030,7 @@ def _precompute(guides, samples, batch_size, dtype, paths, progress) -> list[Fea
     # what each guide's cache holds: a module guide the last hidden states (None); a Merge guide the input of its
     # lowest adapted layer and the last hidden states (log p without running the layers above a second time)
     holds = [[None] if layer is None else [layer, None] for layer in layers]
-    metadatas = [
-        {
-            "layer": layer,
-            "samples_fingerprint": samples_fingerprint(samples),
-            "base_fingerprint": g.config.base_fingerprint,
-            "hidden_size": hidden_size,
-            "dtype": str(storage).removeprefix("torch."),
-            "num_samples": len(samples),
-            "last_hidden": layer is not None,
-        }
-        for g, layer in zip(guides, layers, strict=True)
-    ]
+    metadatas = [_cache_metadata(g, layer, samples, storage) for g, layer in zip(guides, layers, strict=True)]
     num_tokens = int(offsets[-1])
     keep_logits = "logits_to_keep" in _forward_parameters(base)
     order = sorted(range(len(samples)), key=lambda i: (int(lengths[i]), i))

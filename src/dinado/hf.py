@@ -423,12 +423,17 @@ def load_model(
         check_local_model(name_or_path, gguf_file)
     source, gguf = resolve_base(name_or_path, gguf_file)
     kwargs: dict[str, Any] = {"gguf_file": gguf, "dtype": torch.float32} if gguf is not None else {}
-    seq2seq = getattr(AutoConfig.from_pretrained(source, **kwargs), "is_encoder_decoder", False)
-    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(source, **kwargs)
+    # the config is read once and handed on: for a GGUF file each read parses the whole file (~3 s for SmolLM2)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    seq2seq = getattr(config, "is_encoder_decoder", False)
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(
+        source, config=config, **kwargs
+    )
     if tokenizer is not None:
         tok = AutoTokenizer.from_pretrained(tokenizer)
     else:
-        tok = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf is not None else {}))
+        extra = {"gguf_file": gguf, "config": config} if gguf is not None else {}
+        tok = AutoTokenizer.from_pretrained(source, **extra)
     if gguf is not None:
         model.config._name_or_path = name_or_path if gguf_file is None else f"{name_or_path}/{gguf_file}"
         _forget_gguf_quantizer(model)

@@ -7,7 +7,8 @@ importance weight log p(x) - log pi(x) is exact.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -20,8 +21,11 @@ from .data import SampleSet, left_pad, right_pad
 from .decoding import generate as guided_generate
 from .guide import Guide
 from .hf import (
+    accepts_argument,
     base_fingerprint,
     base_vocab_size,
+    capture_hidden,
+    capture_layer_input,
     check_length,
     decoder_start_token_id,
     eval_mode,
@@ -159,6 +163,42 @@ def relabel(samples: SampleSet, oracle: Callable, batch_size: int = 64) -> Sampl
     return labelled
 
 
+def _generated_cache(output: Any) -> Any:
+    # transformers 5.x names the KV cache of generate()'s output ``cache`` (4.x: ``past_key_values``)
+    return output.cache if hasattr(output, "cache") else output.past_key_values
+
+
+def _record_states(
+    model, seen: dict, out: MutableMapping, ids, mask, gen, past, prompt_lengths, lengths
+) -> None:
+    """Append to ``out[key]`` each row's states ``[prompt + completion, H]`` from the forward passes of one
+    ``generate()`` call (``seen[key]``: the left-padded prefill, then one position per step), after one more step
+    on the last generated tokens (generation computes no states for them) unless generate already ran it."""
+    width, steps = ids.shape[1], gen.shape[1]
+    if any(len(parts) <= steps for parts in seen.values()):
+        full_mask = torch.cat([mask, torch.ones_like(gen)], 1)
+        model(
+            input_ids=gen[:, -1:],
+            attention_mask=full_mask,
+            position_ids=full_mask.sum(1, keepdim=True) - 1,  # generate()'s positions for left-padded rows
+            use_cache=True,
+            **{"cache" if accepts_argument(model, "cache") else "past_key_values": past},
+        )
+    for key, parts in seen.items():
+        parts = parts[: steps + 1]  # a step generate() ran and then undid holds the last token too
+        shapes = [tuple(p.shape[:2]) for p in parts]
+        expected = [(len(gen), width)] + [(len(gen), 1)] * steps
+        if shapes != expected:
+            raise RuntimeError(
+                f"record_states expected a prefill of {width} positions and one pass per generated token, "
+                f"got passes of shapes {shapes}: this model's generate() runs its forward passes otherwise"
+            )
+        states = torch.cat(parts, dim=1)
+        for r, (p, n) in enumerate(zip(prompt_lengths, lengths.tolist(), strict=True)):
+            out[key].append(states[r, width - p : width + n].to("cpu").clone())
+        seen[key].clear()
+
+
 @torch.no_grad()
 def sample(
     source: PreTrainedModel | Guide,
@@ -175,6 +215,7 @@ def sample(
     tokenizer: Any = None,
     progress: bool = False,
     proposal: PreTrainedModel | None = None,
+    record_states: MutableMapping[int | None, list[torch.Tensor]] | None = None,
 ) -> SampleSet:
     """Draw ``num_samples`` completions per prompt from ``source`` and label them with ``oracle``.
 
@@ -193,6 +234,13 @@ def sample(
     ``proposal``: another causal LM with the same tokenizer to draw from instead (e.g. a model fine-tuned on
     references, which satisfies the oracle more often); ``source`` must then be the base model, and log p is
     read from it by teacher forcing, so the stored weights are ``log p(x|c) - log proposal(x|c)``.
+
+    ``record_states``: keep hidden states the base computes while it generates, so that training need not run it
+    over the samples again (:func:`dinado.features.sample_with_features` builds feature caches from them). A dict
+    whose keys name the states (``None``: the body's last hidden states; ``i``: what decoder layer ``i`` reads);
+    each key's list receives one ``[prompt + completion tokens, H]`` tensor per sample, in the order of the
+    returned set. Only when sampling from a decoder-only base itself (no guide, no proposal); the states of a
+    completion's last token, which generation never feeds back, come from one more cached step.
     """
     if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError("num_samples, max_new_tokens and batch_size must be at least 1")
@@ -227,6 +275,11 @@ def sample(
     decoder_start = decoder_start_token_id(model) if is_encoder_decoder(model) else None
     check_length(model, max(len(p) for p in rows), max_new_tokens)
     exact_p = guide is None and proposal is None and temperature == 1.0 and top_p == 1.0
+    if record_states is not None and (guide is not None or proposal is not None or decoder_start is not None):
+        raise ValueError(
+            "record_states keeps the base's own hidden states: sample from a decoder-only base itself (no Guide "
+            "as source, no proposal)"
+        )
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     completions: list[list[int]] = []
@@ -234,7 +287,15 @@ def sample(
     token_log_pi: list[list[float]] = []
     # dropout off for every model read (a model built from a config starts in training mode)
     # the bar is closed on errors and Ctrl-C too, so that nothing redraws it after the CLI's last line
-    with eval_mode(model, proposal, guide), tqdm(total=len(rows), desc="sample", disable=not progress) as bar:
+    with ExitStack() as stack:
+        stack.enter_context(eval_mode(model, proposal, guide))
+        bar = stack.enter_context(tqdm(total=len(rows), desc="sample", disable=not progress))
+        seen = {  # each recorded key's per-forward-pass states
+            key: stack.enter_context(capture_hidden(model)).parts
+            if key is None
+            else stack.enter_context(capture_layer_input(model, key))
+            for key in record_states or {}
+        }
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             ids, mask = (right_pad if decoder_start is not None else left_pad)(chunk, pad)
@@ -264,11 +325,17 @@ def sample(
                 logits_processor=[*warpers, recorder],
                 **_switched_off_warpers(generator_model),
             )
+            if seen:
+                kwargs["return_dict_in_generate"] = True  # its cache serves the last token's extra step
+                for parts in seen.values():
+                    parts.clear()
             with recorder:
                 if guide is not None:
                     sequences = guided_generate(guide, ids, **kwargs)
                 else:
                     sequences = generator_model.generate(ids, **kwargs)
+                if seen:
+                    past, sequences = _generated_cache(sequences), sequences.sequences
                 # [N, T], after the prompt / decoder start
                 gen = sequences[:, (1 if decoder_start is not None else ids.shape[1]) :]
                 log_pi, log_p = recorder.finish(gen)
@@ -288,6 +355,10 @@ def sample(
                     mask,
                     gen,
                     decoder_start,
+                )
+            if seen:
+                _record_states(
+                    model, seen, record_states, ids, mask, gen, past, [len(c) for c in chunk], lengths
                 )
             for r in range(len(chunk)):
                 n = int(lengths[r])
