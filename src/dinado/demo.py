@@ -27,12 +27,12 @@ import torch
 
 from ._utils import atomic_write_text
 from .evaluation import evaluate_texts, markdown_report, plot_training_curves
-from .features import precompute_shared_features, sample_with_features
+from .features import sample_with_features
 from .guide import Guide
 from .hf import load_model
 from .oracles import as_token_oracle
 from .pretrain import PretrainConfig, pretrain
-from .sampling import relabel, sample
+from .sampling import relabel
 from .tasks.commongen import INSTRUCTION, coverage_oracle, load_split
 from .tasks.toy_language import ToyLanguage
 from .text import PromptFormat, encode_prompts, end_of_turn_id, generate_texts
@@ -145,10 +145,16 @@ def run_toy_demo(
     token_oracle = as_token_oracle(oracle, tokenizer)
     encode = lambda texts: [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
+    variants = ["nado", "dinado-soft", "dinado-merge"] if r["merge"] else ["nado", "dinado-soft"]
+    # a guide never changes the model it is given (Merge's LoRA goes into its own module tree), so the same base
+    # serves every variant and stays the base in the table
+    plan = [(v, r["steps"], dict(num_layers=2, lora_r=8, lora_alpha=16), None) for v in variants]
+    guides = _create_guides(model, tokenizer, plan, seed)
     num_prompts, per_prompt = r["train_prompts"], r["samples_per_prompt"]
     _log(f"sampling {per_prompt} completions for each of {num_prompts} training concept sets from the base")
-    samples = sample(
+    samples, caches = sample_with_features(
         model,
+        guides,
         encode(train_prompts[:num_prompts]),
         per_prompt,
         token_oracle,
@@ -162,13 +168,8 @@ def run_toy_demo(
     _log(f"{len(samples)} samples, {samples.positive_rate:.1%} cover all their concepts")
 
     gen_kwargs = dict(max_new_tokens=24, do_sample=True, top_k=0, pad_token_id=tokenizer.pad_token_id)
-    variants = ["nado", "dinado-soft", "dinado-merge"] if r["merge"] else ["nado", "dinado-soft"]
-    steps = r["steps"]
-    # a guide never changes the model it is given (Merge's LoRA goes into its own module tree), so the same base
-    # serves every variant and stays the base in the table
-    plan = [(v, steps, dict(num_layers=2, lora_r=8, lora_alpha=16), None) for v in variants]
     stages: dict[str, float] = {}
-    systems, curves = _train_guides(model, tokenizer, samples, plan, run, seed, stages)
+    systems, curves = _train_guides(model, samples, plan, run, seed, stages, guides, caches)
 
     results, outputs = _sample_and_score(
         systems, model, tokenizer, held_out, oracle, seed, None, stages, **gen_kwargs
@@ -196,29 +197,23 @@ def _create_guides(model, tokenizer, plan: list, seed: int) -> list[Guide]:
 
 def _train_guides(
     model,
-    tokenizer,
     samples,
     plan: list,
     run: Path,
     seed: int,
     stages: dict,
-    merge_scale: float = 1.0,
-    guides: list[Guide] | None = None,
-    caches: list | None = None,
+    guides: list,
+    caches: list,
+    merge_scale=1.0,
 ):
-    """Train each ``(variant, steps, options, learning rate or None)`` of ``plan`` on ``samples`` (batch 32)
-    and save it under ``run/guides/<variant>``: (systems, curves), the systems being the base, each module guide
-    and each Merge guide folded into a copy of the base at ``merge_scale``; curves the per-step loss records.
-    ``guides`` and their feature ``caches`` where sampling already made them (else created here, with one pass of
-    the base for the caches). Each stage's seconds go into ``stages``."""
+    """Train each ``(variant, steps, options, learning rate or None)`` of ``plan`` (``guides``, with the feature
+    ``caches`` :func:`sample_with_features` recorded) on ``samples`` (batch 32) and save it under
+    ``run/guides/<variant>``: (systems, curves), the systems being the base, each module guide and each Merge
+    guide folded into a copy of the base at ``merge_scale``; curves the per-step loss records. Each stage's
+    seconds go into ``stages``."""
     systems: dict[str, object] = {"base": model}
     curves = {}
     clock = time.perf_counter()
-    if guides is None:
-        guides = _create_guides(model, tokenizer, plan, seed)
-        _log(f"one pass of the base over the {len(samples)} samples for the guides' feature caches")
-        caches = precompute_shared_features(guides, samples, progress=True)
-        clock = _lap(stages, "feature caches", clock)
     for guide, cache, (variant, steps, _, learning_rate) in zip(guides, caches, plan, strict=True):
         _log(f"training {variant} for {steps} steps")
         records: list[dict] = []
@@ -373,7 +368,7 @@ def run_commongen_demo(
         f"share) average {labelled.positive_rate:.3f}"
     )
     systems, curves = _train_guides(
-        model, tokenizer, labelled, plan, run, seed, stages, r["merge_scale"], guides, caches
+        model, labelled, plan, run, seed, stages, guides, caches, r["merge_scale"]
     )
 
     gen_kwargs = dict(max_new_tokens=r["max_new_tokens"], do_sample=True, top_k=0, temperature=1.0)
