@@ -105,8 +105,24 @@ def world(tmp_path_factory):
     common = ["--prompts", w["prompts"], "--max-new-tokens", 6]
     oracle = ["--oracle", "{type: regex, pattern: 'e'}"]
     for name, base in (("samples", w["base"]), ("samples_other", w["other_weights"])):
-        code = main([str(a) for a in ["sample", "--base", base, *common, *oracle, "--num-samples", 8,
-                                      "--output", root / name]])  # fmt: skip
+        code = main(
+            [
+                str(a)
+                for a in [
+                    "sample",
+                    "--base",
+                    base,
+                    *common,
+                    *oracle,
+                    "--num-samples",
+                    8,
+                    "--seed",
+                    1,
+                    "--output",
+                    root / name,
+                ]
+            ]
+        )  # fmt: skip  (seed 1: positives)
         assert code == 0
         w[name] = root / name
     code = main([str(a) for a in ["train", "--base", w["base"], "--samples", w["samples"], "--variant", "nado",

@@ -432,7 +432,7 @@ def _length_oracle(prompts, completions):
     return [min(len(c) / 40, 1.0) for c in completions]
 
 
-@pytest.mark.parametrize("kind, seed", [("gpt2", 3), ("llama", 4)])
+@pytest.mark.parametrize("kind, seed", [("gpt2", 14), ("llama", 4)])
 def test_sampling_records_the_caches_a_second_pass_would_build(kind, seed):
     base = BASES[kind]()
     guides = [

@@ -242,3 +242,54 @@ def test_concat_refuses_parts_from_different_bases_and_empty_input():
         dinado.SampleSet.concat([])
     with pytest.raises(TypeError, match="parts\\[1\\] is a list"):
         dinado.SampleSet.concat([a, [1]])
+
+
+def _chi_square(counts: dict, probabilities: dict, total: int) -> tuple[float, int]:
+    """Pearson's statistic over the outcomes expected at least 5 times (the rest pooled) and its degrees of
+    freedom."""
+    big = [k for k, p in probabilities.items() if p * total >= 5]
+    rest_p = 1.0 - sum(probabilities[k] for k in big)
+    rest_n = total - sum(counts.get(k, 0) for k in big)
+    stat = sum((counts.get(k, 0) - probabilities[k] * total) ** 2 / (probabilities[k] * total) for k in big)
+    cells = len(big)
+    if rest_p * total >= 5:
+        stat += (rest_n - rest_p * total) ** 2 / (rest_p * total)
+        cells += 1
+    return stat, cells - 1
+
+
+@pytest.mark.parametrize("source", ["base", "guide"])
+def test_sampled_completions_follow_the_exact_distribution(toy_base, source):
+    """The whole-sequence frequencies of dinado.sample match the enumerated p (or the guide's q): the token
+    draw (inverse-CDF lookup under greedy search) samples the distribution it records."""
+    from collections import Counter
+
+    model = toy_base
+    if source == "guide":
+        model = Guide.create(toy_base, "dinado-soft")
+        randomize_guide(model, scale=0.5)
+    total = 4000
+    samples = dinado.sample(
+        model, [exact.TOY_PROMPT], total, exact.toy_oracle, exact.TOY_MAX_NEW_TOKENS, batch_size=1000, seed=3
+    )
+    result, _ = _exact_table(model if source == "guide" else Guide.create(toy_base, "nado"))
+    log_probs = result.log_q if source == "guide" else result.log_p
+    probabilities = {tuple(c): float(lp.exp()) for c, lp in zip(result.completions, log_probs, strict=True)}
+    stat, df = _chi_square(Counter(tuple(c) for c in samples.completions), probabilities, total)
+    assert df >= 10
+    assert stat < df + 6 * (2 * df) ** 0.5  # a 6-sigma bound: a biased sampler lands far above
+
+
+def test_the_token_draw_follows_the_scores_and_never_takes_an_impossible_token():
+    from dinado.sampling import InverseCdfSampler
+
+    torch.manual_seed(0)
+    scores = torch.tensor([[2.0, float("-inf"), 0.0, 1.0, float("-inf"), -1.0]]).repeat(20000, 1)
+    out = InverseCdfSampler()(None, scores)
+    assert out.isfinite().sum(-1).eq(1).all()  # exactly one token left per row
+    counts = torch.bincount(out.argmax(-1), minlength=6).double()
+    assert counts[1] == 0 and counts[4] == 0
+    expected = torch.softmax(scores[0].double(), -1) * len(scores)
+    kept = expected > 0
+    stat = ((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum()
+    assert stat < 3 + 6 * 6**0.5  # 3 degrees of freedom

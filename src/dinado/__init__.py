@@ -5,11 +5,11 @@ from ._version import __version__ as __version__
 from .config import VARIANTS, GuideConfig
 from .data import SampleSet
 from .decoding import GuideLogitsProcessor, generate
-from .features import FeatureCache, precompute_features, precompute_shared_features, sample_with_features
+from .features import FeatureCache, precompute_features, precompute_shared_features
 from .guide import Guide
 from .hf import load_model
 from .oracles import TextOracle
-from .sampling import relabel, sample
+from .sampling import relabel, sample, sample_with_features
 from .text import reference_samples
 from .training import TrainReport, train
 

@@ -920,28 +920,12 @@ def _check_guides(guides: Sequence[Guide]) -> list[Guide]:
     return guides
 
 
-def sample_with_features(
-    model: torch.nn.Module,
-    guides: Sequence[Guide],
-    prompts: Sequence[Sequence[int]],
-    num_samples: int,
-    oracle: Callable,
-    max_new_tokens: int,
-    dtype: torch.dtype | None = None,
-    **sample_kwargs: Any,
-) -> tuple[SampleSet, list[FeatureCache]]:
-    """:func:`dinado.sample` from the base ``model`` and, from the very forward passes that generate the samples,
-    one :class:`FeatureCache` per guide (as :func:`precompute_shared_features` builds them with a second pass of
-    the base over the finished samples, which this saves: about a third of sampling's cost).
-
-    ``guides`` must have been created on ``model`` (decoder-only; module variants and DiNADO-Merge); ``dtype`` is
-    the caches' storage type (default: the base's). The states come from cached incremental decoding, so they
-    equal a full pass's up to float rounding; the first two samples are checked against a full pass (and the
-    guides' loss paths against the base's logits, as ``precompute_features`` checks them).
-    ``sample_kwargs`` go to :func:`dinado.sample` (``temperature``, ``batch_size``, ``seed``, ``tokenizer``...).
-    """
+def recording_plan(
+    model: torch.nn.Module, guides: Sequence[Guide], dtype: torch.dtype | None = None
+) -> tuple[list[Guide], torch.dtype, dict[int | None, list[torch.Tensor]]]:
+    """Before :func:`dinado.sample_with_features` samples: the checked guides, the caches' storage type and the
+    empty ``record_states`` dict for :func:`dinado.sample` (the states every guide's cache needs)."""
     from .hf import base_fingerprint
-    from .sampling import sample
 
     guides = _check_guides(guides)
     recorded = guides[0].config.base_fingerprint
@@ -953,15 +937,29 @@ def sample_with_features(
     storage = dtype or next(unwrap_peft(model).parameters()).dtype
     if storage not in _SAFETENSORS_DTYPES or not storage.is_floating_point:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {storage}")
-    layers = [cache_layer(g) for g in guides]
-    states: dict[int | None, list[torch.Tensor]] = {key: [] for key in {None, *layers}}
-    samples = sample(
-        model, prompts, num_samples, oracle, max_new_tokens, record_states=states, **sample_kwargs
-    )
+    return guides, storage, {key: [] for key in {None, *(cache_layer(g) for g in guides)}}
+
+
+def caches_from_recorded(
+    model: torch.nn.Module,
+    guides: list[Guide],
+    samples: SampleSet,
+    states: dict[int | None, list[torch.Tensor]],
+    storage: torch.dtype,
+) -> list[FeatureCache]:
+    """One :class:`FeatureCache` per guide from the states ``dinado.sample(record_states=states)`` kept (one
+    ``[tokens, H]`` tensor per sample and key), checked on the first two samples against a full pass of the
+    base. ``states`` is emptied (its tensors are joined into the caches)."""
     lengths = torch.tensor([_rows(samples, i) for i in range(len(samples))], dtype=torch.int64)
     offsets = F.pad(lengths.cumsum(0), (1, 0))
-    stores = {key: torch.cat(rows).to(storage) for key, rows in states.items()}
-    del states
+    stores = {}
+    for key in list(states):
+        stores[key] = torch.cat(states.pop(key)).to(storage)
+        if stores[key].shape[0] != int(offsets[-1]):
+            raise FeatureCacheError(
+                f"the recorded states hold {stores[key].shape[0]} token rows, the samples {int(offsets[-1])}"
+            )
+    layers = [cache_layer(g) for g in guides]
     caches = [
         FeatureCache(
             stores[layer],
@@ -972,7 +970,7 @@ def sample_with_features(
         for g, layer in zip(guides, layers, strict=True)
     ]
     _check_recorded(model, guides, caches, samples)
-    return samples, caches
+    return caches
 
 
 @torch.no_grad()
