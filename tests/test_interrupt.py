@@ -24,6 +24,9 @@ TEXTS = [
     for b in ("ball", "boat")
 ]
 TRAIN_STEPS = 300
+# enough that sampling lasts ~10 s on one thread: the signal must land mid-run even when the test's own process
+# is slow to notice the run directory on a busy 2-core machine (1,000 per prompt took ~4 s and once finished first)
+SAMPLES_PER_PROMPT = 3000
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def setup(tmp_path_factory):
     tokenizer.save_pretrained(root / "base")
     (root / "prompts.txt").write_text("the dog\nthe cat\nthe bird\n")
     sample_args = ["sample", "--base", root / "base", "--prompts", root / "prompts.txt", "--oracle", "{type: regex, pattern: 'b'}",
-                   "--num-samples", 1000, "--max-new-tokens", 8, "--batch-size", 8]  # fmt: skip
+                   "--num-samples", SAMPLES_PER_PROMPT, "--max-new-tokens", 8, "--batch-size", 8]  # fmt: skip
     train_args = ["train", "--base", root / "base", "--samples", root / "samples", "--variant", "dinado-soft",
                   "--max-steps", TRAIN_STEPS, "--batch-size", 16, "--checkpoint-every", 40]  # fmt: skip
     run = lambda args, out: main([str(a) for a in [*args, "--output", out]])

@@ -246,7 +246,7 @@ def sample(
     read from it by teacher forcing, so the stored weights are ``log p(x|c) - log proposal(x|c)``.
 
     ``record_states``: keep hidden states the base computes while it generates, so that training need not run it
-    over the samples again (:func:`dinado.features.sample_with_features` builds feature caches from them). A dict
+    over the samples again (:func:`sample_with_features` builds feature caches from them). A dict
     whose keys name the states (``None``: the body's last hidden states; ``i``: what decoder layer ``i`` reads);
     each key's list receives one ``[prompt + completion tokens, H]`` tensor per sample, in the order of the
     returned set. Only when sampling from a decoder-only base itself (no guide, no proposal); the states of a
