@@ -65,6 +65,14 @@ def _spawn(args: list, output: Path) -> subprocess.Popen:
     )
 
 
+def _signal_masks(pid: int) -> list[str]:
+    """The blocked, ignored and caught signal masks of a running process (Linux), for failure messages."""
+    try:
+        return [line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Sig")]
+    except OSError:
+        return []
+
+
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -149,12 +157,15 @@ def test_interrupted_sample_leaves_nothing_and_a_rerun_matches(setup, tmp_path, 
     proc = _spawn(sample_args, out)
     _wait_for(lambda: any((p / "config.yaml").is_file() for p in tmp_path.glob(".samples.partial-*")), proc)
     time.sleep(random.Random(int(signum)).uniform(0.0, 0.3))
+    masks = _signal_masks(proc.pid)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT[signum], (
-        err,
+        err[-4000:],
         "this worker's SIGINT handler:",
         signal.getsignal(signal.SIGINT),
+        "the child's signal masks before the signal:",
+        masks,
     )
     assert not out.exists()
     if signum != signal.SIGKILL:
