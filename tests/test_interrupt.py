@@ -68,7 +68,9 @@ def _spawn(args: list, output: Path) -> subprocess.Popen:
 def _signal_masks(pid: int) -> list[str]:
     """The blocked, ignored and caught signal masks of a running process (Linux), for failure messages."""
     try:
-        return [line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Sig")]
+        return [
+            line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Sig")
+        ]
     except OSError:
         return []
 
