@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from dinado import SampleSet
 
@@ -540,3 +541,49 @@ def test_combine_plots_every_guides_training_curves_in_one_png(smoke, tmp_path):
         combine.main(["--runs", str(out), str(out), "--curves", str(png), "--curves-only"])
     with pytest.raises(SystemExit):
         combine.main(["--curves-only", "--curves", str(png)])  # no runs
+
+
+def test_merge_entropy_profiles_the_runs_adapter_against_its_base(smoke, tmp_path):
+    out, _ = smoke
+    merge_entropy = load_benchmark("commongen", "merge_entropy.py")
+    argv = ["--run", str(out), "--scales", "0,10000", "--samples", "5", "--output", str(tmp_path)]
+    report = merge_entropy.main(argv)
+    zero, big = report["rows"]
+    # scale 0 folds in nothing: the base's own distribution; the two training steps' change scaled 10,000 times
+    # moves it
+    assert abs(zero["entropy"] - report["base_entropy"]) < 1e-4
+    assert abs(zero["kl_q_p"]) < 1e-5 and abs(zero["kl_p_q"]) < 1e-5
+    assert big["kl_q_p"] > 1e-3 and big["kl_p_q"] > 1e-3
+    assert report["samples"] == 5 and report["tokens"] > 0
+    assert json.loads((tmp_path / "merge_entropy.json").read_text()) == report
+    assert "| 10000 |" in (tmp_path / "merge_entropy.md").read_text()
+
+
+def test_merge_entropy_reads_each_completion_at_its_own_positions(smoke):
+    """Batched, right-padded teacher forcing gives each sample what it gets alone (padding never leaks in)."""
+    from dinado.hf import load_model
+
+    out, _ = smoke
+    merge_entropy = load_benchmark("commongen", "merge_entropy.py")
+    samples = SampleSet.load(out / "samples.safetensors")
+    model, tokenizer = load_model(str(out / "base"))
+    model.eval()
+    lengths = [len(p) + len(c) for p, c in zip(samples.prompts, samples.completions, strict=True)]
+    indices = sorted(range(len(samples)), key=lambda i: lengths[i])[:2] + [
+        max(range(len(samples)), key=lengths.__getitem__)
+    ]
+    batched = merge_entropy.completion_log_probs(model, samples, indices, pad_id=0, batch_size=3)
+    alone = merge_entropy.completion_log_probs(model, samples, indices, pad_id=0, batch_size=1)
+    assert len({lengths[i] for i in indices}) > 1  # the batch is padded
+    for a, b, i in zip(batched, alone, indices, strict=True):
+        assert a.shape == (len(samples.completions[i]), model.config.vocab_size)
+        assert torch.allclose(a, b, atol=1e-4)
+        assert torch.allclose(a.exp().sum(-1), torch.ones(len(a)), atol=1e-4)
+        # position t predicts token t + 1: the completion's mean log-likelihood is minus the model's own loss
+        ids = torch.tensor([samples.prompts[i] + samples.completions[i]])
+        labels = ids.clone()
+        labels[0, : len(samples.prompts[i])] = -100
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=labels).loss
+        taken = a.gather(-1, torch.tensor(samples.completions[i])[:, None])
+        assert torch.allclose(taken.mean(), -loss, atol=1e-4)
