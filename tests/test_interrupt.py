@@ -53,8 +53,9 @@ def _spawn(args: list, output: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the tests run torch on one thread
     command = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from dinado.cli import main; "
                "sys.exit(main(sys.argv[1:]))", *map(str, args), "--output", str(output)]  # fmt: skip
-    # the child starts with Ctrl-C at its default disposition, as from a terminal: a process that inherits SIGINT
-    # ignored (a test worker launched in the background, under nohup) gets no KeyboardInterrupt from Python
+    # the child starts with Ctrl-C at its default disposition and unblocked, as from a terminal: a process that
+    # inherits SIGINT ignored (a test worker launched in the background, under nohup) or blocked gets no
+    # KeyboardInterrupt from Python
     return subprocess.Popen(
         command,
         env=env,
@@ -77,6 +78,7 @@ def _signal_masks(pid: int) -> list[str]:
 
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
