@@ -166,6 +166,8 @@ def test_interrupted_sample_leaves_nothing_and_a_rerun_matches(setup, tmp_path, 
     masks = _signal_masks(proc.pid)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
+    if proc.returncode != EXIT[signum]:
+        print(err)  # in full under "Captured stdout call" (the assertion message below is truncated)
     assert proc.returncode == EXIT[signum], (
         err[-4000:],
         "this worker's SIGINT handler:",
