@@ -51,10 +51,28 @@ def setup(tmp_path_factory):
     return root, sample_args, train_args
 
 
+# The CLI in a child process. Its Ctrl-C handler is Python's own (it raises KeyboardInterrupt) but first prints
+# where the signal landed, so that a run that goes on after a SIGINT shows which code swallowed the interrupt.
+CHILD = """
+import signal, sys, traceback
+import torch
+
+def interrupt(signum, frame):
+    print("[SIGINT landed in]", file=sys.stderr)
+    traceback.print_stack(frame, file=sys.stderr)
+    raise KeyboardInterrupt
+
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, interrupt)
+torch.set_num_threads(1)
+from dinado.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _spawn(args: list, output: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the tests run torch on one thread
-    command = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from dinado.cli import main; "
-               "sys.exit(main(sys.argv[1:]))", *map(str, args), "--output", str(output)]  # fmt: skip
+    command = [sys.executable, "-c", CHILD, *map(str, args), "--output", str(output)]
     # the child starts with Ctrl-C at its default disposition and unblocked, as from a terminal: a process that
     # inherits SIGINT ignored (a test worker launched in the background, under nohup) or blocked gets no
     # KeyboardInterrupt from Python
