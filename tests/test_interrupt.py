@@ -178,14 +178,19 @@ def test_interrupted_train_resumes_to_the_same_files(setup, tmp_path, signum, ca
 def test_interrupted_sample_leaves_nothing_and_a_rerun_matches(setup, tmp_path, signum, capsys):
     root, sample_args, _ = setup
     out = tmp_path / "samples"
+    started = time.monotonic()
     proc = _spawn(sample_args, out)
     _wait_for(lambda: any((p / "config.yaml").is_file() for p in tmp_path.glob(".samples.partial-*")), proc)
+    seen = time.monotonic()
     time.sleep(random.Random(int(signum)).uniform(0.0, 0.3))
     masks = _signal_masks(proc.pid)
+    sent = time.monotonic()
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=120)
+    stdout, err = proc.communicate(timeout=120)
     if proc.returncode != EXIT[signum]:
-        print(err)  # in full under "Captured stdout call" (the assertion message below is truncated)
+        # in full under "Captured stdout call" (the assertion message below is truncated)
+        print(f"spawned, run directory seen after {seen - started:.2f} s, signal sent after {sent - started:.2f} s, "
+              f"child ended after {time.monotonic() - started:.2f} s\nstdout:\n{stdout}\nstderr:\n{err}")  # fmt: skip
     assert proc.returncode == EXIT[signum], (
         err[-4000:],
         "this worker's SIGINT handler:",
