@@ -559,12 +559,13 @@ def test_merge_entropy_profiles_the_runs_adapter_against_its_base(smoke, tmp_pat
     assert "| 10000 |" in (tmp_path / "merge_entropy.md").read_text()
 
 
-def test_merge_entropy_reads_each_completion_at_its_own_positions(smoke):
+def test_completion_log_probs_reads_each_completion_at_its_own_positions(smoke):
     """Batched, right-padded teacher forcing gives each sample what it gets alone (padding never leaks in)."""
     from dinado.hf import load_model
 
     out, _ = smoke
-    merge_entropy = load_benchmark("commongen", "merge_entropy.py")
+    from dinado.evaluation import completion_log_probs
+
     samples = SampleSet.load(out / "samples.safetensors")
     model, tokenizer = load_model(str(out / "base"))
     model.eval()
@@ -572,8 +573,8 @@ def test_merge_entropy_reads_each_completion_at_its_own_positions(smoke):
     indices = sorted(range(len(samples)), key=lambda i: lengths[i])[:2] + [
         max(range(len(samples)), key=lengths.__getitem__)
     ]
-    batched = merge_entropy.completion_log_probs(model, samples, indices, pad_id=0, batch_size=3)
-    alone = merge_entropy.completion_log_probs(model, samples, indices, pad_id=0, batch_size=1)
+    batched = completion_log_probs(model, samples, indices, pad_id=0, batch_size=3)
+    alone = completion_log_probs(model, samples, indices, pad_id=0, batch_size=1)
     assert len({lengths[i] for i in indices}) > 1  # the batch is padded
     for a, b, i in zip(batched, alone, indices, strict=True):
         assert a.shape == (len(samples.completions[i]), model.config.vocab_size)

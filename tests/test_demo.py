@@ -7,7 +7,7 @@ import pytest
 
 from dinado import Guide
 from dinado.cli import main
-from dinado.demo import COMMONGEN_RECIPE
+from dinado.demo import COMMONGEN_RECIPE, SCALE_STEPS, choose_scale
 from dinado.hf import load_model
 
 from .conftest import SHARED_DATA, tiny_llama
@@ -49,7 +49,12 @@ def test_the_commongen_demo_trains_merge_and_a_module_and_writes_its_summary(cha
     assert {"sample and label", "train dinado-merge", "decode and score base"} <= set(stages)
     assert "feature caches" not in stages  # recorded while sampling: no second pass of the base
     assert 0 < sum(stages.values()) <= summary["seconds"] + 1
-    assert "| dinado-merge |" in printed and f"--adapter-scale {COMMONGEN_RECIPE['merge_scale']:g}" in printed
+    # Merge is folded in at the recipe's scale or a smaller step of it, chosen by its entropy check
+    check = summary["merge_check"]
+    tried = [COMMONGEN_RECIPE["merge_scale"] * step for step in SCALE_STEPS]
+    assert check["scale"] in tried and check["base_entropy"] > 0
+    assert [float(s) for s in check["entropies"]] == tried[: len(check["entropies"])]
+    assert "| dinado-merge |" in printed and f"--adapter-scale {check['scale']:g}" in printed
     assert (out / "report.md").is_file() and (out / "training_curves_dinado-soft.png").stat().st_size > 1000
     # each guide is saved and loads again on the base (what `dinado generate --guide` does)
     model, tokenizer = load_model(str(chat_base))
@@ -91,3 +96,16 @@ def test_the_toy_demo_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "toy" / "guides" / "dinado-merge" / "dinado_config.json").is_file()
     with pytest.raises(TypeError, match="unknown demo settings"):
         run_toy_demo(str(tmp_path / "toy"), held_outt=3)
+
+
+@pytest.mark.parametrize(
+    "entropies, expected",
+    [
+        ({12.0: 2.38, 9.0: 2.44, 6.0: 2.61}, (12.0, True)),  # concentrates at every scale: the largest
+        ({12.0: 3.60, 9.0: 3.53, 6.0: 3.47}, (6.0, True)),  # the demo's failing seed: spreads above scale 6
+        ({12.0: 3.60, 9.0: 3.49}, (9.0, False)),  # none passes: the smallest tried
+        ({12.0: 3.48}, (12.0, True)),  # equal to the base's counts as not above it
+    ],
+)
+def test_the_merge_check_takes_the_largest_scale_whose_entropy_is_not_above_the_bases(entropies, expected):
+    assert choose_scale(3.48, entropies) == expected

@@ -24,6 +24,7 @@ import torch
 
 from dinado import Guide, SampleSet
 from dinado._utils import atomic_write_text
+from dinado.evaluation import completion_log_probs, mean_entropy
 from dinado.hf import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
@@ -32,35 +33,11 @@ from benchmarks.common import logger, markdown_table  # noqa: E402
 log = logger("merge_entropy", "stdout")
 
 
-@torch.no_grad()
-def completion_log_probs(
-    model, samples: SampleSet, indices: list[int], pad_id: int, batch_size: int = 16
-) -> list[torch.Tensor]:
-    """For each sample of ``indices``: the model's next-token log-probabilities (float32, ``[completion
-    length, vocab]``) at the positions that predict its completion tokens, teacher-forced after its prompt
-    (right-padded batches, so every sequence keeps its own positions)."""
-    out: list[torch.Tensor] = []
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        rows = [samples.prompts[i] + samples.completions[i] for i in chunk]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, row in enumerate(rows):
-            ids[j, : len(row)] = torch.tensor(row)
-            mask[j, : len(row)] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        for j, i in enumerate(chunk):
-            first, n = len(samples.prompts[i]), len(samples.completions[i])
-            out.append(torch.log_softmax(logits[j, first - 1 : first + n - 1], dim=-1))
-    return out
-
-
 def profile(base_lp: list[torch.Tensor], merged_lp: list[torch.Tensor]) -> dict[str, float]:
     """Mean per-token entropy of the merged model and KL in both directions against the base (nats)."""
     q, p = torch.cat(merged_lp), torch.cat(base_lp)
     return {
-        "entropy": float(-(q.exp() * q).sum(-1).mean()),
+        "entropy": mean_entropy(merged_lp),
         "kl_q_p": float((q.exp() * (q - p)).sum(-1).mean()),
         "kl_p_q": float((p.exp() * (p - q)).sum(-1).mean()),
     }
@@ -105,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed)).tolist()
     indices = order[: args.samples]
     base_lp = completion_log_probs(model, samples, indices, pad, args.batch_size)
-    base_entropy = profile(base_lp, base_lp)["entropy"]
+    base_entropy = mean_entropy(base_lp)
     rows = []
     for scale in scales:
         merged = guide.merge(adapter_scale=scale).eval()

@@ -27,7 +27,13 @@ import torch
 from transformers import LogitsProcessorList
 
 from ._utils import atomic_write_text
-from .evaluation import evaluate_texts, markdown_report, plot_training_curves
+from .evaluation import (
+    completion_log_probs,
+    evaluate_texts,
+    markdown_report,
+    mean_entropy,
+    plot_training_curves,
+)
 from .guide import Guide
 from .hf import load_model
 from .oracles import as_token_oracle
@@ -169,7 +175,7 @@ def run_toy_demo(
 
     gen_kwargs = dict(max_new_tokens=24, pad_token_id=tokenizer.pad_token_id)
     stages: dict[str, float] = {}
-    systems, curves = _train_guides(model, samples, plan, run, seed, stages, guides, caches)
+    systems, curves, _ = _train_guides(model, samples, plan, run, seed, stages, guides, caches)
 
     results, outputs = _sample_and_score(
         systems, model, tokenizer, held_out, oracle, seed, None, stages, **gen_kwargs
@@ -205,14 +211,16 @@ def _train_guides(
     guides: list,
     caches: list,
     merge_scale=1.0,
+    check_merge: bool = False,
 ):
     """Train each ``(variant, steps, options, learning rate or None)`` of ``plan`` (``guides``, with the feature
     ``caches`` :func:`sample_with_features` recorded) on ``samples`` (batch 32) and save it under
-    ``run/guides/<variant>``: (systems, curves), the systems being the base, each module guide and each Merge
-    guide folded into a copy of the base at ``merge_scale``; curves the per-step loss records. Each stage's
-    seconds go into ``stages``."""
+    ``run/guides/<variant>``: (systems, curves, checks), the systems being the base, each module guide and each Merge
+    guide folded into a copy of the base at ``merge_scale`` (with ``check_merge``, at the largest step of it that
+    passes the entropy check of :func:`_merge_checked`); curves the per-step loss records; checks those checks'
+    records by variant. Each stage's seconds go into ``stages``."""
     systems: dict[str, object] = {"base": model}
-    curves = {}
+    curves, checks = {}, {}
     clock = time.perf_counter()
     for guide, cache, (variant, steps, _, learning_rate) in zip(guides, caches, plan, strict=True):
         _log(f"training {variant} for {steps} steps")
@@ -230,9 +238,58 @@ def _train_guides(
         )
         guide.save_pretrained(run / "guides" / variant)
         curves[variant] = records
-        systems[variant] = guide.merge(adapter_scale=merge_scale) if guide.module is None else guide
+        if guide.module is None and check_merge:
+            systems[variant], checks[variant] = _merge_checked(model, guide, samples, merge_scale, seed)
+        elif guide.module is None:
+            systems[variant] = guide.merge(adapter_scale=merge_scale)
+        else:
+            systems[variant] = guide
         clock = _lap(stages, f"train {variant}", clock)
-    return systems, curves
+    return systems, curves, checks
+
+
+# Fractions of the recipe's adapter scale the entropy check tries, largest first (12, 9, 6 for the SmolLM2 recipe).
+SCALE_STEPS = (1.0, 0.75, 0.5)
+
+
+def choose_scale(base_entropy: float, entropies: dict[float, float]) -> tuple[float, bool]:
+    """The largest scale whose merged model's mean next-token entropy is not above the base's: (scale, passed).
+    Every DiNADO-Merge adapter that helped on CommonGen lowered the entropy as it was scaled up (it concentrates
+    probability, as q* ∝ p·C does); the one that failed raised it, putting probability into the tail (broken
+    words at T = 1; docs/demo.md). With none passing, the smallest scale tried (passed False)."""
+    passing = [s for s, h in entropies.items() if h <= base_entropy]
+    return (max(passing), True) if passing else (min(entropies), False)
+
+
+def _merge_checked(model, guide, samples, scale: float, seed: int, count: int = 32):
+    """Fold ``guide`` in at ``scale``, or at a smaller step of it (SCALE_STEPS) when its next-token entropy on
+    ``count`` of its own training samples (teacher-forced, a seeded draw) is above the base's: (merged model,
+    the check's record)."""
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()[:count]
+    base_entropy = mean_entropy(completion_log_probs(model, samples, order))
+    entropies: dict[float, float] = {}
+    merged = None
+    for step in SCALE_STEPS:
+        merged = guide.merge(adapter_scale=scale * step)
+        entropies[scale * step] = mean_entropy(completion_log_probs(merged, samples, order))
+        if entropies[scale * step] <= base_entropy:
+            break
+    chosen, passed = choose_scale(base_entropy, entropies)
+    if (
+        chosen != scale * step
+    ):  # none passed: the last merged is the smallest scale, which choose_scale returns
+        merged = guide.merge(adapter_scale=chosen)
+    shown = ", ".join(f"scale {s:g}: {h:.3f}" for s, h in entropies.items())
+    verdict = (
+        f"adapter scale {chosen:g}"
+        if passed
+        else f"adapter scale {chosen:g}, though it still spreads probability (a weak adapter: try another --seed)"
+    )
+    _log(
+        f"merge check: next-token entropy on {len(order)} training samples, base {base_entropy:.3f}; {shown} -> {verdict}"
+    )
+    record = {"base_entropy": base_entropy, "entropies": {f"{s:g}": h for s, h in entropies.items()}}
+    return merged, {**record, "scale": chosen, "passed": passed}
 
 
 def _lap(stages: dict, name: str, since: float) -> float:
@@ -370,9 +427,10 @@ def run_commongen_demo(
         f"{len(samples)} samples, {samples.positive_rate:.1%} cover all their concepts; soft labels (covered "
         f"share) average {labelled.positive_rate:.3f}"
     )
-    systems, curves = _train_guides(
-        model, labelled, plan, run, seed, stages, guides, caches, r["merge_scale"]
+    systems, curves, checks = _train_guides(
+        model, labelled, plan, run, seed, stages, guides, caches, r["merge_scale"], check_merge=True
     )
+    scale = checks["dinado-merge"]["scale"]
 
     gen_kwargs = dict(max_new_tokens=r["max_new_tokens"], pad_token_id=tokenizer.pad_token_id)
     results, outputs = _sample_and_score(
@@ -399,14 +457,15 @@ def run_commongen_demo(
         "seconds": seconds,
         "stages": stages,
         "threads": torch.get_num_threads(),
+        "merge_check": checks["dinado-merge"],
     }
     atomic_write_text(run / "summary.json", json.dumps(summary, indent=2))
     _print_results(
         results, examples, list(systems), f"{len(held_out)} CommonGen dev sets (combinations not in train)"
     )
     print(
-        f"\nDiNADO-Merge is decoded merged at adapter scale {r['merge_scale']:g}; to reuse it: dinado merge --base "
-        f"{base} --guide {run / 'guides' / 'dinado-merge'} --adapter-scale {r['merge_scale']:g} --output "
+        f"\nDiNADO-Merge is decoded merged at adapter scale {scale:g}; to reuse it: dinado merge --base "
+        f"{base} --guide {run / 'guides' / 'dinado-merge'} --adapter-scale {scale:g} --output "
         f"runs/merged\nReport: {run / 'report.md'}; summary: {run / 'summary.json'}; total {seconds:.0f} s"
     )
     print("Seconds per stage: " + ", ".join(f"{k} {v:g}" for k, v in stages.items()))

@@ -77,6 +77,31 @@ def _causal_perplexity(model, tokenizer, prompts, completions, batch_size: int, 
     return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
 
 
+@torch.no_grad()
+def completion_log_probs(
+    model, samples, indices: Sequence[int], pad_id: int = 0, batch_size: int = 16
+) -> list[torch.Tensor]:
+    """A decoder-only model's next-token log-probabilities (float32, ``[completion length, vocab]``) at the
+    positions that predict each completion token of ``samples`` (a :class:`~dinado.data.SampleSet`) at
+    ``indices``, teacher-forced after its prompt (right-padded batches: every row keeps its own positions)."""
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    for start in range(0, len(indices), batch_size):
+        chunk = list(indices[start : start + batch_size])
+        ids, mask = right_pad([samples.prompts[i] + samples.completions[i] for i in chunk], pad_id)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        for row, i in enumerate(chunk):
+            first, n = len(samples.prompts[i]), len(samples.completions[i])
+            out.append(F.log_softmax(logits[row, first - 1 : first + n - 1], dim=-1).cpu())
+    return out
+
+
+def mean_entropy(log_probs: Sequence[torch.Tensor]) -> float:
+    """Mean entropy (nats) of the next-token distributions given as rows of log-probabilities."""
+    rows = torch.cat(list(log_probs))
+    return float(-(rows.exp() * rows).sum(-1).mean())
+
+
 def _seq2seq_perplexity(model, tokenizer, prompts, completions, batch_size: int, prompt_format=None) -> float:
     total_nll, total_tokens = 0.0, 0
     device = next(model.parameters()).device
