@@ -268,17 +268,13 @@ def _merge_checked(model, guide, samples, scale: float, seed: int, count: int = 
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()[:count]
     base_entropy = mean_entropy(completion_log_probs(model, samples, order))
     entropies: dict[float, float] = {}
-    merged = None
-    for step in SCALE_STEPS:
+    for step in SCALE_STEPS:  # largest first: the loop ends on the scale choose_scale picks
         merged = guide.merge(adapter_scale=scale * step)
         entropies[scale * step] = mean_entropy(completion_log_probs(merged, samples, order))
         if entropies[scale * step] <= base_entropy:
             break
     chosen, passed = choose_scale(base_entropy, entropies)
-    if (
-        chosen != scale * step
-    ):  # none passed: the last merged is the smallest scale, which choose_scale returns
-        merged = guide.merge(adapter_scale=chosen)
+    assert chosen == scale * step
     shown = ", ".join(f"scale {s:g}: {h:.3f}" for s, h in entropies.items())
     verdict = (
         f"adapter scale {chosen:g}"
