@@ -19,7 +19,7 @@ import sys
 
 from ..oracles import OracleError
 from .commands import COMMANDS
-from .errors import CLIError, Interrupted, Terminated, raise_terminated
+from .errors import CLIError, Interrupted, Terminated, raise_interrupt
 from .parser import build_parser, resolve, unknown_flags
 from .specs import SPECS
 from .values import KINDS
@@ -37,10 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     if extras:
         print(f"{prog}: error: {unknown_flags(args.command, extras)} (see `{prog} --help`)", file=sys.stderr)
         return 2
-    try:
-        previous = signal.signal(signal.SIGTERM, raise_terminated)
-    except ValueError:  # not the main thread
-        previous = None
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signum == signal.SIGINT and signal.getsignal(signum) is not signal.default_int_handler:
+            continue  # Ctrl-C ignored (a background job) or handled by the caller: leave it so
+        try:
+            previous[signum] = signal.signal(signum, raise_interrupt)
+        except ValueError:  # not the main thread
+            break
     try:
         COMMANDS[args.command](resolve(args.command, args))
     except Interrupted as exc:
@@ -56,6 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
