@@ -44,9 +44,9 @@ def profile(base_lp: list[torch.Tensor], merged_lp: list[torch.Tensor]) -> dict[
 
 
 def base_name(run: Path) -> str:
-    for name, key in (("summary.json", "base"), ("results.json", "base")):
+    for name in ("summary.json", "results.json"):  # both record the base under "base"
         if (run / name).is_file():
-            return json.loads((run / name).read_text())[key]
+            return json.loads((run / name).read_text())["base"]
     raise SystemExit(f"{run} has neither summary.json (dinado demo) nor results.json (run.py): pass --base")
 
 

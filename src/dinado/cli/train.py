@@ -20,7 +20,7 @@ from ..guide import Guide
 from ..oracles import call_oracle
 from ..text import generate_texts
 from ..training import CHECKPOINT_PREFIX, TrainReport, check_samples, latest_checkpoint, train
-from .errors import CLIError, Interrupted, Terminated, interrupted
+from .errors import CLIError, Interrupted, interrupted, raise_interrupt
 from .inputs import load_base, prompt_format, read_prompts, require, samples_path, text_oracle
 from .runs import Run, check_output
 from .specs import GUIDE_SPEC, TRAIN_SPEC
@@ -210,7 +210,10 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+            raise_interrupt(
+                signum, frame
+            )  # the second signal stops at once (re-sent if it lands in a finalizer)
+            return
         self.signum = signum
         print(
             "\ndinado train: stopping after this step and saving a checkpoint (press Ctrl-C again to stop at once)",
