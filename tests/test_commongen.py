@@ -101,6 +101,19 @@ def test_caption_metrics_reward_the_references_and_report_spice_unavailable():
     assert perfect["spice"] is None and poor["spice"] is None
 
 
+def test_without_java_meteor_is_not_available_and_the_rest_is_scored(monkeypatch):
+    import shutil
+
+    refs = [["A dog catches a frisbee in the park ."]]
+    with_java = caption_metrics(["A dog catches a frisbee ."], refs)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    with pytest.warns(UserWarning, match="METEOR needs Java"):
+        without = caption_metrics(["A dog catches a frisbee ."], refs)
+    assert without["meteor"] is None and with_java["meteor"] > 0
+    for key in ("bleu4", "cider", "rouge_l"):
+        assert without[key] == pytest.approx(with_java[key]), key
+
+
 def test_commongen_metrics_count_inflected_concepts(dev):
     sets = dev[:2]
     outputs = [sets[0].references[0], "nothing relevant here ."]

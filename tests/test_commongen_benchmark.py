@@ -103,7 +103,7 @@ def test_the_same_pipeline_takes_any_causal_lm_by_path_and_fine_tunes_it_first(t
     assert gpt2_tokenizer.pad_token_id is None
     argv = [
         "--quick", "--output", str(tmp_path / "run"), "--data-dir", str(DATA), "--base", str(base_dir),
-        "--base-finetune-steps", "2", "--train-sets", "6", "--samples-per-set", "2", "--guide-steps", "1",
+        "--base-finetune-steps", "2", "--base-finetune-batch-size", "3", "--train-sets", "6", "--samples-per-set", "2", "--guide-steps", "1",
         "--sft-steps", "1", "--dev-sets", "3", "--no-test", "--no-efficiency", "--max-new-tokens", "4",
         "--beams", "2", "--best-of", "2", "--batch-size", "4", "--labels", "soft", "--references", "1",
         "--merge-options", '{"lora_target_modules": ".*c_attn"}',
@@ -120,8 +120,17 @@ def test_the_same_pipeline_takes_any_causal_lm_by_path_and_fine_tunes_it_first(t
     # SFT-LoRA adapts what Merge adapts: r 8 on the one layer's c_attn (32 -> 96): 8 * (32 + 96) parameters
     assert results["train"]["sft-lora"]["trainable_parameters"] == 8 * (32 + 96)
     assert 0 < results["train"]["references"]["mean_label"] <= 1
-    assert results["base"] == str(base_dir) and "pretrain base" not in results["seconds"]
+    # the fine-tuned base is kept, and the run names it: the instruments reopen the base its guides were trained on
+    assert results["base"] == str(tmp_path / "run" / "base") and "pretrain base" not in results["seconds"]
+    assert results["args"]["base"] == str(base_dir)
     assert "fine-tune base on references" in results["seconds"]
+    assert results["base_finetune"]["steps"] == 2 and results["base_finetune"]["batch_size"] == 3
+    from dinado import Guide
+
+    _, model, tokenizer, _ = load_benchmark("commongen", "run.py").open_run(tmp_path / "run")
+    Guide.from_pretrained(
+        tmp_path / "run" / "guides" / "dinado-soft", model, tokenizer=tokenizer
+    )  # same base
     assert results["split_sizes"] == {"dev": 3} and results["efficiency"] is None
     assert len([r for r in results["rows"] if r["decoding"] == "beam 2"]) == 7
 
@@ -588,3 +597,41 @@ def test_completion_log_probs_reads_each_completion_at_its_own_positions(smoke):
             loss = model(input_ids=ids, labels=labels).loss
         taken = a.gather(-1, torch.tensor(samples.completions[i])[:, None])
         assert torch.allclose(taken.mean(), -loss, atol=1e-4)
+
+
+def test_rescore_computes_a_runs_metrics_again_from_its_outputs(smoke, tmp_path):
+    import shutil
+
+    out, results = smoke
+    run = tmp_path / "copy"
+    run.mkdir()
+    for name in ("results.json", "outputs.json"):
+        shutil.copy(out / name, run / name)
+    spoiled = json.loads((run / "results.json").read_text())
+    for row in spoiled[
+        "rows"
+    ]:  # as a machine without Java (METEOR None) and with wrong numbers would leave them
+        row.update(meteor=None, bleu4=-1.0, success=-1.0, coverage=-1.0)
+    (run / "results.json").write_text(json.dumps(spoiled))
+    load_benchmark("commongen", "rescore.py").main(["--runs", str(run), "--rows-json"])
+    again = json.loads((run / "results.json").read_text())
+    assert len(again["rows"]) == len(results["rows"]) > 0
+    for before, after in zip(results["rows"], again["rows"], strict=True):
+        for key in ("meteor", "bleu4", "cider", "rouge_l", "success", "coverage"):
+            assert after[key] == pytest.approx(before[key]), (after["outputs_key"], key)
+        assert after["base_ppl"] == before["base_ppl"]  # kept: it needs the base model
+    rows = json.loads((run / "rows.json").read_text())
+    assert [r["meteor"] for r in rows] == [r["meteor"] for r in again["rows"]]
+
+
+def test_rescore_refuses_rows_that_name_no_outputs(smoke, tmp_path):
+    import shutil
+
+    out, _ = smoke
+    for name in ("results.json", "outputs.json"):
+        shutil.copy(out / name, tmp_path / name)
+    results = json.loads((tmp_path / "results.json").read_text())
+    del results["rows"][0]["outputs_key"]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="names no outputs"):
+        load_benchmark("commongen", "rescore.py").main(["--runs", str(tmp_path)])

@@ -13,6 +13,7 @@ from .conftest import (
     randomize_guide,
     tiny_causal,
     tiny_gpt2,
+    tiny_llama,
     tiny_seq2seq,
     with_dropout,
 )
@@ -250,3 +251,15 @@ def test_merge_guide_over_a_base_with_accelerate_hooks_adapts_only_its_copy():
     assert len(calls) == 3 * 5
     own = {id(m) for m in guide.modules()}
     assert sum(id(m) in own for m in calls) == 3 * 4
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_guide_is_built_on_the_device_of_its_base(variant):
+    # a base on another device (a GPU; here the meta device, which holds no data) gets its module, norm head
+    # and LoRA adapter there too, not on the CPU where new modules are born
+    from dinado.guide import GuideConfig
+
+    base = tiny_llama().to("meta")
+    options = {"lora_r": 4, "lora_alpha": 8} if variant == "dinado-merge" else {}
+    guide = Guide(base, GuideConfig(variant=variant, base_vocab_size=40, base_hidden_size=32, **options))
+    assert {p.device.type for p in guide.parameters()} == {"meta"}

@@ -105,7 +105,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="CommonGen v1.1 files ({split}_src/trg.txt)")
     p.add_argument("--base", default=None, help="causal LM directory or hub id (default: pretrain one here)")
     p.add_argument(
-        "--base-finetune-steps", type=int, default=0, help="LoRA-fine-tune --base on references first"
+        "--base-finetune-steps",
+        type=int,
+        default=0,
+        help="LoRA-fine-tune --base on the references of all of train first (merged; saved to OUTPUT/base)",
+    )
+    p.add_argument(
+        "--base-finetune-batch-size",
+        type=int,
+        default=32,
+        help="rows per step of --base-finetune-steps (on a GPU, fewer larger batches: a small model's step is "
+        "bound by kernel launches)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -324,19 +334,29 @@ def build_base(args, run: Path, train_sets, timer: Timer):
         with timer.stage("fine-tune base on references"):
             prompts = [s.prompt for s in train_sets for _ in s.references]
             targets = [r for s in train_sets for r in s.references]
-            model, _ = supervised_finetune(
+            model, finetune_info = supervised_finetune(
                 model,
                 tokenizer,
                 prompts,
                 targets,
                 "lora",
                 args.base_finetune_steps,
+                batch_size=args.base_finetune_batch_size,
                 seed=args.seed,
                 prompt_format=args.prompt_format,
             )
+        # kept, so that later processes (--base RUN/base) and the instruments (strength.py, calibration.py) read
+        # the same fine-tuned base: safetensors weights and the tokenizer
+        source = str(run / "base")
+        model.save_pretrained(source)
+        tokenizer.save_pretrained(source)
+        model.config._name_or_path = source
+        log(f"fine-tuned base saved to {source}")
+    else:
+        finetune_info = None
     for param in model.parameters():
         param.requires_grad_(False)
-    return model.eval(), tokenizer, source
+    return model.eval(), tokenizer, source, finetune_info
 
 
 def decode_kwargs(args, tokenizer, mode: str) -> dict:
@@ -527,6 +547,7 @@ def run_systems(
                         "train_oracle_calls": calls,
                         "test_oracle_calls": 0,
                         "decode_seconds": timer.seconds[key],
+                        "outputs_key": f"{split}/{mode}/{name}",
                         **score(args, model, tokenizer, sets, texts),
                     }
                 )
@@ -554,6 +575,7 @@ def run_systems(
                             "train_oracle_calls": 0,
                             "test_oracle_calls": info["oracle_calls"],
                             "decode_seconds": timer.seconds[key],
+                            "outputs_key": f"{split}/best-of-{n}/base",
                             **score(args, model, tokenizer, sets, texts),
                         }
                     )
@@ -563,12 +585,12 @@ def run_systems(
     return rows, outputs, samples
 
 
-def open_run(run: Path):
-    """An earlier run's ``results.json``, its base (frozen, eval mode, with a pad token) and its prompt format:
-    (results, model, tokenizer, prompt_format), for the instruments that read a run's guides."""
+def open_run(run: Path, device: str = "cpu"):
+    """An earlier run's ``results.json``, its base (frozen, eval mode, with a pad token, on ``device``) and its
+    prompt format: (results, model, tokenizer, prompt_format), for the instruments that read a run's guides."""
     results = json.loads((Path(run) / "results.json").read_text())
     model, tokenizer = load_model(results["base"])
-    model.eval().requires_grad_(False)
+    model.to(device).eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return results, model, tokenizer, PromptFormat(**results["args"]["prompt_format"])
@@ -629,7 +651,7 @@ def main(argv: list[str] | None = None) -> dict:
         splits = {
             name: subset(load_split(args.data_dir, name), sizes[name], args.seed) for name in args.splits
         }
-    model, tokenizer, base_source = build_base(args, run, all_train, timer)
+    model, tokenizer, base_source, finetune_info = build_base(args, run, all_train, timer)
     train_sets = subset(all_train, args.train_sets, args.seed + 1)
     systems: dict[str, object] = {} if args.no_base else {"base": model}
     train_info: dict[str, dict] = {}
@@ -654,6 +676,7 @@ def main(argv: list[str] | None = None) -> dict:
         "args": {k: (v.to_dict() if isinstance(v, PromptFormat) else v) for k, v in vars(args).items()},
         "base": base_source,
         "base_parameters": sum(p.numel() for p in model.parameters()),
+        "base_finetune": finetune_info,  # --base-finetune-steps: supervised_finetune's info, else None
         "train_sets": len(train_sets),
         "samples": len(samples) if samples is not None else 0,
         "samples_positive_rate": samples.positive_rate if samples is not None else None,
@@ -663,7 +686,8 @@ def main(argv: list[str] | None = None) -> dict:
         "efficiency": efficiency,
         "seconds": timer.seconds,
         "total_seconds": time.perf_counter() - total_start,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name(args.device)}" if str(args.device).startswith("cuda") else ""),
     }
     atomic_write_text(run / "results.json", json.dumps(results, indent=2))
     atomic_write_text(run / "outputs.json", json.dumps(outputs, indent=1))

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where the base and the guide run (cpu, cuda, ...)")
     p.add_argument("--output", default=None, help="directory for strength.json / .md (default: --run)")
     args = p.parse_args(argv)
     scales = [float(x) for x in args.scales.split(",") if x.strip()]
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--candidates takes a positive number of tokens (p's top-K), got {args.candidates}")
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    results, model, tokenizer, fmt = open_run(run)
+    results, model, tokenizer, fmt = open_run(run, args.device)
     run_args = results["args"]
     out_dir = Path(args.output or run)
     guide = Guide.from_pretrained(run / "guides" / args.variant, model, tokenizer=tokenizer).eval()

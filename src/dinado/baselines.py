@@ -261,7 +261,7 @@ def supervised_finetune(
     virtual tokens) are cut from the right and counted in ``info["truncated"]``; a row left with nothing to
     predict is dropped.
 
-    Returns ``(model, info)`` with ``info`` keys ``method``, ``steps``, ``train_loss_first`` and
+    Returns ``(model, info)`` with ``info`` keys ``method``, ``steps``, ``batch_size``, ``train_loss_first`` and
     ``train_loss_last`` (the loss of the first and of the last step's batch), ``wall_seconds``,
     ``trainable_parameters``, ``examples`` (rows trained on) and ``truncated``.
     """
@@ -353,6 +353,7 @@ def supervised_finetune(
     info = {
         "method": method,
         "steps": len(losses),
+        "batch_size": batch_size,
         "train_loss_first": losses[0],
         "train_loss_last": losses[-1],
         "wall_seconds": time.perf_counter() - start_time,

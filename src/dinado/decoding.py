@@ -202,6 +202,9 @@ def generate(
     check_length(guide.base, input_ids.shape[1], generate_kwargs.get("max_new_tokens"))
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)  # no mask given: nothing is padding
+    # the processor builds its masks on the ids' device: it must be the base's (a GPU, say)
+    device = next(guide.base.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     processor = GuideLogitsProcessor(guide, attention_mask, alpha, candidates=candidates)
     processors = LogitsProcessorList([processor, *(logits_processor or [])])
     with eval_mode(guide), processor:  # every submodule's own mode comes back afterwards

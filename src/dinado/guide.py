@@ -146,6 +146,11 @@ class Guide(nn.Module):
                 head_rank=config.head_rank,
             )
             self.norm_head = None
+        # the new parts live where the base's weights do (a base on a GPU gets its guide there too)
+        device = next(base_model.parameters()).device
+        for part in (self.module, self.norm_head):
+            if part is not None:
+                part.to(device)
         self._pass_positions = not self.encoder_decoder and accepts_argument(self.base, "position_ids")
         self.base.eval()
 

@@ -207,10 +207,12 @@ def generate_texts(
     if prompt_format is not None and prompt_format.chat:
         generate_kwargs.setdefault("eos_token_id", end_of_turn_id(tokenizer))
     check_length(model, max(map(len, rows)), generate_kwargs.get("max_new_tokens"))
+    device = next(model.parameters()).device  # the batches go where the model is (a GPU, say)
     outputs, count, start = [], 0, time.perf_counter()
     with eval_mode(source):  # no dropout while decoding; the caller's modes come back afterwards
         for i in range(0, len(rows), batch_size):
             ids, mask = pad_prompts(rows[i : i + batch_size], tokenizer.pad_token_id, seq2seq)
+            ids, mask = ids.to(device), mask.to(device)
             if isinstance(source, Guide):
                 seqs = guided_generate(source, ids, mask, alpha=alpha, **generate_kwargs)
             else:

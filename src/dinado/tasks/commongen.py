@@ -16,6 +16,8 @@ import atexit
 import functools
 import os
 import re
+import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,7 +204,8 @@ def _close_meteor(scorer) -> None:
 
 
 def caption_metrics(outputs: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float | None]:
-    """Corpus BLEU-4, CIDEr, METEOR, ROUGE-L (pycocoevalcap) of one output per concept set; SPICE: None."""
+    """Corpus BLEU-4, CIDEr, METEOR, ROUGE-L (pycocoevalcap) of one output per concept set; SPICE: None, and METEOR
+    None (with a warning) on a machine without Java."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -216,17 +219,25 @@ def caption_metrics(outputs: Sequence[str], references: Sequence[Sequence[str]])
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
     rouge, _ = Rouge().compute_score(gts, res)
-    scorer = _meteor()
-    try:
-        meteor, _ = scorer.compute_score(gts, res)
-    except BaseException:  # a half-read reply leaves the subprocess (and its lock) unusable: start afresh
-        _close_meteor(scorer)
-        _meteor.cache_clear()
-        raise
+    meteor = None
+    if shutil.which("java") is None:
+        warnings.warn(
+            "METEOR needs Java, which is not on this machine's PATH: it is reported as n/a (None); score the "
+            "outputs again where Java is installed",
+            stacklevel=2,
+        )
+    else:
+        scorer = _meteor()
+        try:
+            meteor, _ = scorer.compute_score(gts, res)
+        except BaseException:  # a half-read reply leaves the subprocess (and its lock) unusable: start afresh
+            _close_meteor(scorer)
+            _meteor.cache_clear()
+            raise
     return {
         "bleu4": float(bleu[3]),
         "cider": float(cider),
-        "meteor": float(meteor),
+        "meteor": None if meteor is None else float(meteor),
         "rouge_l": float(rouge),
         "spice": None,
     }
