@@ -4,6 +4,7 @@ chat template, and its input checks. (The real SmolLM2 run and its measured tabl
 import json
 
 import pytest
+import torch
 
 from dinado import Guide
 from dinado.cli import main
@@ -109,3 +110,43 @@ def test_the_toy_demo_runs_end_to_end(tmp_path, capsys):
 )
 def test_the_merge_check_takes_the_largest_scale_whose_entropy_is_not_above_the_bases(entropies, expected):
     assert choose_scale(3.48, entropies) == expected
+
+
+@pytest.mark.parametrize("second_passes", [True, False])
+def test_a_merge_adapter_that_spreads_is_trained_once_more_and_kept_only_if_the_retry_passes(
+    chat_base, tmp_path, monkeypatch, second_passes
+):
+    import dinado.demo as demo
+    from safetensors.torch import load_file
+
+    real_check, real_fit = demo._merge_checked, demo._fit
+    checked, fitted = [], []
+
+    def check(model, guide, samples, scale, seed, **kwargs):  # the first try spreads; the retry as asked
+        merged, record = real_check(model, guide, samples, scale, seed, **kwargs)
+        if guide.module is None:
+            checked.append(guide)
+            record = {**record, "passed": len(checked) > 1 and second_passes}
+        return merged, record
+
+    def fit(guide, **kwargs):
+        fitted.append(guide)
+        return real_fit(guide, **kwargs)
+
+    monkeypatch.setattr(demo, "_merge_checked", check)
+    monkeypatch.setattr(demo, "_fit", fit)
+    out = tmp_path / "demo"
+    argv = ["demo", "--data-dir", str(DATA), "--base", str(chat_base), "--quick", "--output", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    record = summary["merge_check"]
+    assert len(checked) == 2 and checked[0] is not checked[1]  # Merge trained twice, the module variant once
+    assert [g.config.variant for g in fitted] == ["dinado-merge", "dinado-merge", "dinado-soft"]
+    assert record["retried"] is True and record["first_try"]["passed"] is False
+    assert record["passed"] is second_passes
+    kept = checked[1] if second_passes else checked[0]  # the retry only if it passed
+    saved = load_file(str(out / "guides" / "dinado-merge" / "guide.safetensors"))
+    for name, value in kept.trainable_state().items():
+        assert torch.equal(saved[name], value.detach()), name
+    other = checked[0] if second_passes else checked[1]
+    assert any(not torch.equal(saved[n], v.detach()) for n, v in other.trainable_state().items())
