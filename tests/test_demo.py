@@ -116,16 +116,18 @@ def test_the_merge_check_takes_the_largest_scale_whose_entropy_is_not_above_the_
 def test_a_merge_adapter_that_spreads_is_trained_once_more_and_kept_only_if_the_retry_passes(
     chat_base, tmp_path, monkeypatch, second_passes
 ):
-    import dinado.demo as demo
     from safetensors.torch import load_file
 
+    import dinado.demo as demo
+
     real_check, real_fit = demo._merge_checked, demo._fit
-    checked, fitted = [], []
+    checked, fitted, told = [], [], []
 
     def check(model, guide, samples, scale, seed, **kwargs):  # the first try spreads; the retry as asked
         merged, record = real_check(model, guide, samples, scale, seed, **kwargs)
         if guide.module is None:
             checked.append(guide)
+            told.append(kwargs)
             record = {**record, "passed": len(checked) > 1 and second_passes}
         return merged, record
 
@@ -140,6 +142,8 @@ def test_a_merge_adapter_that_spreads_is_trained_once_more_and_kept_only_if_the_
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     record = summary["merge_check"]
+    # the first check's log line announces the retry; the retry's keeps the default advice (another --seed)
+    assert "once more" in told[0].get("on_failure", "") and "on_failure" not in told[1]
     assert len(checked) == 2 and checked[0] is not checked[1]  # Merge trained twice, the module variant once
     assert [g.config.variant for g in fitted] == ["dinado-merge", "dinado-merge", "dinado-soft"]
     assert record["retried"] is True and record["first_try"]["passed"] is False

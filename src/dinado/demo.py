@@ -245,7 +245,9 @@ def _train_guides(
         _log(f"training {variant} for {steps} steps")
         curves[variant] = _fit(guide, **fit)
         if guide.module is None and check_merge:
-            systems[variant], checks[variant] = _merge_checked(model, guide, samples, merge_scale, seed)
+            systems[variant], checks[variant] = _merge_checked(
+                model, guide, samples, merge_scale, seed, on_failure="a weak adapter: training it once more"
+            )
             if not checks[variant]["passed"]:
                 # A spreading adapter is a draw of its short training (initialisation and batch noise), not of
                 # the samples: on the samples of the demo's seed 0, the same recipe from two other
@@ -286,10 +288,18 @@ def choose_scale(base_entropy: float, entropies: dict[float, float]) -> tuple[fl
     return (max(passing), True) if passing else (min(entropies), False)
 
 
-def _merge_checked(model, guide, samples, scale: float, seed: int, count: int = 32):
+def _merge_checked(
+    model,
+    guide,
+    samples,
+    scale: float,
+    seed: int,
+    count: int = 32,
+    on_failure: str = "a weak adapter: try another --seed",
+):
     """Fold ``guide`` in at ``scale``, or at a smaller step of it (SCALE_STEPS) when its next-token entropy on
     ``count`` of its own training samples (teacher-forced, a seeded draw) is above the base's: (merged model,
-    the check's record)."""
+    the check's record). ``on_failure``: what the log line says comes next when no scale passes."""
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()[:count]
     base_entropy = mean_entropy(completion_log_probs(model, samples, order))
     entropies: dict[float, float] = {}
@@ -304,7 +314,7 @@ def _merge_checked(model, guide, samples, scale: float, seed: int, count: int = 
     verdict = (
         f"adapter scale {chosen:g}"
         if passed
-        else f"adapter scale {chosen:g}, though it still spreads probability (a weak adapter: try another --seed)"
+        else f"adapter scale {chosen:g}, though it still spreads probability ({on_failure})"
     )
     _log(
         f"merge check: next-token entropy on {len(order)} training samples, base {base_entropy:.3f}; {shown} -> {verdict}"
