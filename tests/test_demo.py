@@ -1,6 +1,7 @@
 """`dinado demo`: the CommonGen task end to end on a tiny Llama (SmolLM2's architecture) with the GPT-2 BPE and a
 chat template, and its input checks. (The real SmolLM2 run and its measured table are in docs/demo.md.)"""
 
+import copy
 import json
 
 import pytest
@@ -26,7 +27,9 @@ def chat_base(tmp_path_factory, gpt2_tokenizer):
         pytest.skip(f"{DATA} is not present")
     path = tmp_path_factory.mktemp("base")
     model = tiny_llama(vocab_size=len(gpt2_tokenizer), layers=3)
-    tokenizer = gpt2_tokenizer
+    tokenizer = copy.deepcopy(
+        gpt2_tokenizer
+    )  # the fixture is shared by the session: leave it without a template
     tokenizer.chat_template = CHAT
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
