@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
-from benchmarks.commongen.run import machine_rows, results_markdown, subset  # noqa: E402
+from benchmarks.commongen.run import eval_sets, machine_rows, results_markdown  # noqa: E402
 from dinado._utils import atomic_write_text  # noqa: E402
-from dinado.tasks.commongen import commongen_metrics, load_split  # noqa: E402
+from dinado.tasks.commongen import commongen_metrics  # noqa: E402
 
 
 def rescore(run: Path, data_dir: str | None = None) -> dict:
@@ -31,7 +31,6 @@ def rescore(run: Path, data_dir: str | None = None) -> dict:
     outputs = json.loads((run / "outputs.json").read_text())
     args = results["args"]
     source = data_dir or args["data_dir"]
-    sizes = {"dev": args["dev_sets"], "test": args["test_sets"]}
     splits: dict[str, list] = {}
     for row in results["rows"]:
         key = row.get("outputs_key")
@@ -42,7 +41,7 @@ def rescore(run: Path, data_dir: str | None = None) -> dict:
             )
         split = row["split"]
         if split not in splits:
-            splits[split] = subset(load_split(source, split), sizes[split], args["seed"])
+            splits[split] = eval_sets(source, split, args)
         sets, texts = splits[split], outputs[key]
         if len(texts) != len(sets):
             raise SystemExit(f"{run}: {key} holds {len(texts)} outputs for {len(sets)} {split} concept sets")

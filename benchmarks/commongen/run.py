@@ -285,6 +285,12 @@ def subset(items: list, n: int, seed: int) -> list:
     return random.Random(seed).sample(items, n)
 
 
+def eval_sets(data_dir: str, split: str, args: dict) -> list:
+    """The concept sets a run decodes on ``split`` (dev or test): the run's ``--dev-sets`` / ``--test-sets``
+    subset, drawn with its seed (``args`` as ``vars(args)`` or as results.json keeps them)."""
+    return subset(load_split(data_dir, split), args[f"{split}_sets"], args["seed"])
+
+
 def build_base(args, run: Path, train_sets, timer: Timer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -647,10 +653,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with timer.stage("load data"):
         all_train = load_split(args.data_dir, "train")
-        sizes = {"dev": args.dev_sets, "test": args.test_sets}
-        splits = {
-            name: subset(load_split(args.data_dir, name), sizes[name], args.seed) for name in args.splits
-        }
+        splits = {name: eval_sets(args.data_dir, name, vars(args)) for name in args.splits}
     model, tokenizer, base_source, finetune_info = build_base(args, run, all_train, timer)
     train_sets = subset(all_train, args.train_sets, args.seed + 1)
     systems: dict[str, object] = {} if args.no_base else {"base": model}

@@ -261,7 +261,9 @@ def _train_guides(
                     **options,
                 )
                 records = _fit(again, **fit)
-                merged, check = _merge_checked(model, again, samples, merge_scale, seed)
+                merged, check = _merge_checked(
+                    model, again, samples, merge_scale, seed, base_entropy=checks[variant]["base_entropy"]
+                )
                 first = checks[variant]
                 if check["passed"]:
                     guide, curves[variant], systems[variant], checks[variant] = again, records, merged, check
@@ -296,12 +298,15 @@ def _merge_checked(
     seed: int,
     count: int = 32,
     on_failure: str = "a weak adapter: try another --seed",
+    base_entropy: float | None = None,
 ):
     """Fold ``guide`` in at ``scale``, or at a smaller step of it (SCALE_STEPS) when its next-token entropy on
     ``count`` of its own training samples (teacher-forced, a seeded draw) is above the base's: (merged model,
-    the check's record). ``on_failure``: what the log line says comes next when no scale passes."""
+    the check's record). ``on_failure``: what the log line says comes next when no scale passes;
+    ``base_entropy``: the base's on the same samples, when an earlier check (same samples and seed) measured it."""
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()[:count]
-    base_entropy = mean_entropy(completion_log_probs(model, samples, order))
+    if base_entropy is None:
+        base_entropy = mean_entropy(completion_log_probs(model, samples, order))
     entropies: dict[float, float] = {}
     for step in SCALE_STEPS:  # largest first: the loop ends on the scale choose_scale picks
         merged = guide.merge(adapter_scale=scale * step)

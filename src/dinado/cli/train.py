@@ -210,9 +210,8 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise_interrupt(
-                signum, frame
-            )  # the second signal stops at once (re-sent if it lands in a finalizer)
+            # the second signal stops at once (re-sent if it lands in a finalizer)
+            raise_interrupt(signum, frame)
             return
         self.signum = signum
         print(
