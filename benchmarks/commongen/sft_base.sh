@@ -10,8 +10,8 @@
 # DATA [../shared/data/commongen/v1.1_LHRYANG], SFT_STEPS [2000] of SFT_BATCH [32] rows (about one epoch of
 # train's 67,388 references; on a GPU prefer e.g. 250 of 256: a small model's step waits on kernel launches),
 # TRAIN_SETS [200], GUIDE_STEPS [150], SEL_SETS [200], DEV_SETS [0 = all], TEST_SETS [0 = all], BS [64],
-# THREADS [1], MERGE_OPTIONS [LoRA on layers 24-29, as on the zero-shot base], MERGE_SCALES [0,1,2,3,6],
-# ALPHAS [0,1,2,4], VARIANTS [dinado-merge dinado-soft dinado-hard nado], TEST_AFTER [no limit: skip test when
+# THREADS [1], MERGE_OPTIONS [LoRA on layers 24-29, as on the zero-shot base], MERGE_SCALES [0,1,2,3,6,9,12],
+# ALPHAS [0,1,2,4,8], VARIANTS [dinado-merge dinado-soft dinado-hard nado], TEST_AFTER [no limit: skip test when
 # more seconds than this have passed since the start]. The guides' recipe is the zero-shot headline's (200 train
 # sets x 8 samples, 150 steps of 32, soft coverage labels). Independent processes of a stage run side by side
 # (one per guide and decoding): meant for a machine with a GPU and several cores; on 2 CPU cores it takes hours.
@@ -33,8 +33,8 @@ TEST_SETS=${TEST_SETS:-0}
 BS=${BS:-64}
 THREADS=${THREADS:-1}
 MERGE_OPTIONS=${MERGE_OPTIONS:-'{"lora_target_modules": ".*layers\\.2[4-9]\\.(self_attn|mlp)\\.[a-z]+_proj"}'}
-MERGE_SCALES=${MERGE_SCALES:-0,1,2,3,6}
-ALPHAS=${ALPHAS:-0,1,2,4}
+MERGE_SCALES=${MERGE_SCALES:-0,1,2,3,6,9,12}
+ALPHAS=${ALPHAS:-0,1,2,4,8}
 VARIANTS=${VARIANTS:-dinado-merge dinado-soft dinado-hard nado}
 TEST_AFTER=${TEST_AFTER:-}
 START=$(date +%s)
