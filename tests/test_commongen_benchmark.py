@@ -160,6 +160,7 @@ def test_the_strength_is_chosen_on_train_sets_the_run_did_not_train_on(smoke, tm
     report = strength.main([*argv, "--output", str(tmp_path)])
     assert report["kind"] == kind and [r["strength"] for r in report["rows"]] == [0.0, 1.0, 2.0]
     assert report["chosen"] in (1.0, 2.0) and report["selection_sets"] == 4
+    assert report["chosen_is_largest"] is (report["chosen"] == 2.0)
     assert json.loads((tmp_path / "strength.json").read_text()) == report
     assert all(1.0 < r["base_ppl"] < float("inf") for r in report["rows"])
     assert "base ppl" in (tmp_path / "strength.md").read_text()
@@ -413,6 +414,8 @@ def test_strength_can_restrict_guidance_to_candidates_and_choose_by_sentence_suc
     seen = [(name, kwargs.get("candidates")) for name, kwargs in calls]
     assert seen == [("GPT2LMHeadModel", None), ("Guide", 5), ("Guide", 5)]  # the base is never restricted
     assert report["candidates"] == 5 and report["criterion"] == "sentence_success" and report["chosen"] == 2.0
+    assert report["chosen_is_largest"] is True  # 2 is the grid's top: a larger strength may be better
+    assert "(the largest tried)" in (tmp_path / "strength.md").read_text()
     assert [r["word_lists"] for r in report["rows"]] == [0.0, 1.0, 0.0]
     assert "sentence success" in (tmp_path / "strength.md").read_text()
     with pytest.raises(SystemExit, match="module variants"):
