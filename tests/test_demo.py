@@ -27,9 +27,8 @@ def chat_base(tmp_path_factory, gpt2_tokenizer):
         pytest.skip(f"{DATA} is not present")
     path = tmp_path_factory.mktemp("base")
     model = tiny_llama(vocab_size=len(gpt2_tokenizer), layers=3)
-    tokenizer = copy.deepcopy(
-        gpt2_tokenizer
-    )  # the fixture is shared by the session: leave it without a template
+    # the fixture is shared by the session: set the template on a copy, leave the fixture without one
+    tokenizer = copy.deepcopy(gpt2_tokenizer)
     tokenizer.chat_template = CHAT
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
