@@ -150,6 +150,67 @@ def test_efficiency_only_runs_the_study_alone(tmp_path):
     assert "train sft-lora" in results["seconds"] and "train nado" not in results["seconds"]
     assert len(results["efficiency"]["cells"]) == 4
     assert "Sample efficiency" in (tmp_path / "run" / "results.md").read_text()
+    # one arm: from p only, no proposal to fine-tune
+    argv[argv.index(str(tmp_path / "run"))] = str(tmp_path / "p-only")
+    results = load_benchmark("commongen", "run.py").main([*argv, "--efficiency-arms", "p"])
+    assert "train sft-lora" not in results["seconds"]
+    assert [(c["variant"], c["samples"]) for c in results["efficiency"]["cells"]] == [
+        ("nado", "p"),
+        ("dinado-soft", "p"),
+    ]
+
+
+def test_the_efficiency_study_with_a_tempered_proposal_needs_no_fine_tuning(tmp_path):
+    """--efficiency-temperature: the proposal is p tempered (importance-weighted), --efficiency-alphas sets each
+    variant's strength, and the run goes on to the systems when the study is not run alone."""
+    if not DATA.is_dir():
+        pytest.skip(f"{DATA} is not present")
+    argv = [
+        "--quick", "--output", str(tmp_path / "run"), "--data-dir", str(DATA), "--train-sets", "4",
+        "--samples-per-set", "2", "--guide-steps", "1", "--systems", "nado", "--decodings", "greedy",
+        "--best-of", "", "--budgets", "1,3", "--efficiency-sets", "5", "--efficiency-steps", "2",
+        "--efficiency-dev-sets", "3", "--dev-sets", "3", "--no-test", "--efficiency-temperature", "0.5",
+        "--efficiency-alphas", "dinado-soft=3", "--alpha", "2", "--labels", "soft", "--merge-scale", "1.5",
+        "--efficiency-variants", "nado,dinado-soft,dinado-merge",
+        "--pretrain-examples", "300", "--pretrain-layers", "1", "--pretrain-embd", "32", "--pretrain-steps", "3",
+        "--max-new-tokens", "5", "--batch-size", "4",
+    ]  # fmt: skip
+    results = load_benchmark("commongen", "run.py").main(argv)
+    assert "train sft-lora" not in results["seconds"] and "train nado" in results["seconds"]
+    assert {r["system"] for r in results["rows"]} == {"base", "nado"}
+    eff = results["efficiency"]
+    assert eff["proposal"] == "p at temperature 0.5" and eff["labels"] == "soft"
+    cells = {(c["variant"], c["samples"], c["per_set"]): c for c in eff["cells"]}
+    assert len(cells) == 12
+    assert {c["strength"] for k, c in cells.items() if k[0] == "nado"} == {2.0}  # --alpha where none is named
+    assert {c["strength"] for k, c in cells.items() if k[0] == "dinado-soft"} == {3.0}
+    assert {c["strength"] for k, c in cells.items() if k[0] == "dinado-merge"} == {1.5}  # --merge-scale
+    for (_, arm, budget), c in cells.items():
+        assert c["oracle_calls"] == 5 * budget and 0.0 <= c["dev_success"] <= c["dev_coverage"] + 1e-9
+        if arm == "p" or budget == 1:  # one sample per set normalises to weight 1 whatever it was
+            assert c["ess_per_set"] == pytest.approx(budget)
+    # three tempered samples per set carry unequal weights p / p_T: fewer than three effective samples
+    assert 1.0 <= cells[("nado", "proposal+IS", 3)]["ess_per_set"] < 3.0 - 1e-3
+    assert "p at temperature 0.5" in (tmp_path / "run" / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        *[
+            (["--efficiency-alphas", v], f"--efficiency-alphas: {v!r} is not VARIANT=ALPHA")
+            for v in ("nado", "dinado-merge=2", "nado=0", "nado=x")
+        ],
+        (["--efficiency-temperature", "0"], "--efficiency-temperature must be positive, got 0"),
+        (["--efficiency-variants", "nado,merge"], "--efficiency-variants takes some of nado, dinado-hard"),
+        (["--efficiency-arms", "q"], "--efficiency-arms takes p and/or proposal, got ['q']"),
+    ],
+)
+def test_efficiency_flags_are_checked(tmp_path, flags, message, capsys):
+    run = load_benchmark("commongen", "run.py")
+    with pytest.raises(SystemExit):
+        run.parse_args(["--output", str(tmp_path), *flags])
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("variant, kind", [("dinado-merge", "adapter_scale"), ("dinado-soft", "alpha")])

@@ -196,6 +196,32 @@ def test_cache_in_bfloat16_and_on_disk(tmp_path):
     assert loss_with(half) == pytest.approx(loss_with(memory), rel=2e-2)  # rounded states, same loss to 2%
 
 
+@pytest.mark.parametrize("variant", ["dinado-soft", "dinado-merge"])
+def test_a_cache_subset_equals_the_cache_of_the_subset(variant, tmp_path):
+    """FeatureCache.subset: the rows of a second pass over samples.subset(indices), in memory or from a file."""
+    options = {"lora_target_modules": TOP_LAYER} if variant == "dinado-merge" else {}
+    guide = Guide.create(_tiny_llama(), variant, **options)
+    samples = _samples(n=10)
+    indices = [7, 2, 2, 9, 0]  # out of order, one twice
+    expected = precompute_features(guide, samples.subset(indices))
+    on_disk = precompute_features(guide, samples, path=tmp_path / "features.safetensors")
+    for cache in (precompute_features(guide, samples), on_disk):
+        part = cache.subset(samples, indices)
+        assert len(part) == len(indices) and len(cache) == len(samples)  # the whole cache is unchanged
+        assert torch.equal(part.offsets, expected.offsets)
+        for i in range(len(indices)):
+            torch.testing.assert_close(part.rows(i), expected.rows(i), rtol=1e-5, atol=1e-5)
+            if variant == "dinado-merge":
+                torch.testing.assert_close(part.last_rows(i), expected.last_rows(i), rtol=1e-5, atol=1e-5)
+        part.check(guide, samples.subset(indices))  # accepted for the subset, refused for the whole set
+        with pytest.raises(FeatureCacheError, match="another sample set"):
+            part.check(guide, samples)
+    with pytest.raises(FeatureCacheError, match="another sample set than the one given"):
+        on_disk.subset(_samples(n=10, seed=4), indices)
+    with pytest.raises(IndexError, match="index 10 is outside the cache's 10 samples"):
+        on_disk.subset(samples, [0, 10])
+
+
 def test_a_cache_is_refused_for_other_samples_bases_and_guides():
     samples = _samples()
     guide = Guide.create(tiny_gpt2(), "dinado-soft")

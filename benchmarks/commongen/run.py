@@ -16,8 +16,8 @@ Stages (each one's wall time is recorded):
 4. decode dev (and test) with beam search and with sampling; best-of-N rejection sampling (N = 4, 16) from the
    base; score coverage, all-concepts success, BLEU-4, CIDEr, METEOR, ROUGE-L (SPICE: unavailable).
 5. sample efficiency: dev success against labelled samples per concept set ({1, 2, 4, 8}) for NADO and
-   DiNADO-Soft, with samples from p and with importance-weighted samples from a proposal (the supervised
-   LoRA model, which satisfies the oracle more often).
+   DiNADO-Soft, with samples from p and with importance-weighted samples from a proposal that satisfies the
+   oracle more often: the supervised LoRA model, or p at ``--efficiency-temperature`` (no fine-tuning).
 
 Writes ``results.json``, ``results.md`` (the tables) and ``efficiency.png`` to ``--output``.
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from dinado import Guide, SampleSet, reference_samples, relabel, sample, train
+from dinado import Guide, SampleSet, reference_samples, relabel, sample, sample_with_features, train
 from dinado._utils import atomic_write_text
 from dinado.baselines import best_of_n, supervised_finetune
 from dinado.evaluation import base_perplexity, save_figure
@@ -229,6 +229,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-efficiency", action="store_true", help="skip the sample-efficiency study")
     p.add_argument(
+        "--efficiency-temperature",
+        type=float,
+        default=None,
+        help="the efficiency study's proposal: p at this temperature (importance-weighted; no fine-tuning), "
+        "instead of the supervised LoRA model",
+    )
+    p.add_argument(
+        "--efficiency-alphas",
+        default="",
+        help="the efficiency study's guidance strength per module variant, e.g. 'nado=1,dinado-soft=4' (chosen "
+        "beforehand, e.g. with strength.py; default: --alpha; DiNADO-Merge takes --merge-scale)",
+    )
+    p.add_argument(
+        "--efficiency-variants",
+        default="nado,dinado-soft",
+        help=f"the guides of the efficiency study, comma-separated (of {', '.join(VARIANTS)})",
+    )
+    p.add_argument(
+        "--efficiency-arms",
+        default="p,proposal",
+        help="the efficiency study's sample sources: p and/or proposal (comma-separated)",
+    )
+    p.add_argument(
         "--efficiency-only",
         action="store_true",
         help="run only the sample-efficiency study (e.g. in a second process beside --no-efficiency)",
@@ -275,7 +298,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.budgets = sorted(int(x) for x in args.budgets.split(",") if x.strip())
     if any(b < 1 for b in args.budgets):
         p.error(f"--budgets must be positive integers, got {args.budgets}")
+    if args.efficiency_temperature is not None and args.efficiency_temperature <= 0:
+        p.error(f"--efficiency-temperature must be positive, got {args.efficiency_temperature:g}")
+    args.efficiency_alphas = parse_alphas(p, args.efficiency_alphas, args.alpha)
+    args.efficiency_variants = [x.strip() for x in args.efficiency_variants.split(",") if x.strip()]
+    args.efficiency_arms = [x.strip() for x in args.efficiency_arms.split(",") if x.strip()]
+    if not args.efficiency_variants or set(args.efficiency_variants) - set(VARIANTS):
+        p.error(f"--efficiency-variants takes some of {', '.join(VARIANTS)}, got {args.efficiency_variants}")
+    if not args.efficiency_arms or set(args.efficiency_arms) - {"p", "proposal"}:
+        p.error(f"--efficiency-arms takes p and/or proposal, got {args.efficiency_arms}")
     return args
+
+
+MODULE_VARIANTS = tuple(v for v in VARIANTS if v != "dinado-merge")
+
+
+def parse_alphas(p: argparse.ArgumentParser, text: str, default: float) -> dict[str, float]:
+    """--efficiency-alphas 'nado=1,dinado-soft=4' as {module variant: alpha}; those not named take ``default``."""
+    alphas = dict.fromkeys(MODULE_VARIANTS, default)
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            alpha = float(value) if sep else float("nan")
+        except ValueError:
+            alpha = float("nan")
+        if name.strip() not in alphas or not alpha > 0:
+            p.error(
+                f"--efficiency-alphas: {item!r} is not VARIANT=ALPHA with VARIANT one of "
+                f"{', '.join(MODULE_VARIANTS)} and ALPHA a positive number (e.g. 'nado=1,dinado-soft=4')"
+            )
+        alphas[name.strip()] = alpha
+    return alphas
 
 
 def subset(items: list, n: int, seed: int) -> list:
@@ -363,6 +418,16 @@ def build_base(args, run: Path, train_sets, timer: Timer):
     for param in model.parameters():
         param.requires_grad_(False)
     return model.eval(), tokenizer, source, finetune_info
+
+
+def create_guide(args, model, tokenizer, variant: str) -> Guide:
+    """A new guide of ``variant`` on ``model`` with the run's options (DiNADO-Merge: LoRA r 8 / alpha 16 and
+    ``--merge-options``; the module variants: 2 layers and ``--guide-options``) and ``--guide-seed``."""
+    if variant == "dinado-merge":
+        options = {"lora_r": 8, "lora_alpha": 16, **args.merge_options}
+    else:
+        options = {"num_layers": 2, **args.guide_options}
+    return Guide.create(model, variant, tokenizer=tokenizer, seed=args.guide_seed, **options)
 
 
 def decode_kwargs(args, tokenizer, mode: str) -> dict:
@@ -478,13 +543,6 @@ def run_systems(
         "mean": training_set.positive_rate,
     }
 
-    def make_guide(variant: str) -> Guide:
-        if variant == "dinado-merge":
-            options = {"lora_r": 8, "lora_alpha": 16, **args.merge_options}
-        else:
-            options = {"num_layers": 2, **args.guide_options}
-        return Guide.create(model, variant, tokenizer=tokenizer, seed=args.guide_seed, **options)
-
     def fit(guide: Guide, data, steps: int) -> dict:
         return train(
             guide,
@@ -501,7 +559,7 @@ def run_systems(
             guide = Guide.from_pretrained(source, model, tokenizer=tokenizer)
             train_info[variant] = {"reused": str(source)}
         else:
-            guide = make_guide(variant)
+            guide = create_guide(args, model, tokenizer, variant)
             with timer.stage(f"train {variant}"):
                 report = fit(guide, training_set, args.guide_steps)
             train_info[variant] = {
@@ -659,18 +717,22 @@ def main(argv: list[str] | None = None) -> dict:
     systems: dict[str, object] = {} if args.no_base else {"base": model}
     train_info: dict[str, dict] = {}
     rows, outputs, samples = [], {}, None
-    if args.efficiency_only or (not args.no_efficiency and "sft-lora" not in args.systems):
-        systems["sft-lora"], train_info["sft-lora"] = fine_tune_on_references(
-            args, model, tokenizer, train_sets, "lora", "sft-lora", timer
-        )
-    else:
+    if not args.efficiency_only:
         rows, outputs, samples = run_systems(
             args, run, model, tokenizer, train_sets, splits, timer, systems, train_info
         )
 
     efficiency = None
     if not args.no_efficiency and args.budgets:
-        efficiency = run_efficiency(args, model, tokenizer, systems["sft-lora"], all_train, splits, timer)
+        # the proposal: p at --efficiency-temperature, else the supervised LoRA model (trained here if need be)
+        proposal = None
+        if args.efficiency_temperature is None and "proposal" in args.efficiency_arms:
+            proposal = systems.get("sft-lora")
+            if proposal is None:
+                proposal, train_info["sft-lora"] = fine_tune_on_references(
+                    args, model, tokenizer, train_sets, "lora", "sft-lora", timer
+                )
+        efficiency = run_efficiency(args, model, tokenizer, proposal, all_train, splits, timer)
 
     results = {
         "command": shlex.join(  # quoted: copy-pasteable, empty arguments kept
@@ -706,12 +768,21 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, timer: Timer) -> dict:
-    """Dev success vs labelled samples per concept set, for NADO and DiNADO-Soft, from p and from a proposal."""
+    """Dev success vs labelled samples per concept set, for NADO and DiNADO-Soft, from p and from a proposal:
+    ``proposal_model`` (the supervised LoRA model), or p at ``--efficiency-temperature`` when that is given.
+
+    Every budget's samples are the first ones of each concept set's pool of ``max(--budgets)``. Samples drawn
+    from the base itself (p, or p tempered) keep the base's hidden states from the passes that drew them
+    (``sample_with_features``), and each cell trains on its budget's part of that cache (``FeatureCache.subset``):
+    the base runs once per pool, not once per cell."""
     sets = subset(all_train, args.efficiency_sets, args.seed + 2)
     dev = splits["dev"][: args.efficiency_dev_sets] if args.efficiency_dev_sets > 0 else splits["dev"]
     dev_prompts = [s.prompt for s in dev]
-    oracle = coverage_oracle()
-    prompt_ids, token_oracle = prompt_ids_and_oracle(args, tokenizer, [s.prompt for s in sets], oracle)
+    lines = [s.prompt for s in sets]
+    prompt_ids, token_oracle = prompt_ids_and_oracle(args, tokenizer, lines, coverage_oracle())
+    label_token_oracle = None  # the guides train on the covered share with --labels soft, as run_systems' do
+    if args.labels == "soft":
+        _, label_token_oracle = prompt_ids_and_oracle(args, tokenizer, lines, coverage_oracle(soft=True))
     most = max(args.budgets)
     common = dict(
         max_new_tokens=args.max_new_tokens,
@@ -719,59 +790,87 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
         tokenizer=tokenizer,
         eos_token_id=sample_eos(args, tokenizer),
     )
-    with timer.stage("efficiency: sample from p"):
-        from_p = sample(model, prompt_ids, most, token_oracle, seed=args.seed + 3, **common)
-    with timer.stage("efficiency: sample from the proposal"):
-        from_pi = sample(
-            model, prompt_ids, most, token_oracle, seed=args.seed + 4, proposal=proposal_model, **common
+
+    def draw(seed: int, **kwargs) -> tuple[SampleSet, dict | None]:
+        """(samples, {variant: FeatureCache} or None) drawn from the base or, with proposal=, from that."""
+        if kwargs.get("proposal") is not None:
+            return sample(model, prompt_ids, most, token_oracle, seed=seed, **common, **kwargs), None
+        pool, caches = sample_with_features(
+            model,
+            [create_guide(args, model, tokenizer, v) for v in args.efficiency_variants],
+            prompt_ids,
+            most,
+            token_oracle,
+            seed=seed,
+            **common,
+            **kwargs,
         )
+        return pool, dict(zip(args.efficiency_variants, caches, strict=True))
+
+    temperature = args.efficiency_temperature
+    if temperature is None:
+        proposal_name = "sft-lora (supervised LoRA fine-tune on references)"
+        proposal_kwargs = {"proposal": proposal_model}
+    else:
+        proposal_name = f"p at temperature {temperature:g}"
+        proposal_kwargs = {"temperature": temperature}
+    pools = {}
+    if "p" in args.efficiency_arms:
+        with timer.stage("efficiency: sample from p"):
+            pools["p"] = draw(args.seed + 3)
+    if "proposal" in args.efficiency_arms:
+        with timer.stage("efficiency: sample from the proposal"):
+            pools["proposal+IS"] = draw(args.seed + 4, **proposal_kwargs)
     cells = []
-    for arm, pool in (("p", from_p), ("proposal+IS", from_pi)):
+    for arm, (pool, caches) in pools.items():
+        labelled = pool if label_token_oracle is None else relabel(pool, label_token_oracle)
+        log(f"efficiency, {arm}: {len(pool)} samples, {pool.positive_rate:.1%} cover all their concepts")
         for budget in args.budgets:
             indices = [i * most + j for i in range(len(sets)) for j in range(budget)]
             data = pool.subset(indices)
             ess = mean_group_ess(data)
-            for variant in ("nado", "dinado-soft"):
-                guide = Guide.create(
-                    model,
-                    variant,
-                    tokenizer=tokenizer,
-                    seed=args.guide_seed,
-                    num_layers=2,
-                    **args.guide_options,
-                )
+            for variant in args.efficiency_variants:
+                guide = create_guide(args, model, tokenizer, variant)
+                merge = variant == "dinado-merge"
+                strength = args.merge_scale if merge else args.efficiency_alphas[variant]
                 key = f"efficiency: {variant} {arm} {budget}"
                 with timer.stage(key):
                     train(
                         guide,
-                        data,
+                        labelled.subset(indices),
                         max_steps=args.efficiency_steps,
                         batch_size=args.train_batch_size,
                         seed=args.seed,
+                        learning_rate=args.guide_lr,
+                        cache_features=None if caches is None else caches[variant].subset(pool, indices),
                     )
                     torch.manual_seed(args.seed)
                     texts, _, _ = generate_texts(
-                        guide,
+                        guide.merge(strength) if merge else guide,
                         tokenizer,
                         dev_prompts,
                         args.batch_size,
+                        alpha=1.0 if merge else strength,
                         prompt_format=args.prompt_format,
                         **decode_kwargs(args, tokenizer, "sample"),
                     )
-                success = sum(oracle(dev_prompts, texts)) / len(dev_prompts)
+                metrics = commongen_metrics(dev, texts)
                 cells.append(
                     {
                         "variant": variant,
                         "samples": arm,
                         "per_set": budget,
+                        "strength": strength,
                         "oracle_calls": len(data),
                         "positive_rate": data.positive_rate,
                         "ess_per_set": ess,
-                        "dev_success": success,
+                        "dev_success": metrics["success"],
+                        "dev_sentence_success": metrics["sentence_success"],
+                        "dev_coverage": metrics["coverage"],
                         "seconds": timer.seconds[key],
                     }
                 )
-                log(f"{key}: dev success {success:.3f}")
+                log(f"{key}: dev success {metrics['success']:.3f} (ESS {ess:.2f} per set)")
     torch.manual_seed(args.seed)
     texts, _, _ = generate_texts(
         model,
@@ -781,13 +880,16 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
         prompt_format=args.prompt_format,
         **decode_kwargs(args, tokenizer, "sample"),
     )
-    base_success = sum(oracle(dev_prompts, texts)) / len(dev_prompts)
+    base = commongen_metrics(dev, texts)
     result = {
         "train_sets": len(sets),
         "dev_sets": len(dev),
         "steps": args.efficiency_steps,
-        "proposal": "sft-lora (supervised LoRA fine-tune on references)",
-        "base_dev_success": base_success,
+        "labels": args.labels,
+        "proposal": proposal_name,
+        "base_dev_success": base["success"],
+        "base_dev_sentence_success": base["sentence_success"],
+        "base_dev_coverage": base["coverage"],
         "cells": cells,
     }
     plot_efficiency(result, Path(args.output) / "efficiency.png")
@@ -825,7 +927,7 @@ def plot_efficiency(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for variant in ("nado", "dinado-soft"):
+    for variant in dict.fromkeys(c["variant"] for c in result["cells"]):
         for arm, style in (("p", "-o"), ("proposal+IS", "--s")):
             cells = [c for c in result["cells"] if c["variant"] == variant and c["samples"] == arm]
             ax.plot(
@@ -933,15 +1035,19 @@ def results_markdown(results: dict) -> str:
             f"Sample efficiency: {eff['train_sets']:,} train concept sets, {eff['steps']} training steps per cell, "
             f"all-concepts success on {eff['dev_sets']:,} dev concept sets with sampling (base: "
             f"{eff['base_dev_success']:.3f}). Proposal: {eff['proposal']}; ESS = mean effective sample size "
-            "per concept set.",
+            "per concept set; positive rate = share of the samples that cover every concept; strength = alpha "
+            "(module variants) or adapter scale (DiNADO-Merge).",
             "",
-            "| variant | samples | per set | oracle calls | positive rate | ESS per set | dev success | s |",
-            "|---|---|---|---|---|---|---|---|",
+            "| variant | samples | per set | strength | oracle calls | positive rate | ESS per set | dev success | "
+            "sentence success | coverage | s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in eff["cells"]:
             out.append(
-                f"| {c['variant']} | {c['samples']} | {c['per_set']} | {c['oracle_calls']:,} | "
-                f"{c['positive_rate']:.3f} | {c['ess_per_set']:.2f} | {c['dev_success']:.3f} | {c['seconds']:.0f} |"
+                f"| {c['variant']} | {c['samples']} | {c['per_set']} | {_fmt(c.get('strength'), 2)} | "
+                f"{c['oracle_calls']:,} | {c['positive_rate']:.3f} | {c['ess_per_set']:.2f} | "
+                f"{c['dev_success']:.3f} | {_fmt(c.get('dev_sentence_success'))} | "
+                f"{_fmt(c.get('dev_coverage'))} | {c['seconds']:.0f} |"
             )
         out.append("")
     out += ["| stage | seconds |", "|---|---|"]

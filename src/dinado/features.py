@@ -697,6 +697,30 @@ class FeatureCache:
             out[r, : rows.shape[0]] = rows
         return out
 
+    def subset(self, samples: SampleSet, indices: Sequence[int]) -> FeatureCache:
+        """The cache of ``samples.subset(indices)``, in memory (``samples`` is the set this cache was made for:
+        checked), so that training on part of a sample set needs no second pass of the base; ``self`` is not
+        changed."""
+        if self.metadata.get("samples_fingerprint") != samples_fingerprint(samples):
+            raise FeatureCacheError(
+                "FeatureCache.subset: the cache was computed for another sample set than the one given"
+            )
+        idx = [int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < len(self)]
+        if bad:
+            raise IndexError(
+                f"FeatureCache.subset: index {bad[0]} is outside the cache's {len(self)} samples"
+            )
+        lengths = torch.tensor([int(self.offsets[i + 1] - self.offsets[i]) for i in idx], dtype=torch.int64)
+        offsets = F.pad(lengths.cumsum(0), (1, 0))
+        empty = torch.zeros((0, self.hidden_size), dtype=self.dtype)
+        gather = lambda read: torch.cat([read(i) for i in idx]) if idx else empty
+        part = samples.subset(idx)
+        metadata = {k: v for k, v in self.metadata.items() if k not in ("path", "last_hidden")}
+        metadata.update(samples_fingerprint=samples_fingerprint(part), num_samples=len(part))
+        last = gather(self.last_rows) if self.metadata["last_hidden"] else None
+        return FeatureCache(gather(self.rows), offsets, metadata, last=last)
+
     def check(self, guide: Guide, samples: SampleSet) -> None:
         """Refuse a cache made for another sample set or another base than ``guide``'s."""
         reason = unsupported_reason(guide)
