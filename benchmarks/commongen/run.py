@@ -930,6 +930,8 @@ def plot_efficiency(result: dict, path: Path) -> None:
     for variant in dict.fromkeys(c["variant"] for c in result["cells"]):
         for arm, style in (("p", "-o"), ("proposal+IS", "--s")):
             cells = [c for c in result["cells"] if c["variant"] == variant and c["samples"] == arm]
+            if not cells:  # an arm the run did not sample (--efficiency-arms)
+                continue
             ax.plot(
                 [c["per_set"] for c in cells],
                 [c["dev_success"] for c in cells],
