@@ -256,3 +256,35 @@ def test_reference_samples_bad_input(chat_tokenizer, prompts, targets, error, me
 
     with pytest.raises(error, match=message):
         reference_samples(chat_tokenizer, prompts, targets, lambda p, c: [1.0] * len(c))
+
+
+def test_gguf_files_are_parsed_once_while_loading(tmp_path):
+    """load_model's GGUF loading (config, weights, tokenizer) shares one reader per file and one tensor-name map
+    per (arch, blocks) inside the block, and puts gguf's own functions back afterwards, errors included."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from dinado.hf import _gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_token_list(["a", "b", "c"])
+    writer.add_tensor("token_embd.weight", np.arange(6, dtype=np.float32).reshape(3, 2))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # the same file by another spelling: the same reader
+        assert [f.name for f in first.tensors] == ["token_embd.weight"]
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(
+            gguf.MODEL_ARCH.LLAMA, 2
+        )
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+    with pytest.raises(RuntimeError, match="boom"), _gguf_parsed_once():
+        raise RuntimeError("boom")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)

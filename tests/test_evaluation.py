@@ -29,6 +29,27 @@ def test_base_perplexity_equals_a_hand_computed_value(gpt2_tokenizer):
     assert math.isclose(got, math.exp(nll / len(c)), rel_tol=1e-4)
 
 
+def test_base_perplexity_scores_each_row_at_its_own_positions(gpt2_tokenizer):
+    """Prompts of different lengths in one batch (the LM head runs from the shortest prompt's last position on):
+    the same value as each completion scored alone by a full forward pass, by hand."""
+    model = tiny_gpt2(vocab_size=len(gpt2_tokenizer), layers=1)
+    pairs = [
+        ("The dog", "ran home"),
+        ("A very long prompt about the old cat", "sat on the mat today"),
+        ("Hi", ""),
+    ]
+    nll, count = 0.0, 0
+    for prompt, completion in pairs[:2]:
+        p = gpt2_tokenizer(prompt)["input_ids"]
+        c = gpt2_tokenizer(" " + completion)["input_ids"]
+        with torch.no_grad():
+            log_p = F.log_softmax(model(torch.tensor([p + c])).logits[0], -1)
+        nll -= sum(float(log_p[len(p) - 1 + i, tok]) for i, tok in enumerate(c))
+        count += len(c)
+    got = base_perplexity(model, gpt2_tokenizer, [p for p, _ in pairs], [c for _, c in pairs])
+    assert math.isclose(got, math.exp(nll / count), rel_tol=1e-4)
+
+
 def test_evaluate_texts_success_coverage_and_bleu():
     oracle = KeywordOracle(["dog", "run"])
     outputs = ["the two dogs ran home fast", "a cat sat on the mat"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ._utils import atomic_file
 from .data import right_pad
-from .hf import decoder_start_token_id, eval_mode, is_encoder_decoder
+from .hf import accepts_argument, decoder_start_token_id, eval_mode, is_encoder_decoder
 from .oracles import call_oracle
 from .text import PromptFormat, encode_prompts
 
@@ -24,6 +24,19 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
         tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)
     ]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _logits_from(model, ids: torch.Tensor, mask: torch.Tensor, first: int) -> torch.Tensor:
+    """A causal LM's logits at positions ``first`` to the end of each row, ``[B, L - first, V]`` (float32). The
+    LM head runs at those positions only when the model takes ``logits_to_keep`` (transformers' causal LMs):
+    over a 49k vocabulary it costs as much as the body, and scoring reads only the completions' positions."""
+    if not 0 <= first < ids.shape[1]:
+        raise ValueError(f"first position {first} outside rows of {ids.shape[1]} tokens")
+    if accepts_argument(model, "logits_to_keep"):
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - first).logits
+    else:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, first:]
+    return logits.float()
 
 
 @torch.no_grad()
@@ -65,15 +78,16 @@ def _causal_perplexity(model, tokenizer, prompts, completions, batch_size: int, 
             row = (p + c)[:limit]  # tokens past the model's window are not scored
             rows.append(row)
             spans.append((len(p), len(row)))
+        scored = [(r, a, b) for r, (a, b) in enumerate(spans) if b > a]
+        if not scored:
+            continue
         ids, mask = right_pad(rows, tokenizer.pad_token_id or 0)
-        log_p = F.log_softmax(
-            model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1
-        )
-        token_lp = log_p[:, :-1].gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
-        for r, (a, b) in enumerate(spans):
-            if b > a:
-                total_nll -= float(token_lp[r, a - 1 : b - 1].sum())
-                total_tokens += b - a
+        first = min(a for _, a, _ in scored) - 1  # the earliest position that predicts a completion token
+        log_p = F.log_softmax(_logits_from(model, ids.to(device), mask.to(device), first)[:, :-1], -1)
+        token_lp = log_p.gather(-1, ids[:, first + 1 :, None].to(device)).squeeze(-1).cpu()
+        for r, a, b in scored:
+            total_nll -= float(token_lp[r, a - 1 - first : b - 1 - first].sum())
+            total_tokens += b - a
     return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
 
 
@@ -89,10 +103,11 @@ def completion_log_probs(
     for start in range(0, len(indices), batch_size):
         chunk = list(indices[start : start + batch_size])
         ids, mask = right_pad([samples.prompts[i] + samples.completions[i] for i in chunk], pad_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        first = min(len(samples.prompts[i]) for i in chunk) - 1
+        logits = _logits_from(model, ids.to(device), mask.to(device), first)
         for row, i in enumerate(chunk):
-            first, n = len(samples.prompts[i]), len(samples.completions[i])
-            out.append(F.log_softmax(logits[row, first - 1 : first + n - 1], dim=-1).cpu())
+            start, n = len(samples.prompts[i]) - 1 - first, len(samples.completions[i])
+            out.append(F.log_softmax(logits[row, start : start + n], dim=-1).cpu())
     return out
 
 

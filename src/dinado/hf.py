@@ -16,7 +16,7 @@ import json
 import types
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -407,6 +407,37 @@ def _forget_gguf_quantizer(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Within the block, transformers' GGUF loader parses each file once and builds each tensor-name map once.
+
+    Loading a GGUF model reads the file three times (config, weights, tokenizer), and each ``gguf.GGUFReader``
+    parses every metadata field, SmolLM2's 49k-token vocabulary included, one numpy view at a time (~3 s each);
+    the weight loader also rebuilds the same ``gguf.get_tensor_name_map(arch, blocks)`` for each of the model's
+    ~400 modules (~4 s in all). Both are pure functions of their arguments over a read-only memory map, so the
+    block hands out one reader per path and one map per (arch, blocks). transformers imports both names from
+    ``gguf`` when it loads, so they are swapped on that module and restored afterwards."""
+    try:
+        import gguf
+    except ImportError:  # transformers says what to install when it needs it
+        yield
+        return
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared_reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def load_model(
     name_or_path: str, tokenizer: str | None = None, gguf_file: str | None = None
 ) -> tuple[Any, Any]:
@@ -423,17 +454,18 @@ def load_model(
         check_local_model(name_or_path, gguf_file)
     source, gguf = resolve_base(name_or_path, gguf_file)
     kwargs: dict[str, Any] = {"gguf_file": gguf, "dtype": torch.float32} if gguf is not None else {}
-    # the config is read once and handed on: for a GGUF file each read parses the whole file (~3 s for SmolLM2)
-    config = AutoConfig.from_pretrained(source, **kwargs)
-    seq2seq = getattr(config, "is_encoder_decoder", False)
-    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(
-        source, config=config, **kwargs
-    )
-    if tokenizer is not None:
-        tok = AutoTokenizer.from_pretrained(tokenizer)
-    else:
-        extra = {"gguf_file": gguf, "config": config} if gguf is not None else {}
-        tok = AutoTokenizer.from_pretrained(source, **extra)
+    with _gguf_parsed_once() if gguf is not None else nullcontext():
+        # the config is read once and handed on (for a GGUF file, a read of the config parses the file's metadata)
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        seq2seq = getattr(config, "is_encoder_decoder", False)
+        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(
+            source, config=config, **kwargs
+        )
+        if tokenizer is not None:
+            tok = AutoTokenizer.from_pretrained(tokenizer)
+        else:
+            extra = {"gguf_file": gguf, "config": config} if gguf is not None else {}
+            tok = AutoTokenizer.from_pretrained(source, **extra)
     if gguf is not None:
         model.config._name_or_path = name_or_path if gguf_file is None else f"{name_or_path}/{gguf_file}"
         _forget_gguf_quantizer(model)
