@@ -422,6 +422,40 @@ def test_merge_statistics_match_the_torch_composition_where_the_clamp_and_ties_a
     assert torch.allclose(ours.grad, theirs.grad)
 
 
+def test_merge_statistics_from_hidden_rows_and_a_frozen_head_match_those_from_logits():
+    """With ``weight`` the LM head runs inside (into reused buffers): the same values, and the rows' gradient is
+    the logits' gradient through the head. Two graphs alive at once keep their own buffers, and a step after them
+    (the pool's buffers reused) gives the same numbers again."""
+    from dinado.parameterizations import parameterization_for
+
+    param = parameterization_for("dinado-soft", "soft")
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(300, 16, generator=g)
+    hidden = [torch.randn(9, 16, generator=g) for _ in range(2)]
+    log_p = [torch.log_softmax(h @ weight.t() + 0.1 * torch.randn(9, 300, generator=g), -1) for h in hidden]
+    following = torch.randint(0, 300, (9,), generator=g)
+    upstream = [torch.randn(9, generator=g) for _ in range(3)]
+
+    def reference(h, lp):
+        logits = (h @ weight.t()).requires_grad_()
+        outs = features._MergeStats.apply(logits, lp, following, param)
+        sum(u @ o for u, o in zip(upstream, outs, strict=True)).backward()
+        return [o.detach() for o in outs], logits.grad @ weight
+
+    expected = [reference(h, lp) for h, lp in zip(hidden, log_p, strict=True)]
+    for _ in range(2):  # the second round reads the buffers the first gave back
+        rows = [h.clone().requires_grad_() for h in hidden]
+        outs = [
+            features._MergeStats.apply(r, lp, following, param, weight)
+            for r, lp in zip(rows, log_p, strict=True)
+        ]
+        for r, o, (want, want_grad) in reversed(list(zip(rows, outs, expected, strict=True))):
+            sum(u @ v for u, v in zip(upstream, o, strict=True)).backward()
+            for got, value in zip(o, want, strict=True):
+                assert torch.allclose(got, value, atol=1e-5)
+            assert torch.allclose(r.grad, want_grad, atol=1e-5)
+
+
 def test_merge_statistics_share_the_max_gradient_among_maxima_within_float_noise():
     # at initialisation the cached Merge path's direction is float noise around 0 (log p read from the cache, the
     # adapted model run on the top layers only): the max's gradient must be shared as if every token tied, not

@@ -48,6 +48,7 @@ from .data import Batch, SampleSet
 from .guide import Guide
 from .hf import (
     base_body,
+    base_vocab_size,
     capture_hidden,
     capture_layer_input,
     decoder_layers,
@@ -85,19 +86,12 @@ def lm_head_logits(
     """
     inner = unwrap_peft(model)
     config = inner.config
+    plain = plain_head_weight(model)
+    if plain is not None and out is not None and hidden.dtype == torch.float32:
+        return torch.mm(hidden, plain.t(), out=out)
     if getattr(config, "scale_decoder_outputs", False) and hasattr(inner, "model_dim"):  # T5 family
         hidden = hidden * (inner.model_dim**-0.5)
-    head = inner.get_output_embeddings()
-    if (
-        out is not None
-        and type(head) is torch.nn.Linear
-        and head.bias is None
-        and head.weight.dtype == torch.float32
-        and hidden.dtype == torch.float32
-    ):
-        logits = torch.mm(hidden, head.weight.t(), out=out)
-    else:
-        logits = head(hidden)
+    logits = inner.get_output_embeddings()(hidden)
     bias = getattr(inner, "final_logits_bias", None)
     if isinstance(bias, torch.Tensor):
         logits = logits + bias.to(logits.dtype)
@@ -105,6 +99,24 @@ def lm_head_logits(
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def plain_head_weight(model: torch.nn.Module) -> torch.Tensor | None:
+    """The float32 weight W [V, H] when the base's logits are exactly ``hidden @ W.T`` (a bias-free linear head,
+    nothing added around it: no T5 rescaling, no final logits bias, no soft-capping), else None."""
+    inner = unwrap_peft(model)
+    config = inner.config
+    head = inner.get_output_embeddings()
+    if (
+        type(head) is not torch.nn.Linear
+        or head.bias is not None
+        or head.weight.dtype != torch.float32
+        or (getattr(config, "scale_decoder_outputs", False) and hasattr(inner, "model_dim"))
+        or isinstance(getattr(inner, "final_logits_bias", None), torch.Tensor)
+        or getattr(config.get_text_config(), "final_logit_softcapping", None)
+    ):
+        return None
+    return head.weight
 
 
 def merge_start_layer(guide: Guide) -> tuple[int | None, str | None]:
@@ -154,7 +166,7 @@ def unsupported_reason(guide: Guide) -> str | None:
 
 # ------------------------------------------------------------------------- full-vocabulary statistics of rows
 class _BufferPool:
-    """Float32 [rows, V] buffers kept from one training step to the next, on CPU.
+    """[rows, V] buffers (float32 unless asked otherwise) kept from one training step to the next, on CPU.
 
     A fresh buffer of that size costs about a fifth of the matrix product that fills it in page faults (measured
     here); CUDA's caching allocator reuses memory by itself, so other devices always get a new buffer. A buffer is
@@ -165,16 +177,21 @@ class _BufferPool:
     def __init__(self) -> None:
         self._free: dict[tuple[str, int], torch.Tensor] = {}
 
-    def take(self, name: str, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
-        buffer = self._free.pop((name, vocab), None) if device.type == "cpu" else None
+    def take(
+        self, name: str, rows: int, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        buffer = self._free.pop((name, vocab, dtype), None) if device.type == "cpu" else None
         if buffer is None or buffer.shape[0] < rows:
-            buffer = torch.empty((rows, vocab), dtype=torch.float32, device=device)
+            # a quarter to spare on CPU: the rows of a step vary, and a buffer that grows by a few rows every step
+            # would be a fresh one every step
+            spare = rows + rows // 4 if device.type == "cpu" else rows
+            buffer = torch.empty((spare, vocab), dtype=dtype, device=device)
         return buffer
 
     def give_back(self, name: str, buffer: torch.Tensor | None) -> None:
         if buffer is None or buffer.device.type != "cpu":
             return
-        key = (name, buffer.shape[1])
+        key = (name, buffer.shape[1], buffer.dtype)
         if key not in self._free or self._free[key].shape[0] < buffer.shape[0]:
             self._free[key] = buffer
 
@@ -534,18 +551,35 @@ def _merge_position_stats(
     next_ce = next_completion if ce_positions == "all" else F.pad(term[:, 1:], (0, 1))
     rows = param.vocabulary_rows(next_completion, next_ce, comp & ~term, with_regularizer)
     b, t = rows.nonzero(as_tuple=True)
+    vocab, device = base_vocab_size(base), ids.device
+    log_p_buffer = _POOL.take("merge_log_p", len(b), vocab, device)
+    scratch = _POOL.take("merge_scratch", len(b), vocab, device)
     with torch.no_grad():
-        log_p = F.log_softmax(lm_head_logits(base, plain[b, t]).float(), dim=-1)
-    logits = lm_head_logits(base, adapted[b, t]).float()  # log pi up to its normaliser
+        log_p = _log_softmax_(
+            lm_head_logits(base, plain[b, t], out=log_p_buffer[: len(b)]).float(), scratch[: len(b)]
+        )
+    _POOL.give_back("merge_scratch", scratch)
+    weight = plain_head_weight(base)
+    if weight is not None and not weight.requires_grad:  # the LM head runs inside, into a reused buffer
+        source = adapted[b, t].float()
+    else:
+        source, weight = lm_head_logits(base, adapted[b, t]).float(), None  # log pi up to its normaliser
     norm_dtype = next(guide.norm_head.parameters()).dtype
     norm = guide.norm_head(adapted.to(norm_dtype)).float()
     following = F.pad(ids[:, 1:], (0, 1))[b, t]  # the next token (padding at the last position: never read)
-    lse, mx, taken_values = _MergeStats.apply(logits, log_p, following, param)
+    lse, mx, taken_values = _MergeStats.apply(source, log_p, following, param, weight)
+    _POOL.give_back("merge_log_p", log_p_buffer)
     zeros = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     guided_lse = zeros.index_put((b, t), lse)
     direction_max = zeros.index_put((b, t), mx) if param.needs_direction_max else None
     taken = zeros.index_put((b, t), taken_values)[:, :-1]
     return PositionStats(guided_lse=guided_lse, direction_max=direction_max, taken=taken, norm=norm)
+
+
+def _log_softmax_(rows: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``rows`` [M, V] turned into their log-softmax in place (``scratch``: a buffer of the same shape)."""
+    rows.sub_(rows.amax(dim=-1, keepdim=True))
+    return rows.sub_(torch.exp(rows, out=scratch).sum(dim=-1, keepdim=True).log_())
 
 
 class _MergeStats(torch.autograd.Function):
@@ -556,19 +590,33 @@ class _MergeStats(torch.autograd.Function):
     fraction of its cost over a 49k vocabulary on CPU (no autograd graph of [M, V] intermediates; torch's
     logsumexp and amax backward passes are the slow part). The same gradients too, except that maxima within
     :data:`~dinado.numerics.TIE_TOLERANCE` of each other share the max's gradient as exact ties do (the cache's
-    log p and the adapted pass differ by float noise, which at initialisation is all the direction holds)."""
+    log p and the adapted pass differ by float noise, which at initialisation is all the direction holds).
+
+    ``source`` is the logits, or, with ``weight`` (a frozen bias-free LM head [V, H]), the hidden rows [M, H]
+    whose logits are ``source @ weight.T``: the product then runs inside, into a reused buffer, and the gradient
+    comes back for the rows. Every [M, V] intermediate lives in buffers of :data:`_POOL` and is updated in place:
+    on CPU a fresh 150 MiB tensor costs more in page faults than the arithmetic done on it (measured on SmolLM2:
+    an out-of-place op 5-20 times slower than in place), which made this step most of a Merge training step."""
 
     @staticmethod
-    def forward(ctx, logits, log_p, following, param):
+    def forward(ctx, source, log_p, following, param, weight=None):
+        rows, vocab = source.shape[0], log_p.shape[-1]
+        dtype = torch.float32 if weight is not None else source.dtype
+        buffers = {name: _POOL.take(name, rows, vocab, source.device, dtype) for name in _MERGE_BUFFERS}
+        logits, direction, scratch = (buffers[name][:rows] for name in _MERGE_BUFFERS)
+        if weight is not None:
+            torch.mm(source, weight.t(), out=logits)
+        else:
+            logits.copy_(source)
         top = logits.amax(dim=-1, keepdim=True)
-        lse_logits = (logits - top).exp_().sum(dim=-1, keepdim=True).log_().add_(top)
-        log_pi = logits - lse_logits
-        passes = log_pi >= LOG_FLOOR  # where clamp hands its gradient through (as torch.clamp's backward)
-        direction = log_pi.clamp_(min=LOG_FLOOR).sub_(log_p.clamp(min=LOG_FLOOR))  # log_pi's buffer
-        top_two, top_index = direction.topk(2, dim=-1) if direction.shape[-1] > 1 else direction.max(-1, True)
+        lse_logits = torch.sub(logits, top, out=scratch).exp_().sum(dim=-1, keepdim=True).log_().add_(top)
+        torch.sub(logits, lse_logits, out=direction)  # log pi
+        clamped = direction < LOG_FLOOR  # where clamp stops the gradient (as torch.clamp's backward)
+        direction.clamp_(min=LOG_FLOOR).sub_(torch.clamp(log_p, min=LOG_FLOOR, out=scratch))
+        top_two, top_index = direction.topk(2, dim=-1) if vocab > 1 else direction.max(-1, True)
         direction_max = top_two[:, 0]
         taken = direction.gather(-1, following[:, None]).squeeze(-1)
-        guided = log_p + param.guidance(direction)
+        guided = torch.add(log_p, param.guidance(direction), out=scratch)
         top = guided.amax(dim=-1, keepdim=True)
         total = guided.sub_(top).exp_().sum(dim=-1, keepdim=True)
         lse = total.log().add_(top).squeeze(-1)
@@ -579,29 +627,50 @@ class _MergeStats(torch.autograd.Function):
         # maxima within TIE_TOLERANCE (float noise: the cache's log p against the adapted pass) share the gradient
         tied = top_two.shape[-1] > 1 and bool((top_two[:, 0] - top_two[:, 1] <= TIE_TOLERANCE).any())
         argmax = (direction >= (direction_max - TIE_TOLERANCE)[:, None]) if tied else top_index[:, 0]
-        ctx.save_for_backward(logits, lse_logits, passes, weights, following)
-        ctx.argmax = argmax
+        _POOL.give_back("merge_direction", buffers.pop("merge_direction"))
+        ctx.save_for_backward(following, weight)
+        ctx.buffers, ctx.rows = buffers, rows
+        ctx.lse_logits, ctx.clamped, ctx.argmax = lse_logits, clamped, argmax
         ctx.mark_non_differentiable(following)
         return lse, direction_max, taken
 
     @staticmethod
     def backward(ctx, grad_lse, grad_max, grad_taken):
-        logits, lse_logits, passes, weights, following = ctx.saved_tensors
-        argmax, ctx.argmax = ctx.argmax, None
-        grad_d = weights * grad_lse[:, None] if grad_lse is not None else torch.zeros_like(weights)
+        following, weight = ctx.saved_tensors
+        buffers, rows = ctx.buffers, ctx.rows
+        lse_logits, clamped, argmax = ctx.lse_logits, ctx.clamped, ctx.argmax
+        ctx.buffers = ctx.lse_logits = ctx.clamped = ctx.argmax = None  # consumed: the buffers go back below
+        logits, weights = buffers["merge_logits"][:rows], buffers["merge_scratch"][:rows]
+        grad_d = weights.mul_(grad_lse[:, None]) if grad_lse is not None else weights.zero_()
         if grad_max is not None:
             if argmax.dim() == 1:
                 grad_d.scatter_add_(1, argmax[:, None], grad_max[:, None])
-            else:  # amax's gradient is shared among tied maxima (as torch.amax does)
-                share = argmax.float() / argmax.sum(-1, keepdim=True, dtype=torch.int32)
-                grad_d.add_(share.mul_(grad_max[:, None]))
+            else:  # amax's gradient is shared among tied maxima (as torch.amax does); common at initialisation
+                share = grad_max[:, None] / argmax.sum(-1, keepdim=True, dtype=torch.int32)
+                spare = _POOL.take("merge_direction", rows, logits.shape[1], logits.device, logits.dtype)
+                grad_d.add_(spare[:rows].copy_(argmax).mul_(share))  # no fresh [M, V] tensor (see above)
+                _POOL.give_back("merge_direction", spare)
         if grad_taken is not None:
             grad_d.scatter_add_(1, following[:, None], grad_taken[:, None])
-        grad_d.mul_(passes)  # d / d log_pi
+        grad_d.masked_fill_(clamped, 0.0)  # d / d log_pi (a mask, not a product: no float copy of it)
         # through log_softmax: g - softmax(logits) * sum(g)
-        softmax = logits.sub(lse_logits).exp_()
-        grad_logits = grad_d.sub_(softmax.mul_(grad_d.sum(dim=-1, keepdim=True)))
-        return grad_logits, None, None, None
+        softmax = logits.sub_(lse_logits).exp_()
+        grad_d.sub_(softmax.mul_(grad_d.sum(dim=-1, keepdim=True)))
+        _POOL.give_back("merge_logits", buffers["merge_logits"])
+        if weight is None:
+            return (
+                grad_d,
+                None,
+                None,
+                None,
+                None,
+            )  # the caller's gradient now: its buffer stays out of the pool
+        grad_source = grad_d @ weight
+        _POOL.give_back("merge_scratch", buffers["merge_scratch"])
+        return grad_source, None, None, None, None
+
+
+_MERGE_BUFFERS = ("merge_logits", "merge_direction", "merge_scratch")
 
 
 # ------------------------------------------------------------------------------------------------ the cache
