@@ -61,3 +61,47 @@ def test_other_warpers_of_the_generation_config_are_switched_off_and_the_records
         expected = [float(ref[len(prompt) - 1 + i, t]) for i, t in enumerate(comp)]
         errors += [abs(a - b) for a, b in zip(lp + lpi, expected + expected, strict=True)]
     assert len(errors) > 400 and max(errors) < 1e-5
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_a_shared_prefill_runs_each_distinct_prompt_once_and_changes_no_sample(toy_base, record):
+    """With several samples per prompt, the prompt is run once per distinct prompt (its KV cache shared by its
+    rows): the same completions, log-probabilities and recorded states as a prefill per row."""
+    prompts = [[0, 3, 4], [0, 5], [0, 1, 2, 3]]
+    widths = []
+
+    def seen(module, args, kwargs):
+        widths.append(tuple((args[0] if args else kwargs["input_ids"]).shape))
+
+    hook = toy_base.register_forward_pre_hook(seen, with_kwargs=True)
+
+    def draw(share):
+        widths.clear()
+        states = {None: []} if record else None
+        samples = dinado.sample(
+            toy_base,
+            prompts,
+            4,
+            exact.toy_oracle,
+            6,
+            batch_size=8,
+            seed=5,
+            record_states=states,
+            share_prefill=share,
+        )
+        return samples, states, list(widths)
+
+    try:
+        shared, shared_states, shared_widths = draw(True)
+        plain, plain_states, plain_widths = draw(False)
+    finally:
+        hook.remove()
+    # batches of 8 rows: prompts 0 and 1 (4 rows each), then prompt 2; prompt 2 alone in its batch of 4 repeats
+    assert shared_widths[0] == (2, 2) and plain_widths[0] == (8, 3)
+    assert (1, 3) in shared_widths and (4, 4) in plain_widths  # the second batch: prompt 2 alone
+    assert shared.completions == plain.completions
+    for a, b in zip(shared.token_log_p, plain.token_log_p, strict=True):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+    if record:
+        for a, b in zip(shared_states[None], plain_states[None], strict=True):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)

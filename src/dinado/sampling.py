@@ -191,7 +191,7 @@ def _record_states(
             attention_mask=full_mask,
             position_ids=full_mask.sum(1, keepdim=True) - 1,  # generate()'s positions for left-padded rows
             use_cache=True,
-            **{"cache" if accepts_argument(model, "cache") else "past_key_values": past},
+            **{_cache_argument(model): past},
         )
     for key, parts in seen.items():
         parts = parts[: steps + 1]  # a step generate() ran and then undid holds the last token too
@@ -206,6 +206,40 @@ def _record_states(
         for r, (p, n) in enumerate(zip(prompt_lengths, lengths.tolist(), strict=True)):
             out[key].append(states[r, width - p : width + n].to("cpu").clone())
         seen[key].clear()
+
+
+def _cache_argument(model) -> str:
+    # transformers 5.x names the KV cache argument ``cache`` (earlier: ``past_key_values``)
+    return "cache" if accepts_argument(model, "cache") else "past_key_values"
+
+
+def _shared_prefill(
+    model, chunk: list, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[Any, torch.Tensor] | None:
+    """One prefill per distinct prompt of a left-padded ``chunk`` whose repeats of a prompt sit side by side (as
+    ``sample`` lays out its rows): the KV cache of every row's prompt but its last token, computed on the distinct
+    prompts and gathered to all rows, and the row -> distinct prompt index; None when no prompt repeats (or a
+    prompt has a single token). ``generate`` then runs the last prompt token of every row as its first step. The
+    prefill is most of the cost of sampling a few completions of short answers (on SmolLM2's chat prompts, ~40%
+    of it at 4 samples per prompt)."""
+    firsts = [r for r in range(len(chunk)) if r == 0 or chunk[r] != chunk[r - 1]]
+    if len(firsts) == len(chunk) or min(len(row) for row in chunk) < 2:
+        return None
+    index = torch.tensor([0] * len(chunk), device=ids.device)
+    for u, start in enumerate(firsts):
+        index[start:] = u
+    unique_ids, unique_mask = ids[firsts, :-1], mask[firsts, :-1]
+    kwargs = dict(
+        input_ids=unique_ids,
+        attention_mask=unique_mask,
+        position_ids=position_ids_from_mask(unique_mask),
+        use_cache=True,
+    )
+    if accepts_argument(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1  # the logits of the prefill are never read
+    cache = _generated_cache(model(**kwargs))
+    cache.batch_select_indices(index)
+    return cache, index
 
 
 @torch.no_grad()
@@ -225,6 +259,7 @@ def sample(
     progress: bool = False,
     proposal: PreTrainedModel | None = None,
     record_states: MutableMapping[int | None, list[torch.Tensor]] | None = None,
+    share_prefill: bool = True,
 ) -> SampleSet:
     """Draw ``num_samples`` completions per prompt from ``source`` and label them with ``oracle``.
 
@@ -251,6 +286,10 @@ def sample(
     each key's list receives one ``[prompt + completion tokens, H]`` tensor per sample, in the order of the
     returned set. Only when sampling from a decoder-only base itself (no guide, no proposal); the states of a
     completion's last token, which generation never feeds back, come from one more cached step.
+
+    ``share_prefill``: when sampling from a decoder-only base itself, each distinct prompt of a batch is run once
+    and its KV cache shared by its ``num_samples`` rows (the same distribution; the numbers equal those of a
+    prefill per row up to float rounding). False runs the prompt of every row.
     """
     if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError("num_samples, max_new_tokens and batch_size must be at least 1")
@@ -336,6 +375,11 @@ def sample(
                 kwargs["return_dict_in_generate"] = True  # its cache serves the last token's extra step
                 for parts in seen.values():
                     parts.clear()
+            shared = None
+            if share_prefill and guide is None and proposal is None and decoder_start is None:
+                shared = _shared_prefill(model, chunk, ids, mask)
+                if shared is not None:
+                    kwargs[_cache_argument(model)] = shared[0]
             with recorder:
                 if guide is not None:
                     sequences = guided_generate(guide, ids, **kwargs)
@@ -364,6 +408,11 @@ def sample(
                     decoder_start,
                 )
             if seen:
+                if (
+                    shared is not None
+                ):  # the prefill's states, gathered to every row, then the last prompt token's
+                    for parts in seen.values():
+                        parts[:2] = [torch.cat([parts[0][shared[1]], parts[1]], dim=1)]
                 _record_states(
                     model, seen, record_states, ids, mask, gen, past, [len(c) for c in chunk], lengths
                 )
