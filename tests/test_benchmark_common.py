@@ -58,3 +58,25 @@ def test_decode_overhead_parses_its_heads_and_their_defaults():
     assert all(isinstance(h, dict) and h["head"] in ("full", "tied") for h in args.heads)
     labels = {bench.head_label(h) for h in args.heads}
     assert len(labels) == len(args.heads) and "full full-rank" in labels
+
+
+def test_sample_and_score_cost_runs_both_ways_on_a_tiny_base(tmp_path, gpt2_tokenizer, capsys):
+    """The benchmark's two measurements on a tiny GPT-2 saved to disk: both tables, the two scorings' perplexity
+    equal (it exits otherwise), and the sampled completions counted alike."""
+    from .conftest import SHARED_DATA, load_benchmark, tiny_gpt2
+
+    data = SHARED_DATA / "commongen" / "v1.1_LHRYANG"
+    if not data.is_dir():
+        import pytest
+
+        pytest.skip(f"{data} is not present")
+    tiny_gpt2(vocab_size=len(gpt2_tokenizer)).save_pretrained(tmp_path / "base")
+    gpt2_tokenizer.save_pretrained(tmp_path / "base")
+    bench = load_benchmark("sample_and_score_cost.py")
+    argv = ["--data-dir", str(data), "--base", str(tmp_path / "base"), "--sets", "3", "--sample-sets", "2"]
+    assert (
+        bench.main([*argv, "--per-set", "3", "--max-new-tokens", "4", "--reps", "1", "--threads", "1"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "| LM head at completion positions |" in out and "| one prefill per distinct prompt |" in out
+    assert out.count(" of 6 |") == 2  # 2 sets x 3 completions, the count shown on both rows
