@@ -238,6 +238,8 @@ def _shared_prefill(
     if accepts_argument(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1  # the logits of the prefill are never read
     cache = _generated_cache(model(**kwargs))
+    if not hasattr(cache, "batch_select_indices"):  # a model without a transformers Cache: a prefill per row
+        return None
     cache.batch_select_indices(index)
     return cache, index
 
