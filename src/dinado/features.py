@@ -175,7 +175,7 @@ class _BufferPool:
     """
 
     def __init__(self) -> None:
-        self._free: dict[tuple[str, int], torch.Tensor] = {}
+        self._free: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
 
     def take(
         self, name: str, rows: int, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32
