@@ -222,12 +222,11 @@ def _shared_prefill(
     prompt has a single token). ``generate`` then runs the last prompt token of every row as its first step. The
     prefill is most of the cost of sampling a few completions of short answers (on SmolLM2's chat prompts, ~40%
     of it at 4 samples per prompt)."""
-    firsts = [r for r in range(len(chunk)) if r == 0 or chunk[r] != chunk[r - 1]]
-    if len(firsts) == len(chunk) or min(len(row) for row in chunk) < 2:
+    starts = [r == 0 or chunk[r] != chunk[r - 1] for r in range(len(chunk))]
+    if all(starts) or min(len(row) for row in chunk) < 2:
         return None
-    index = torch.tensor([0] * len(chunk), device=ids.device)
-    for u, start in enumerate(firsts):
-        index[start:] = u
+    firsts = [r for r, start in enumerate(starts) if start]
+    index = torch.tensor(starts, device=ids.device).cumsum(0) - 1  # row -> its distinct prompt
     unique_ids, unique_mask = ids[firsts, :-1], mask[firsts, :-1]
     kwargs = dict(
         input_ids=unique_ids,
@@ -410,9 +409,8 @@ def sample(
                     decoder_start,
                 )
             if seen:
-                if (
-                    shared is not None
-                ):  # the prefill's states, gathered to every row, then the last prompt token's
+                if shared is not None:
+                    # the prefill's states, gathered to every row, then the last prompt token's
                     for parts in seen.values():
                         parts[:2] = [torch.cat([parts[0][shared[1]], parts[1]], dim=1)]
                 _record_states(
