@@ -105,3 +105,24 @@ def test_a_shared_prefill_runs_each_distinct_prompt_once_and_changes_no_sample(t
     if record:
         for a, b in zip(shared_states[None], plain_states[None], strict=True):
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_cache_that_cannot_gather_rows_falls_back_to_a_prefill_per_row(toy_base, monkeypatch):
+    """A base whose KV cache has no ``batch_select_indices`` (not a transformers Cache that can gather rows)
+    samples with ``share_prefill=True`` as with a prefill per row, instead of failing."""
+    from transformers import DynamicCache
+
+    owner = next(c for c in DynamicCache.__mro__ if "batch_select_indices" in vars(c))
+    prompts = [[0, 3, 4], [0, 5]]
+
+    def draw(share):
+        return dinado.sample(
+            toy_base, prompts, 3, exact.toy_oracle, 5, batch_size=6, seed=2, share_prefill=share
+        )
+
+    monkeypatch.delattr(owner, "batch_select_indices")
+    assert not hasattr(DynamicCache(), "batch_select_indices")
+    shared, plain = draw(True), draw(False)
+    assert shared.completions == plain.completions
+    for a, b in zip(shared.token_log_p, plain.token_log_p, strict=True):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-6)
