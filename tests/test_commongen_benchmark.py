@@ -699,3 +699,35 @@ def test_rescore_refuses_rows_that_name_no_outputs(smoke, tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(results))
     with pytest.raises(SystemExit, match="names no outputs"):
         load_benchmark("commongen", "rescore.py").main(["--runs", str(tmp_path)])
+
+
+def test_demo_draws_label_gap_is_the_label_log_ratio_covariance_over_the_mean_label():
+    draws = load_benchmark("commongen", "demo_draws.py")
+    log_ratio = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    labels = torch.tensor([0.0, 1.0, 0.5, 0.25])
+    cov = ((labels - labels.mean()) * (log_ratio - log_ratio.mean())).mean()
+    assert draws.label_gap(log_ratio, labels) == pytest.approx(float(cov / labels.mean()))
+    # a guide that raises every completion alike has no gap; one that raises the labelled ones has a positive one
+    assert draws.label_gap(torch.full((4,), 2.0), labels) == pytest.approx(0.0, abs=1e-6)
+    assert draws.label_gap(labels * 3, labels) > 0
+    with pytest.raises(ValueError, match="every validation label is 0"):
+        draws.label_gap(log_ratio, torch.zeros(4))
+
+
+def test_demo_draws_arms_with_more_train_sets_contain_the_demos_and_share_one_selection_split(capsys):
+    """The study pairs arms by seed: the first k sets of a larger draw are the demo's k, and the selection split
+    (excluding the first --exclude-sets of the draw) is the same for every arm."""
+    import random
+
+    from dinado.tasks.commongen import load_split
+
+    if not DATA.is_dir():
+        pytest.skip(f"{DATA} is not present")
+    train = load_split(DATA, "train")
+    for seed in (0, 3):
+        demo = random.Random(seed + 1).sample(train, 100)
+        assert random.Random(seed + 1).sample(train, 400)[:100] == demo
+    draws = load_benchmark("commongen", "demo_draws.py")
+    with pytest.raises(SystemExit):
+        draws.main(["--data-dir", str(DATA), "--train-sets", "200", "--exclude-sets", "100", "--output", "x"])
+    assert "--exclude-sets (100) must be at least --train-sets (200)" in capsys.readouterr().err
