@@ -35,10 +35,21 @@ def chat_base(tmp_path_factory, gpt2_tokenizer):
     return path
 
 
-def test_the_commongen_demo_trains_merge_and_a_module_and_writes_its_summary(chat_base, tmp_path, capsys):
+def test_the_commongen_demo_trains_merge_and_a_module_and_writes_its_summary(
+    chat_base, tmp_path, capsys, monkeypatch
+):
+    import dinado.demo as demo
+
+    trained, real_train = [], demo.train
+    spy = lambda guide, samples, **kw: (
+        trained.append((guide.config.variant, kw["adam_epsilon"])) or real_train(guide, samples, **kw)
+    )
+    monkeypatch.setattr(demo, "train", spy)
     out = tmp_path / "demo"
     argv = ["demo", "--data-dir", str(DATA), "--base", str(chat_base), "--quick", "--output", str(out)]
     assert main(argv) == 0
+    # Merge's short run with the recipe's Adam epsilon (its first steps damped), the module with torch's
+    assert {("dinado-merge", COMMONGEN_RECIPE["merge_adam_epsilon"]), ("dinado-soft", 1e-8)} == set(trained)
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["base"] == str(chat_base) and summary["chat"] is True

@@ -155,3 +155,20 @@ def test_hard_consistencys_default_learning_rate_shrinks_with_completion_length(
     samples = SampleSet.from_token_ids([[0, 5]] * 2, completions, [1.0, 0.0])
     assert dinado.train(guide, samples, max_steps=1, batch_size=2).learning_rate == pytest.approx(expected)
     assert dinado.train(guide, samples, max_steps=1, batch_size=2, learning_rate=0.01).learning_rate == 0.01
+
+
+def test_adam_epsilon_damps_the_first_steps_sign_like_moves():
+    """With torch's epsilon Adam's first step moves every parameter with a gradient by the full learning rate
+    (a fresh LoRA adapter's B starts at 0); an epsilon far above the gradients makes the move proportional to them."""
+    samples = _uneven_samples()
+    moves = {}
+    for eps in (1e-8, 10.0):
+        guide = Guide.create(tiny_gpt2(), "dinado-merge", lora_r=4, lora_alpha=8, seed=3)
+        before = [p.detach().clone() for p in guide.parameters() if p.requires_grad]
+        dinado.train(guide, samples, max_steps=1, batch_size=7, learning_rate=0.01, adam_epsilon=eps, seed=0)
+        after = [p.detach() for p in guide.parameters() if p.requires_grad]
+        moves[eps] = max(float((a - b).abs().max()) for a, b in zip(after, before, strict=True))
+    assert moves[1e-8] == pytest.approx(0.01, rel=1e-3)
+    assert 0 < moves[10.0] < 1e-3  # lr x |g| / (|g| + 10), |g| well below 1
+    with pytest.raises(ValueError, match="adam_epsilon must be positive, got 0"):
+        dinado.train(Guide.create(tiny_gpt2(), "dinado-merge"), samples, max_steps=1, adam_epsilon=0.0)

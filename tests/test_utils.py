@@ -443,6 +443,8 @@ def test_adamw_decays_every_parameter_or_matrices_only():
     split = dio.adamw(iter([vector, matrix]), 1e-3, 0.1, matrices_only=True)
     groups = [(g["params"], g["weight_decay"]) for g in split.param_groups]
     assert groups == [([matrix], 0.1), ([vector], 0.0)]
+    assert [g["eps"] for g in plain.param_groups] == [1e-8]  # torch's default unless asked
+    assert [g["eps"] for g in dio.adamw([matrix], 1e-3, eps=1e-4, fused=True).param_groups] == [1e-4]
 
 
 def test_trainable_parameters_and_clipping():

@@ -2,7 +2,8 @@
 
 One demo seed's training draw (``--train-sets`` CommonGen train concept sets x ``--samples-per-set`` samples from
 the base, drawn as ``dinado demo`` draws them, soft coverage labels), then the demo's Merge recipe (20 steps of 32
-at 2e-3, LoRA r 8 on the top 6 layers, the entropy check at scales 12 / 9 / 6, no retry) from ``--inits``
+at 2e-3, AdamW epsilon ``--adam-epsilon``, LoRA r 8 on the top 6 layers, the entropy check at scales 12 / 9 / 6,
+no retry) from ``--inits``
 initialisations (guide seeds seed, seed + 1, ...), each merged at the scale its check chose and sampled (T = 1) on
 ``--selection-sets`` train concept sets with dev's concept mix (``strength.selection_split``) that none of the
 first ``--exclude-sets`` sets of the seed's training draw is in (so arms with different ``--train-sets`` up to
@@ -58,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--selection-sets", type=int, default=100)
     ap.add_argument("--exclude-sets", type=int, default=400)
     ap.add_argument("--validation-sets", type=int, default=0)
+    ap.add_argument(
+        "--adam-epsilon",
+        type=float,
+        default=COMMONGEN_RECIPE["merge_adam_epsilon"],
+        help="AdamW's epsilon for the Merge training (the demo's; 1e-8 is torch's default, the demo's before 2026-12-05)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--output", required=True)
     args = ap.parse_args(argv)
@@ -132,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         guide = first if k == 0 else Guide.create(
             model, "dinado-merge", seed=seed + k, tokenizer_fingerprint=first.config.tokenizer_fingerprint, **opts
         )  # fmt: skip
-        _fit(guide, labelled, r["merge_steps"], r["merge_lr"], seed, caches[0])
+        _fit(
+            guide, labelled, r["merge_steps"], r["merge_lr"], seed, caches[0], adam_epsilon=args.adam_epsilon
+        )
         merged, check = _merge_checked(model, guide, labelled, r["merge_scale"], seed)
         row = {"init": seed + k, **check}
         if args.validation_sets:

@@ -231,6 +231,7 @@ def adamw(
     *,
     matrices_only: bool = False,
     fused: bool = False,
+    eps: float = 1e-8,
 ) -> torch.optim.AdamW:
     """AdamW over ``params`` with learning rate ``lr``.
 
@@ -239,10 +240,11 @@ def adamw(
     parameter decayed by ``weight_decay``. ``fused``: one fused kernel per step where torch has one for the
     parameters (CPU and CUDA), else torch's default implementation: the same update up to rounding, without the
     default's temporaries the size of every parameter (on CPU about 10x faster for a vocabulary-sized head).
+    ``eps``: AdamW's epsilon (torch's default 1e-8).
     """
     params = list(params)
     groups: list[torch.nn.Parameter] | list[dict[str, Any]] = params
-    kwargs: dict[str, Any] = {"lr": lr}
+    kwargs: dict[str, Any] = {"lr": lr, "eps": eps}
     if matrices_only:
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},

@@ -154,7 +154,7 @@ def run_toy_demo(
     variants = ["nado", "dinado-soft", "dinado-merge"] if r["merge"] else ["nado", "dinado-soft"]
     # a guide never changes the model it is given (Merge's LoRA goes into its own module tree), so the same base
     # serves every variant and stays the base in the table
-    plan = [(v, r["steps"], dict(num_layers=2, lora_r=8, lora_alpha=16), None) for v in variants]
+    plan = [(v, r["steps"], dict(num_layers=2, lora_r=8, lora_alpha=16), None, 1e-8) for v in variants]
     guides = _create_guides(model, tokenizer, plan, seed)
     num_prompts, per_prompt = r["train_prompts"], r["samples_per_prompt"]
     _log(f"sampling {per_prompt} completions for each of {num_prompts} training concept sets from the base")
@@ -197,11 +197,13 @@ def run_toy_demo(
 def _create_guides(model, tokenizer, plan: list, seed: int) -> list[Guide]:
     return [
         Guide.create(model, variant, tokenizer=tokenizer, seed=seed, **options)
-        for variant, _, options, _ in plan
+        for variant, _, options, *_ in plan
     ]
 
 
-def _fit(guide: Guide, samples, steps: int, learning_rate, seed: int, cache) -> list[dict]:
+def _fit(
+    guide: Guide, samples, steps: int, learning_rate, seed: int, cache, adam_epsilon: float = 1e-8
+) -> list[dict]:
     """Train ``guide`` on ``samples`` (batch 32) from its feature ``cache``: the per-step loss records."""
     records: list[dict] = []
     train(
@@ -210,6 +212,7 @@ def _fit(guide: Guide, samples, steps: int, learning_rate, seed: int, cache) -> 
         max_steps=steps,
         batch_size=32,
         learning_rate=learning_rate,
+        adam_epsilon=adam_epsilon,
         seed=seed,
         progress=True,
         cache_features=cache,
@@ -230,7 +233,7 @@ def _train_guides(
     merge_scale=1.0,
     check_merge: bool = False,
 ):
-    """Train each ``(variant, steps, options, learning rate or None)`` of ``plan`` (``guides``, with the feature
+    """Train each ``(variant, steps, options, learning rate or None, Adam epsilon)`` of ``plan`` (``guides``, with the feature
     ``caches`` :func:`sample_with_features` recorded) on ``samples`` (batch 32) and save it under
     ``run/guides/<variant>``: (systems, curves, checks), the systems being the base, each module guide and each Merge
     guide folded into a copy of the base at ``merge_scale`` (with ``check_merge``, at the largest step of it that
@@ -240,8 +243,15 @@ def _train_guides(
     systems: dict[str, object] = {"base": model}
     curves, checks = {}, {}
     clock = time.perf_counter()
-    for guide, cache, (variant, steps, options, learning_rate) in zip(guides, caches, plan, strict=True):
-        fit = dict(samples=samples, steps=steps, learning_rate=learning_rate, seed=seed, cache=cache)
+    for guide, cache, (variant, steps, options, learning_rate, eps) in zip(guides, caches, plan, strict=True):
+        fit = dict(
+            samples=samples,
+            steps=steps,
+            learning_rate=learning_rate,
+            seed=seed,
+            cache=cache,
+            adam_epsilon=eps,
+        )
         _log(f"training {variant} for {steps} steps")
         curves[variant] = _fit(guide, **fit)
         if guide.module is None and check_merge:
@@ -376,8 +386,9 @@ def _print_results(results: dict, examples: list[dict], systems: list[str], held
 
 
 # The SmolLM2 demo recipe (docs/demo.md, docs/results/commongen.md): 100 train concept sets x 4 samples, soft
-# coverage labels; DiNADO-Merge with LoRA r 8 on the top 6 decoder layers for 20 steps of 32 at learning rate 2e-3,
-# folded in at 12 times its weight change; DiNADO-Soft (2-layer module) for 20 steps at alpha 1. Steps, learning
+# coverage labels; DiNADO-Merge with LoRA r 8 on the top 6 decoder layers for 20 steps of 32 at learning rate 2e-3
+# with AdamW's epsilon at 1e-4 (torch's 1e-8 made the short run a lottery: Adam's sign-like first steps moved
+# every adapter weight by the full rate, noise or not; docs/demo.md), folded in at 12 times its weight change; DiNADO-Soft (2-layer module) for 20 steps at alpha 1. Steps, learning
 # rate and scale were chosen on 200 train concept sets the guides never trained on, drawn with dev's shares of
 # 3/4/5-concept sets (strength.py --concept-mix dev), not on dev: base 0.080; 20 steps at 2e-3 (with the Merge
 # tie fix of numerics.TIE_TOLERANCE): scale 6 0.185, 9 0.210, 12 0.310, 16 0.290, 20 0.240. (Before that fix the
@@ -388,6 +399,7 @@ COMMONGEN_RECIPE = dict(
     samples_per_set=4,
     merge_steps=20,
     merge_lr=2e-3,
+    merge_adam_epsilon=1e-4,
     module_steps=20,
     merge_scale=12.0,
     lora_layers=6,
@@ -435,8 +447,8 @@ def run_commongen_demo(
         lora_r=8, lora_alpha=16, lora_target_modules=rf".*layers\.({top})\.(self_attn|mlp)\.[a-z]+_proj"
     )
     plan = [
-        ("dinado-merge", r["merge_steps"], merge, r["merge_lr"]),
-        ("dinado-soft", r["module_steps"], dict(num_layers=2), None),
+        ("dinado-merge", r["merge_steps"], merge, r["merge_lr"], r["merge_adam_epsilon"]),
+        ("dinado-soft", r["module_steps"], dict(num_layers=2), None, 1e-8),
     ]
     guides = _create_guides(model, tokenizer, plan, seed)
     _log(

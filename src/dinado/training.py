@@ -215,6 +215,7 @@ def train(
     micro_batch_size: int | None = None,
     max_grad_norm: float | None = 1.0,
     weight_decay: float = 0.0,
+    adam_epsilon: float = 1e-8,
     progress: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
@@ -234,6 +235,11 @@ def train(
     ``learning_rate=None`` takes :func:`default_learning_rate`: 1e-3, and for Hard consistency 1e-3 times
     6 / (the samples' mean completion length) when their completions are longer than 6 tokens on average (a
     Hard value is a product over the completion's tokens, so a step moves it in proportion to the length).
+
+    ``adam_epsilon``: AdamW's epsilon. Torch's default (1e-8) makes Adam's first steps sign-like: every parameter
+    moves by the full learning rate whatever the size of its gradient, so in a short run the coordinates whose
+    gradients are noise move as far as the informative ones (in a fresh LoRA adapter most do: B starts at 0). An
+    epsilon near the typical gradient size damps them; the SmolLM2 demo's DiNADO-Merge uses 1e-4 (docs/demo.md).
 
     ``cache_features``: the module variants (NADO, DiNADO-Soft/-Hard) leave the base frozen, so its hidden
     states can be computed once (:func:`dinado.features.precompute_features`) and every step runs only the
@@ -265,6 +271,8 @@ def train(
         raise ValueError("give max_steps or epochs")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not adam_epsilon > 0:
+        raise ValueError(f"adam_epsilon must be positive, got {adam_epsilon}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
     if checkpoint_every is not None and checkpoint_every < 1:
@@ -299,7 +307,7 @@ def train(
     weights = samples.normalized_weights(weight_clip) if use_weights else torch.ones(len(samples))
     params = trainable_parameters(guide)
     # fused: the default's temporaries the size of every parameter made AdamW a tenth of a cached training step
-    optimizer = adamw(params, lr, weight_decay, fused=True)
+    optimizer = adamw(params, lr, weight_decay, fused=True, eps=adam_epsilon)
     device = guide.device
     report = TrainReport(
         variant=guide.config.variant,

@@ -127,6 +127,7 @@ TRAIN_SPEC = signature_spec(
         "batch_size": "sequences per step (as dinado.train)",
         "micro_batch_size": "split steps into chunks for memory",
         "learning_rate": "default: 1e-3; Hard consistency: 1e-3 x 6 / mean completion length when that is over 6",
+        "adam_epsilon": "AdamW's epsilon (1e-4 damps a short run's noisy first steps: docs/demo.md)",
         "weight_clip": "cap on self-normalised importance weights",
         "use_weights": "apply importance weights recorded in the samples",
         "checkpoint_every": "steps between checkpoints",
