@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "--adam-epsilon",
         type=float,
         default=COMMONGEN_RECIPE["merge_adam_epsilon"],
-        help="AdamW's epsilon for the Merge training (the demo's; 1e-8 is torch's default, the demo's before 2026-12-05)",
+        help="AdamW's epsilon for the Merge training (default: the demo's; 1e-8, torch's, was the demo's before)",
     )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--output", required=True)

@@ -233,8 +233,8 @@ def _train_guides(
     merge_scale=1.0,
     check_merge: bool = False,
 ):
-    """Train each ``(variant, steps, options, learning rate or None, Adam epsilon)`` of ``plan`` (``guides``, with the feature
-    ``caches`` :func:`sample_with_features` recorded) on ``samples`` (batch 32) and save it under
+    """Train each ``(variant, steps, options, learning rate or None, Adam epsilon)`` of ``plan`` (``guides``, with
+    the feature ``caches`` :func:`sample_with_features` recorded) on ``samples`` (batch 32) and save it under
     ``run/guides/<variant>``: (systems, curves, checks), the systems being the base, each module guide and each Merge
     guide folded into a copy of the base at ``merge_scale`` (with ``check_merge``, at the largest step of it that
     passes the entropy check of :func:`_merge_checked`; a Merge guide that fails it at every scale is trained once
@@ -388,9 +388,9 @@ def _print_results(results: dict, examples: list[dict], systems: list[str], held
 # The SmolLM2 demo recipe (docs/demo.md, docs/results/commongen.md): 100 train concept sets x 4 samples, soft
 # coverage labels; DiNADO-Merge with LoRA r 8 on the top 6 decoder layers for 20 steps of 32 at learning rate 2e-3
 # with AdamW's epsilon at 1e-4 (torch's 1e-8 made the short run a lottery: Adam's sign-like first steps moved
-# every adapter weight by the full rate, noise or not; docs/demo.md), folded in at 12 times its weight change; DiNADO-Soft (2-layer module) for 20 steps at alpha 1. Steps, learning
-# rate and scale were chosen on 200 train concept sets the guides never trained on, drawn with dev's shares of
-# 3/4/5-concept sets (strength.py --concept-mix dev), not on dev: base 0.080; 20 steps at 2e-3 (with the Merge
+# every adapter weight by the full rate, noise or not; docs/demo.md), folded in at 12 times its weight change;
+# DiNADO-Soft (2-layer module) for 20 steps at alpha 1. Steps, learning rate and scale were chosen on 200 train
+# concept sets the guides never trained on, drawn with dev's shares of 3/4/5-concept sets (strength.py --concept-mix dev), not on dev: base 0.080; 20 steps at 2e-3 (with the Merge
 # tie fix of numerics.TIE_TOLERANCE): scale 6 0.185, 9 0.210, 12 0.310, 16 0.290, 20 0.240. (Before that fix the
 # same split chose scale 9, at 0.275; 40 steps at 1e-3 and 16 at 3e-3 were no better then.) The full CommonGen
 # recipe (200 sets x 8, 150 steps) takes ~40 minutes on 2 cores.
