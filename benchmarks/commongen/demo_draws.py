@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                     out.append(float(lp.gather(1, torch.tensor(val.completions[i])[:, None]).sum()))
             return torch.tensor(out)
 
+        # the base teacher-forced like the guided model (not val.token_log_p, recorded while generating): D is a
+        # difference of two passes through the same code, so their rounding cancels
         base_ll = log_likelihoods(model)
         record["validation_mean_share"] = float(shares.mean())
     print(json.dumps({k: v for k, v in record.items() if k != "adapters"}), flush=True)
