@@ -160,6 +160,35 @@ def test_efficiency_only_runs_the_study_alone(tmp_path):
     ]
 
 
+def test_guide_adam_epsilon_reaches_every_guides_training(tmp_path, monkeypatch, capsys):
+    """--guide-adam-epsilon goes to dinado.train for the systems' guides and the efficiency study's alike."""
+    if not DATA.is_dir():
+        pytest.skip(f"{DATA} is not present")
+    run = load_benchmark("commongen", "run.py")
+    with pytest.raises(SystemExit):
+        run.parse_args(["--output", str(tmp_path / "bad"), "--guide-adam-epsilon", "0"])
+    assert "--guide-adam-epsilon" in capsys.readouterr().err
+    epsilons = []
+    real = run.train
+
+    def spy(*args, **kwargs):
+        epsilons.append(kwargs.get("adam_epsilon"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "train", spy)
+    argv = [
+        "--quick", "--output", str(tmp_path / "run"), "--data-dir", str(DATA), "--train-sets", "4",
+        "--samples-per-set", "2", "--guide-steps", "1", "--systems", "nado", "--decodings", "",
+        "--best-of", "", "--budgets", "1", "--efficiency-sets", "4", "--efficiency-steps", "1",
+        "--efficiency-dev-sets", "2", "--efficiency-arms", "p", "--efficiency-variants", "nado",
+        "--dev-sets", "2", "--no-test", "--guide-adam-epsilon", "1e-3",
+        "--pretrain-examples", "300", "--pretrain-layers", "1", "--pretrain-embd", "32", "--pretrain-steps", "3",
+        "--max-new-tokens", "4", "--batch-size", "4",
+    ]  # fmt: skip
+    run.main(argv)
+    assert epsilons == [1e-3, 1e-3]  # the system's guide, then the efficiency cell (budget 1, from p)
+
+
 def test_the_efficiency_study_with_a_tempered_proposal_needs_no_fine_tuning(tmp_path):
     """--efficiency-temperature: the proposal is p tempered (importance-weighted), --efficiency-alphas sets each
     variant's strength, and the run goes on to the systems when the study is not run alone."""

@@ -180,6 +180,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "training oracle and unweighted (the DiNADO authors' option; biases R upward; default 0 = off)",
     )
     p.add_argument("--guide-lr", type=float, default=None, help="guide learning rate (default: dinado's)")
+    p.add_argument(
+        "--guide-adam-epsilon",
+        type=float,
+        default=1e-8,
+        help="AdamW's epsilon for every guide (dinado.train(adam_epsilon=...); default torch's 1e-8; the demo's "
+        "short Merge run uses 1e-4)",
+    )
     p.add_argument("--alpha", type=float, default=1.0, help="guidance strength of the module variants")
     p.add_argument(
         "--candidates",
@@ -281,6 +288,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = sorted(set(args.systems) - set(VARIANTS + BASELINES)) + sorted(set(args.decodings) - set(DECODINGS))
     if bad:
         p.error(f"unknown systems or decodings {bad}: systems {VARIANTS + BASELINES}, decodings {DECODINGS}")
+    if not args.guide_adam_epsilon > 0:
+        p.error(f"--guide-adam-epsilon takes a positive number, got {args.guide_adam_epsilon:g}")
     if args.candidates is not None and args.candidates < 1:
         p.error(f"--candidates takes a positive number of tokens (p's top-K), got {args.candidates}")
     for flag in ("guide_options", "merge_options"):
@@ -551,6 +560,7 @@ def run_systems(
             batch_size=args.train_batch_size,
             seed=args.seed,
             learning_rate=args.guide_lr,
+            adam_epsilon=args.guide_adam_epsilon,
         ).to_dict()
 
     for variant in [v for v in VARIANTS if v in args.systems]:
@@ -842,6 +852,7 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
                         batch_size=args.train_batch_size,
                         seed=args.seed,
                         learning_rate=args.guide_lr,
+                        adam_epsilon=args.guide_adam_epsilon,
                         cache_features=None if caches is None else caches[variant].subset(pool, indices),
                     )
                     torch.manual_seed(args.seed)
