@@ -184,8 +184,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--guide-adam-epsilon",
         type=float,
         default=1e-8,
-        help="AdamW's epsilon for every guide (dinado.train(adam_epsilon=...); default torch's 1e-8; the demo's "
-        "short Merge run uses 1e-4)",
+        help="AdamW's epsilon for every guide of the run (dinado.train(adam_epsilon=...); default torch's 1e-8; "
+        "the headline DiNADO-Merge recipe and the demo's Merge run use 1e-4: docs/results/commongen.md)",
     )
     p.add_argument("--alpha", type=float, default=1.0, help="guidance strength of the module variants")
     p.add_argument(
