@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from dinado import Guide, SampleSet, reference_samples, relabel, sample, sample_with_features, train
-from dinado._utils import atomic_write_text
+from dinado._utils import ADAM_EPSILON, atomic_write_text
 from dinado.baselines import best_of_n, supervised_finetune
 from dinado.evaluation import base_perplexity, save_figure
 from dinado.hf import load_model
@@ -183,7 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--guide-adam-epsilon",
         type=float,
-        default=1e-8,
+        default=ADAM_EPSILON,
         help="AdamW's epsilon for every guide of the run (dinado.train(adam_epsilon=...); default torch's 1e-8; "
         "the headline DiNADO-Merge recipe and the demo's Merge run use 1e-4: docs/results/commongen.md)",
     )

@@ -224,6 +224,9 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+ADAM_EPSILON = 1e-8  # torch's AdamW default; dinado.train's default (the demo's short Merge run uses 1e-4)
+
+
 def adamw(
     params: Iterable[torch.nn.Parameter],
     lr: float,
@@ -231,7 +234,7 @@ def adamw(
     *,
     matrices_only: bool = False,
     fused: bool = False,
-    eps: float = 1e-8,
+    eps: float = ADAM_EPSILON,
 ) -> torch.optim.AdamW:
     """AdamW over ``params`` with learning rate ``lr``.
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessorList
 
-from ._utils import atomic_write_text
+from ._utils import ADAM_EPSILON, atomic_write_text
 from .evaluation import (
     completion_log_probs,
     evaluate_texts,
@@ -154,7 +154,9 @@ def run_toy_demo(
     variants = ["nado", "dinado-soft", "dinado-merge"] if r["merge"] else ["nado", "dinado-soft"]
     # a guide never changes the model it is given (Merge's LoRA goes into its own module tree), so the same base
     # serves every variant and stays the base in the table
-    plan = [(v, r["steps"], dict(num_layers=2, lora_r=8, lora_alpha=16), None, 1e-8) for v in variants]
+    plan = [
+        (v, r["steps"], dict(num_layers=2, lora_r=8, lora_alpha=16), None, ADAM_EPSILON) for v in variants
+    ]
     guides = _create_guides(model, tokenizer, plan, seed)
     num_prompts, per_prompt = r["train_prompts"], r["samples_per_prompt"]
     _log(f"sampling {per_prompt} completions for each of {num_prompts} training concept sets from the base")
@@ -202,7 +204,7 @@ def _create_guides(model, tokenizer, plan: list, seed: int) -> list[Guide]:
 
 
 def _fit(
-    guide: Guide, samples, steps: int, learning_rate, seed: int, cache, adam_epsilon: float = 1e-8
+    guide: Guide, samples, steps: int, learning_rate, seed: int, cache, adam_epsilon: float = ADAM_EPSILON
 ) -> list[dict]:
     """Train ``guide`` on ``samples`` (batch 32) from its feature ``cache``: the per-step loss records."""
     records: list[dict] = []
@@ -448,7 +450,7 @@ def run_commongen_demo(
     )
     plan = [
         ("dinado-merge", r["merge_steps"], merge, r["merge_lr"], r["merge_adam_epsilon"]),
-        ("dinado-soft", r["module_steps"], dict(num_layers=2), None, 1e-8),
+        ("dinado-soft", r["module_steps"], dict(num_layers=2), None, ADAM_EPSILON),
     ]
     guides = _create_guides(model, tokenizer, plan, seed)
     _log(

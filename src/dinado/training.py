@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ._utils import adamw, atomic_directory, clip_and_step, trainable_parameters
+from ._utils import ADAM_EPSILON, adamw, atomic_directory, clip_and_step, trainable_parameters
 from .data import SampleSet
 from .features import (
     FeatureCache,
@@ -215,7 +215,7 @@ def train(
     micro_batch_size: int | None = None,
     max_grad_norm: float | None = 1.0,
     weight_decay: float = 0.0,
-    adam_epsilon: float = 1e-8,
+    adam_epsilon: float = ADAM_EPSILON,
     progress: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
