@@ -666,3 +666,29 @@ def test_new_guide_options_reach_the_saved_guide_config(tmp_path, base_dir, caps
         capsys, *common, *merge[:4], "--lora-target-modules", "c_(attn", "--output", tmp_path / "x"
     )
     assert code == 2 and "not a valid regular expression" in err
+
+
+def test_generate_passes_no_repeat_ngram_size_to_generate_only_when_given(
+    tmp_path, base_dir, capsys, monkeypatch
+):
+    from dinado.cli import commands
+
+    calls = []
+    real = commands.generate_texts
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(commands, "generate_texts", spy)
+    (tmp_path / "prompts.txt").write_text("the dog\na cat\n")
+    gen = ["generate", "--base", base_dir, "--prompts", tmp_path / "prompts.txt", "--max-new-tokens", 12]
+    code, _, err = _run(capsys, *gen, "--num-beams", 2, "--output", tmp_path / "plain")
+    assert code == 0, err
+    code, _, err = _run(
+        capsys, *gen, "--num-beams", 2, "--no-repeat-ngram-size", 1, "--output", tmp_path / "nr"
+    )
+    assert code == 0, err
+    assert "no_repeat_ngram_size" not in calls[0] and calls[1]["no_repeat_ngram_size"] == 1
+    code, _, err = _run(capsys, *gen, "--no-repeat-ngram-size", 0, "--output", tmp_path / "zero")
+    assert code == 2 and "--no-repeat-ngram-size" in err and not (tmp_path / "zero").exists()

@@ -323,6 +323,37 @@ def test_module_guides_decode_with_candidate_restricted_guidance(smoke, tmp_path
     assert all(c is None for name, c in seen if name != "Guide") and results["args"]["candidates"] == 3
 
 
+def test_no_repeat_ngram_reaches_beam_search_and_greedy_but_not_sampling(smoke, tmp_path, generate_calls):
+    out, _ = smoke
+    run = load_benchmark("commongen", "run.py")
+    calls = generate_calls(run)
+    argv = [
+        "--quick", "--output", str(tmp_path / "nr"), "--data-dir", str(DATA), "--base", str(out / "base"),
+        "--train-sets", "10", "--samples-per-set", "2", "--samples", str(out / "samples.safetensors"),
+        "--systems", "dinado-soft", "--reuse-guides", str(out), "--no-repeat-ngram", "2", "--beams", "2",
+        "--dev-sets", "3", "--no-test", "--no-efficiency", "--decodings", "greedy,beam,sample", "--best-of", "",
+        "--max-new-tokens", "4", "--batch-size", "8",
+    ]  # fmt: skip
+    results = run.main(argv)
+    by_mode = {(k["do_sample"], k["num_beams"] if not k["do_sample"] else 0): k for _, k in calls}
+    assert len(calls) == 6 and set(by_mode) == {(False, 1), (False, 2), (True, 0)}
+    assert (
+        by_mode[(False, 1)]["no_repeat_ngram_size"] == 2 and by_mode[(False, 2)]["no_repeat_ngram_size"] == 2
+    )
+    assert "no_repeat_ngram_size" not in by_mode[(True, 0)] and results["args"]["no_repeat_ngram"] == 2
+    # a run recorded before the option existed decodes as it did: no n-gram restriction
+    old, tokenizer = run.argparse.Namespace(max_new_tokens=4, beams=2), run.argparse.Namespace(pad_token_id=0)
+    assert all("no_repeat_ngram_size" not in run.decode_kwargs(old, tokenizer, m) for m in ("beam", "greedy"))
+
+
+@pytest.mark.parametrize("script, flags", [("run.py", ["--output", "o"]), ("strength.py", ["--run", "r"])])
+def test_no_repeat_ngram_must_not_be_negative(tmp_path, capsys, script, flags):
+    module = load_benchmark("commongen", script)
+    with pytest.raises(SystemExit):
+        (module.parse_args if script == "run.py" else module.main)([*flags, "--no-repeat-ngram", "-1"])
+    assert "--no-repeat-ngram" in capsys.readouterr().err
+
+
 def test_guides_can_train_on_importance_weighted_samples_from_a_merge_proposal(smoke, tmp_path):
     out, smoke_results = smoke
     run = load_benchmark("commongen", "run.py")
@@ -462,6 +493,11 @@ def test_strength_can_be_chosen_under_beam_search(smoke, tmp_path, generate_call
     assert report["decoding"] == "beam" and len(calls) == 2
     assert all(k["num_beams"] == results["args"]["beams"] and k["do_sample"] is False for _, k in calls)
     assert "decoding: beam" in (tmp_path / "strength.md").read_text()
+    # --no-repeat-ngram overrides the run's setting for beam search (and is recorded)
+    again = strength.main([*argv, "--no-repeat-ngram", "3", "--output", str(tmp_path / "nr")])
+    assert [k["no_repeat_ngram_size"] for _, k in calls[2:]] == [3, 3] and again["no_repeat_ngram"] == 3
+    assert report["no_repeat_ngram"] == 0 and all("no_repeat_ngram_size" not in k for _, k in calls[:2])
+    assert "no repeated 3-grams" in (tmp_path / "nr" / "strength.md").read_text()
 
 
 def test_strength_can_restrict_guidance_to_candidates_and_choose_by_sentence_success(

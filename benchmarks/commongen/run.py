@@ -131,6 +131,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="decoding/sampling batch (prompts)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--beams", type=int, default=4)
+    p.add_argument(
+        "--no-repeat-ngram",
+        type=int,
+        default=0,
+        help="beam search and greedy: no n-gram of this many tokens may occur twice in an output "
+        "(transformers' no_repeat_ngram_size; against repetition loops); 0: off. Sampling is left as it is",
+    )
     p.add_argument("--best-of", default="4,16", help="N for best-of-N rejection sampling, comma-separated")
     p.add_argument("--budgets", default="1,2,4,8", help="samples per concept set in the efficiency study")
     p.add_argument(
@@ -292,6 +299,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--guide-adam-epsilon takes a positive number, got {args.guide_adam_epsilon:g}")
     if args.candidates is not None and args.candidates < 1:
         p.error(f"--candidates takes a positive number of tokens (p's top-K), got {args.candidates}")
+    if args.no_repeat_ngram < 0:
+        p.error(f"--no-repeat-ngram takes a number of tokens (0: off), got {args.no_repeat_ngram}")
     for flag in ("guide_options", "merge_options"):
         try:
             setattr(args, flag, json.loads(getattr(args, flag)))
@@ -441,10 +450,13 @@ def create_guide(args, model, tokenizer, variant: str) -> Guide:
 
 def decode_kwargs(args, tokenizer, mode: str) -> dict:
     common = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    # runs recorded before --no-repeat-ngram existed decoded without it
+    no_repeat = getattr(args, "no_repeat_ngram", 0)
+    search = {"no_repeat_ngram_size": no_repeat} if no_repeat > 0 else {}
     if mode == "beam":
-        return dict(common, do_sample=False, num_beams=args.beams, early_stopping=True)
+        return dict(common, do_sample=False, num_beams=args.beams, early_stopping=True, **search)
     if mode == "greedy":
-        return dict(common, do_sample=False, num_beams=1)
+        return dict(common, do_sample=False, num_beams=1, **search)
     return dict(common, do_sample=True, top_k=0, temperature=1.0)
 
 

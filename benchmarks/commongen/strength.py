@@ -103,6 +103,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="what the chosen strength maximises: all-concepts success, or that success counting comma-separated "
         "word lists and repetition loops as failures",
     )
+    p.add_argument(
+        "--no-repeat-ngram",
+        type=int,
+        default=None,
+        help="beam search and greedy: forbid repeating any n-gram of this many tokens (run.py --no-repeat-ngram; "
+        "0: off); default: the run's own setting",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="where the base and the guide run (cpu, cuda, ...)")
@@ -113,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--scales must be non-negative numbers, got {args.scales!r}")
     if args.candidates is not None and args.candidates < 1:
         p.error(f"--candidates takes a positive number of tokens (p's top-K), got {args.candidates}")
+    if args.no_repeat_ngram is not None and args.no_repeat_ngram < 0:
+        p.error(f"--no-repeat-ngram takes a number of tokens (0: off), got {args.no_repeat_ngram}")
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     results, model, tokenizer, fmt = open_run(run, args.device)
@@ -126,7 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
     like = load_split(run_args["data_dir"], "dev") if args.concept_mix == "dev" else None
     sets = selection_split(load_split(run_args["data_dir"], "train"), run_args, args.sets, args.seed, like)
     lines = [s.prompt for s in sets]
-    decode = decode_kwargs(argparse.Namespace(**run_args), tokenizer, args.decoding)
+    decoding_args = dict(run_args)
+    if args.no_repeat_ngram is not None:
+        decoding_args["no_repeat_ngram"] = args.no_repeat_ngram
+    decode = decode_kwargs(argparse.Namespace(**decoding_args), tokenizer, args.decoding)
     mix = sorted(Counter(len(s.concepts) for s in sets).items())
     log(
         f"{len(sets)} selection concept sets from train (none trained on; concept counts {mix}); "
@@ -180,10 +192,12 @@ def main(argv: list[str] | None = None) -> dict:
         "concept_mix": args.concept_mix,
         "candidates": args.candidates,
         "criterion": args.criterion,
+        "no_repeat_ngram": decode.get("no_repeat_ngram_size", 0),
         "rows": rows,
         "chosen": best["strength"],
         "chosen_is_largest": at_edge,
     }
+    no_repeat = f", no repeated {report['no_repeat_ngram']}-grams" if report["no_repeat_ngram"] else ""
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "strength.json", json.dumps(report, indent=2))
     table = markdown_table(
@@ -202,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     atomic_write_text(
         out_dir / "strength.md",
-        f"{report['command']}\n\ndecoding: {args.decoding}\n\n{table}\n\nchosen: {best['strength']:g}"
+        f"{report['command']}\n\ndecoding: {args.decoding}{no_repeat}\n\n{table}\n\nchosen: {best['strength']:g}"
         + (" (the largest tried)" if at_edge else "")
         + "\n",
     )

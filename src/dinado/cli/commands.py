@@ -159,7 +159,8 @@ def _write_generations(file: Path, prompts: list[str], outputs: list[str], copie
 
 
 def _generation_options(config: dict[str, Any], tokenizer) -> dict[str, Any]:
-    """generate()'s keyword arguments for --do-sample, --num-beams, --temperature, --top-p and --candidates."""
+    """generate()'s keyword arguments for --do-sample, --num-beams, --temperature, --top-p, --candidates and
+    --no-repeat-ngram-size."""
     options = dict(
         max_new_tokens=config["max_new_tokens"],
         do_sample=config["do_sample"],
@@ -170,6 +171,8 @@ def _generation_options(config: dict[str, Any], tokenizer) -> dict[str, Any]:
         options.update(top_k=0, temperature=config["temperature"], top_p=config["top_p"])
     if config["candidates"] is not None:
         options["candidates"] = config["candidates"]
+    if config["no_repeat_ngram_size"] is not None:
+        options["no_repeat_ngram_size"] = config["no_repeat_ngram_size"]
     return options
 
 

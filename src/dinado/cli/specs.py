@@ -228,6 +228,13 @@ SPECS: dict[str, Spec] = {
         "do_sample": (False, "bool", "sample instead of greedy/beam search"),
         "num_beams": (1, "count", "beam width"),
         "num_return_sequences": (1, "count", "outputs per prompt (with --do-sample true)"),
+        "no_repeat_ngram_size": (
+            None,
+            "count",
+            "no n-gram of this many tokens occurs twice in a sequence, prompt included (transformers' "
+            "no_repeat_ngram_size: against repetition loops, and lists copied from the prompt, in beam search "
+            "and greedy decoding; with --do-sample it moves the samples away from q_theta)",
+        ),  # fmt: skip
         "alpha": (1.0, "nonnegative", "guidance strength (1 = the method)"),
         "candidates": (
             None,
