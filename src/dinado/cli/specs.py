@@ -231,9 +231,10 @@ SPECS: dict[str, Spec] = {
         "no_repeat_ngram_size": (
             None,
             "count",
-            "no n-gram of this many tokens occurs twice in a sequence, prompt included (transformers' "
-            "no_repeat_ngram_size: against repetition loops, and lists copied from the prompt, in beam search "
-            "and greedy decoding; with --do-sample it moves the samples away from q_theta)",
+            "no n-gram of this many tokens occurs twice in a sequence (transformers' no_repeat_ngram_size: "
+            "against repetition loops, and lists copied from the prompt, in beam search and greedy decoding; "
+            "with --do-sample it moves the samples away from q_theta). The prompt counts too, chat template "
+            "included, which can push a base off its usual answers (docs/results/commongen.md)",
         ),  # fmt: skip
         "alpha": (1.0, "nonnegative", "guidance strength (1 = the method)"),
         "candidates": (
