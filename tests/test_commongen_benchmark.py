@@ -341,6 +341,17 @@ def test_no_repeat_ngram_reaches_beam_search_and_greedy_but_not_sampling(smoke, 
         by_mode[(False, 1)]["no_repeat_ngram_size"] == 2 and by_mode[(False, 2)]["no_repeat_ngram_size"] == 2
     )
     assert "no_repeat_ngram_size" not in by_mode[(True, 0)] and results["args"]["no_repeat_ngram"] == 2
+    # the rows name the decoding with its restriction, so that combine.py never files them as plain beam / greedy
+    assert {r["decoding"] for r in results["rows"]} == {
+        "greedy +no-repeat-2",
+        "beam 2 +no-repeat-2",
+        "sample",
+    }
+    assert {r["decoding"] for r in run.machine_rows(results["rows"], results["args"])} == {
+        "greedy+no-repeat-2",
+        "beam2+no-repeat-2",
+        "sample",
+    }
     # a run recorded before the option existed decodes as it did: no n-gram restriction
     old, tokenizer = run.argparse.Namespace(max_new_tokens=4, beams=2), run.argparse.Namespace(pad_token_id=0)
     assert all("no_repeat_ngram_size" not in run.decode_kwargs(old, tokenizer, m) for m in ("beam", "greedy"))

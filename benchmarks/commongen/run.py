@@ -461,7 +461,10 @@ def decode_kwargs(args, tokenizer, mode: str) -> dict:
 
 
 def decoding_name(args, mode: str) -> str:
-    return {"beam": f"beam {args.beams}", "greedy": "greedy", "sample": "sample"}[mode]
+    name = {"beam": f"beam {args.beams}", "greedy": "greedy", "sample": "sample"}[mode]
+    no_repeat = getattr(args, "no_repeat_ngram", 0)
+    # another decoding than the plain one: its rows must not take the plain rows' place in the results file
+    return f"{name} +no-repeat-{no_repeat}" if no_repeat > 0 and mode != "sample" else name
 
 
 def prompt_ids_and_oracle(args, tokenizer, lines: list[str], oracle):
