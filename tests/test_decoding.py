@@ -158,8 +158,9 @@ def test_processor_outside_its_context_says_how_to_use_it():
 
 def test_merge_refuses_alpha_other_than_one():
     guide = _trained_like_guide("dinado-merge")
-    with pytest.raises(ValueError, match="alpha != 1 is not available for dinado-merge"):
+    with pytest.raises(ValueError, match="alpha != 1 is not available for dinado-merge") as err:
         dinado.generate(guide, PROMPTS, MASK, alpha=2.0, max_new_tokens=2)
+    assert "adapter_scale" in str(err.value) and "dinado merge --adapter-scale" in str(err.value)
 
 
 @pytest.mark.parametrize("kind", CAUSAL_KINDS)

@@ -46,7 +46,9 @@ class GuideLogitsProcessor(LogitsProcessor):
         if guide.module is None and alpha != 1.0:
             raise ValueError(
                 "alpha != 1 is not available for dinado-merge: its adapted model is q_theta itself, and "
-                "another strength would need the base distribution at every step; use alpha=1"
+                "another strength would need the base distribution at every step; use alpha=1, or set a "
+                "DiNADO-Merge guide's strength in weight space: Guide.merge(adapter_scale=S) (CLI: `dinado merge "
+                "--adapter-scale S`, then decode with the merged model as the base)"
             )
         check_candidates(guide, candidates)
         self.guide = guide
