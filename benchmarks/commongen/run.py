@@ -448,10 +448,14 @@ def create_guide(args, model, tokenizer, variant: str) -> Guide:
     return Guide.create(model, variant, tokenizer=tokenizer, seed=args.guide_seed, **options)
 
 
+def no_repeat_ngram(args) -> int:
+    """The run's --no-repeat-ngram (0: off); runs recorded before the option existed decoded without it."""
+    return getattr(args, "no_repeat_ngram", 0)
+
+
 def decode_kwargs(args, tokenizer, mode: str) -> dict:
     common = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    # runs recorded before --no-repeat-ngram existed decoded without it
-    no_repeat = getattr(args, "no_repeat_ngram", 0)
+    no_repeat = no_repeat_ngram(args)
     search = {"no_repeat_ngram_size": no_repeat} if no_repeat > 0 else {}
     if mode == "beam":
         return dict(common, do_sample=False, num_beams=args.beams, early_stopping=True, **search)
@@ -462,7 +466,7 @@ def decode_kwargs(args, tokenizer, mode: str) -> dict:
 
 def decoding_name(args, mode: str) -> str:
     name = {"beam": f"beam {args.beams}", "greedy": "greedy", "sample": "sample"}[mode]
-    no_repeat = getattr(args, "no_repeat_ngram", 0)
+    no_repeat = no_repeat_ngram(args)
     # another decoding than the plain one: its rows must not take the plain rows' place in the results file
     return f"{name} +no-repeat-{no_repeat}" if no_repeat > 0 and mode != "sample" else name
 
