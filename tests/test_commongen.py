@@ -6,7 +6,9 @@ from dinado.tasks.commongen import (
     caption_metrics,
     commongen_metrics,
     coverage_oracle,
+    finished_check,
     format_prompt,
+    is_finished,
     is_loop,
     is_sentence,
     is_word_list,
@@ -233,3 +235,38 @@ def test_load_hf_offline_and_missing_package_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(ImportError, match=r"pip install 'dinado\[hf\]'"):
         load_hf("dev")
+
+
+@pytest.mark.parametrize(
+    "text, finished",
+    [
+        ("A dog runs in the park.", True),
+        ('He said "hello."', True),
+        ("Is it raining?  ", True),
+        ("What a day!)", True),
+        ("A dog runs in the park and then the", False),
+        ("dog, park, run", False),
+        ("", False),
+    ],
+)
+def test_an_output_is_finished_when_it_ends_its_sentence(text, finished):
+    assert is_finished(text) is finished
+
+
+def test_a_finished_only_oracle_gives_cut_off_completions_zero_and_round_trips_its_config(dev):
+    s = dev[1]
+    whole = s.references[0].rstrip(".!? ") + "."
+    cut = s.references[0].rstrip(".!? ") + " and then the"  # covers as much, but the token limit cut it
+    prompts = [s.prompt] * 2
+    plain = coverage_oracle(soft=True)(prompts, [whole, cut])
+    strict = coverage_oracle(soft=True, finished_only=True)
+    assert plain[1] > 0 and strict(prompts, [whole, cut]) == [pytest.approx(plain[0]), 0.0]
+    assert oracle_from_config(strict.to_config())(prompts, [whole, cut]) == pytest.approx([plain[0], 0.0])
+    both = coverage_oracle(soft=True, sentences_only=True, finished_only=True)
+    listed = ", ".join(s.concepts) + ", and, the, a, " + ", ".join(s.concepts) + "."  # finished, but a list
+    assert both([s.prompt] * 3, [whole, cut, listed]) == [pytest.approx(plain[0]), 0.0, 0.0]
+    assert finished_check(prompts, [whole, cut]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="2 prompts for 1 completions"):
+        finished_check(prompts, [whole])
+    m = commongen_metrics([dev[0], s, s], [dev[0].references[0].rstrip(".!? ") + ".", cut, cut])
+    assert m["unfinished"] == pytest.approx(2 / 3)

@@ -392,15 +392,20 @@ def test_guides_can_train_on_importance_weighted_samples_from_a_merge_proposal(s
         run.main([*common, "--output", str(tmp_path / "p"), "--samples", str(out / "samples.safetensors")])
 
 
+@pytest.mark.parametrize(
+    "flag, check, failing",
+    [("--sentences-only", "is_word_list", True), ("--finished-only", "is_finished", False)],
+)
 @pytest.mark.parametrize("listed", [True, False])
-def test_sentences_only_trains_the_guides_on_labels_that_give_word_lists_zero(
-    smoke, tmp_path, monkeypatch, listed
+def test_sentences_only_and_finished_only_train_the_guides_on_labels_that_give_failures_zero(
+    smoke, tmp_path, monkeypatch, listed, flag, check, failing
 ):
     out, _ = smoke
     run = load_benchmark("commongen", "run.py")
     import dinado.tasks.commongen as commongen
 
-    monkeypatch.setattr(commongen, "is_word_list", lambda text: listed)  # every completion is a list, or none
+    # every completion fails the check (a word list / unfinished) when listed, or none does
+    monkeypatch.setattr(commongen, check, lambda text: failing if listed else not failing)
     common = [
         "--quick",
         "--data-dir",
@@ -432,15 +437,16 @@ def test_sentences_only_trains_the_guides_on_labels_that_give_word_lists_zero(
         "soft",
         "--references",
         "1",
-    ]  # fmt: skip  (the references cover their concepts: labels above 0 unless they count as word lists)
-    strict = run.main([*common, "--sentences-only", "--output", str(tmp_path / "strict")])["train"]["labels"]
+    ]  # fmt: skip  (the references cover their concepts: labels above 0 unless they fail the check)
+    key = flag[2:].replace("-", "_")
+    strict = run.main([*common, flag, "--output", str(tmp_path / "strict")])["train"]["labels"]
     plain = run.main([*common, "--output", str(tmp_path / "plain")])["train"]["labels"]
-    assert strict["sentences_only"] and not plain["sentences_only"] and plain["mean"] > 0
+    assert strict[key] and not plain[key] and plain["mean"] > 0
+    other = {"sentences_only": "finished_only", "finished_only": "sentences_only"}[key]
+    assert not strict[other]
     assert strict["mean"] == (0.0 if listed else pytest.approx(plain["mean"]))
-    with pytest.raises(SystemExit, match="--sentences-only"):
-        load_benchmark("commongen", "calibration.py").training_target(
-            {"labels": "soft", "sentences_only": True}
-        )
+    with pytest.raises(SystemExit, match=flag):
+        load_benchmark("commongen", "calibration.py").training_target({"labels": "soft", key: True})
 
 
 def test_a_proposal_needs_a_saved_merge_guide(tmp_path, capsys):
@@ -555,6 +561,13 @@ def test_strength_can_restrict_guidance_to_candidates_and_choose_by_sentence_suc
     assert "(the largest tried)" in (tmp_path / "strength.md").read_text()
     assert [r["word_lists"] for r in report["rows"]] == [0.0, 1.0, 0.0]
     assert "sentence success" in (tmp_path / "strength.md").read_text()
+    # the selection split's references score every row too, and the unfinished share is kept
+    assert all({"bleu4", "cider", "unfinished"} <= set(r) for r in report["rows"])
+    assert all(0 <= r["unfinished"] <= 1 and r["bleu4"] >= 0 for r in report["rows"])
+    header = next(
+        x for x in (tmp_path / "strength.md").read_text().splitlines() if x.startswith("| strength")
+    )
+    assert {"unfinished", "BLEU-4", "CIDEr"} <= {c.strip() for c in header.split("|")}
     with pytest.raises(SystemExit, match="module variants"):
         strength.main(
             [
@@ -652,7 +665,7 @@ def test_combine_adds_a_later_runs_rows_to_an_existing_file(smoke, tmp_path):
         ("base", None, None),
         ("dinado-soft", 2.0, None),
     ]
-    assert {"word_lists", "loops", "sentence_success"} <= set(first[1])
+    assert {"word_lists", "loops", "sentence_success", "unfinished"} <= set(first[1])
     with pytest.raises(SystemExit, match="--replace"):
         combine.main(["--runs", str(tmp_path / "c"), "--json", str(rows), "--add"])
     assert json.loads(rows.read_text()) == first  # refused: nothing written

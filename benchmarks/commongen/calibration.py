@@ -76,13 +76,14 @@ def rollout_values(model, tokenizer, rows, oracle, k, max_new_tokens, eos, seed,
 def training_target(run_args: dict):
     """The function of the covered share that the run's guides were trained to predict: the all-concepts label
     (``--labels all``) or the share to ``--label-power`` (``--labels soft``), with its name. A run trained with
-    ``--sentences-only`` is refused: its target also reads whether the completion is a word list, which the
-    rollouts' covered share does not."""
-    if run_args.get("sentences_only"):
-        raise SystemExit(
-            "calibration scores values against the covered share of rollouts; this run's guides were trained with "
-            "--sentences-only (word lists labelled 0), a target the rollouts do not measure"
-        )
+    ``--sentences-only`` or ``--finished-only`` is refused: its target also reads whether the completion is a
+    word list / ends its sentence, which the rollouts' covered share does not."""
+    for flag, what in (("sentences_only", "word lists"), ("finished_only", "unfinished completions")):
+        if run_args.get(flag):
+            raise SystemExit(
+                "calibration scores values against the covered share of rollouts; this run's guides were trained "
+                f"with --{flag.replace('_', '-')} ({what} labelled 0), a target the rollouts do not measure"
+            )
     if run_args.get("labels", "all") == "soft":
         power = float(run_args.get("label_power", 1.0))
         return (lambda share: share**power), ("covered share" if power == 1.0 else f"covered share^{power:g}")

@@ -173,6 +173,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(coverage_oracle(sentences_only=True)); the samples, best-of-N and the metrics keep the coverage oracle",
     )
     p.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train the guides on labels that give 0 to completions that do not end their sentence (cut by the "
+        "token limit; coverage_oracle(finished_only=True)); the samples, best-of-N and the metrics keep the "
+        "coverage oracle",
+    )
+    p.add_argument(
         "--label-power",
         type=float,
         default=1.0,
@@ -536,15 +543,23 @@ def run_systems(
             guide_oracle_calls += int(proposal_results.get("samples", 0))
         log(f"importance weights: mean effective sample size {ess:.2f} of {k} per concept set")
     training_set, label_token_oracle = samples, token_oracle
-    if args.labels == "soft" or args.sentences_only:
-        # the same samples labelled by the covered share and/or with word lists at 0; no oracle call is counted
-        # twice (both are read off the same completion), and samples.safetensors keeps the all-concepts labels
-        label_oracle = coverage_oracle(soft=args.labels == "soft", sentences_only=args.sentences_only)
+    if args.labels == "soft" or args.sentences_only or args.finished_only:
+        # the same samples labelled by the covered share and/or with word lists / unfinished ones at 0; no oracle
+        # call is counted twice (all are read off the same completion); samples.safetensors keeps the
+        # all-concepts labels
+        label_oracle = coverage_oracle(
+            soft=args.labels == "soft", sentences_only=args.sentences_only, finished_only=args.finished_only
+        )
         _, label_token_oracle = prompt_ids_and_oracle(args, tokenizer, prompts, label_oracle)
         training_set = relabel(samples, label_token_oracle)
         kind = "soft coverage" if args.labels == "soft" else "all-concepts"
-        lists = " (word lists at 0)" if args.sentences_only else ""
-        log(f"{kind} labels{lists}: mean label {training_set.positive_rate:.3f}")
+        zeros = [
+            name
+            for name, on in (("word lists", args.sentences_only), ("unfinished", args.finished_only))
+            if on
+        ]
+        at_zero = f" ({' and '.join(zeros)} at 0)" if zeros else ""
+        log(f"{kind} labels{at_zero}: mean label {training_set.positive_rate:.3f}")
     if args.references > 0:
         pairs = [(s.prompt, r) for s in train_sets for r in s.references[: args.references]]
         references = reference_samples(
@@ -568,6 +583,7 @@ def run_systems(
     train_info["labels"] = {
         "kind": args.labels,
         "sentences_only": args.sentences_only,
+        "finished_only": args.finished_only,
         "mean": training_set.positive_rate,
     }
 
@@ -981,7 +997,7 @@ def machine_rows(rows: list[dict], args: dict) -> list[dict]:
     """The rows in the format of docs/results/commongen_smollm2.json (system / decoding names fixed there), with
     each guide's ``strength`` (the run's ``--merge-scale`` for DiNADO-Merge, ``--alpha`` for the module variants;
     None for the rest), a module variant's ``candidates`` when it was decoded with candidate-restricted guidance,
-    and ``word_lists`` / ``loops`` / ``sentence_success`` where the run scored them. ``args`` is the run's
+    and ``word_lists`` / ``loops`` / ``sentence_success`` / ``unfinished`` where the run scored them. ``args`` is the run's
     arguments as results.json keeps them."""
     out = []
     for r in rows:
@@ -993,7 +1009,7 @@ def machine_rows(rows: list[dict], args: dict) -> list[dict]:
             strength = args["merge_scale"] if system == "dinado-merge" else args["alpha"]
             candidates = None if system == "dinado-merge" else args.get("candidates")
         extra = {"candidates": candidates} if candidates is not None else {}
-        extra.update({k: r[k] for k in ("word_lists", "loops", "sentence_success") if k in r})
+        extra.update({k: r[k] for k in ("word_lists", "loops", "sentence_success", "unfinished") if k in r})
         out.append(
             {
                 "split": r["split"],

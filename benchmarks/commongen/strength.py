@@ -18,7 +18,8 @@ draws uniformly from train as the earlier recorded selections did.
 
 Every row also records ``word_lists`` and ``loops`` (the shares of comma-separated word-list outputs and of
 repetition loops, dinado.tasks.commongen.is_word_list / is_loop) and ``sentence_success`` (success counting both
-as failures); ``--criterion sentence_success`` chooses by the latter, for guides that can cover concepts by
+as failures), ``unfinished`` (the share of outputs that do not end their sentence, is_finished) and the
+selection references' BLEU-4 and CIDEr; ``--criterion sentence_success`` chooses by the latter, for guides that can cover concepts by
 listing or repeating them. ``--candidates K`` decodes a module variant with candidate-restricted
 guidance (only p's top-K tokens are guided), as ``run.py --candidates`` does.
 """
@@ -171,12 +172,16 @@ def main(argv: list[str] | None = None) -> dict:
                 "word_lists": metrics["word_lists"],
                 "loops": metrics["loops"],
                 "sentence_success": metrics["sentence_success"],
+                "unfinished": metrics["unfinished"],
+                "bleu4": metrics["bleu4"],
+                "cider": metrics["cider"],
             }
         )
         log(
             f"strength {scale:g}: success {success:.3f} (sentences {metrics['sentence_success']:.3f}), coverage "
             f"{coverage:.3f}, {words:.1f} words, word lists {metrics['word_lists']:.3f}, loops "
-            f"{metrics['loops']:.3f}, base perplexity {metrics['base_ppl']:.1f} ({seconds:.0f} s)"
+            f"{metrics['loops']:.3f}, unfinished {metrics['unfinished']:.3f}, BLEU-4 {metrics['bleu4']:.3f}, CIDEr "
+            f"{metrics['cider']:.3f}, base perplexity {metrics['base_ppl']:.1f} ({seconds:.0f} s)"
         )
     best = max((r for r in rows if r["strength"] > 0), key=lambda r: (r[args.criterion], r["coverage"]))
     # the largest strength tried may not be the best one: the curve was still rising there (measured on the
@@ -201,16 +206,24 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "strength.json", json.dumps(report, indent=2))
     table = markdown_table(
-        ["strength", "success", "sentence success", "word lists", "loops", "coverage", "words", "base ppl"],
         [
-            [
-                f"{r['strength']:g}",
-                f"{r['success']:.3f}",
-                f"{r['sentence_success']:.3f}",
-                f"{r['word_lists']:.3f}",
-                f"{r['loops']:.3f}",
-            ]
-            + [f"{r['coverage']:.3f}", f"{r['words']:.1f}", f"{r['base_ppl']:.1f}"]
+            "strength",
+            "success",
+            "sentence success",
+            "word lists",
+            "loops",
+            "unfinished",
+            "coverage",
+            "words",
+            "BLEU-4",
+            "CIDEr",
+            "base ppl",
+        ],
+        [
+            [f"{r['strength']:g}"]
+            + [f"{r[k]:.3f}" for k in ("success", "sentence_success", "word_lists", "loops", "unfinished")]
+            + [f"{r['coverage']:.3f}", f"{r['words']:.1f}", f"{r['bleu4']:.3f}", f"{r['cider']:.3f}"]
+            + [f"{r['base_ppl']:.1f}"]
             for r in rows
         ],
     )

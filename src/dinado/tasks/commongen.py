@@ -165,17 +165,25 @@ def coverage_oracle(
     marker: str | None = PROMPT_MARKER,
     sep: str | None = None,
     sentences_only: bool = False,
+    finished_only: bool = False,
 ) -> OracleBase:
     """Inflection-aware concept coverage read from each prompt (:class:`CommonGenConcepts`): all-or-nothing,
     or the covered share (``soft=True``). (Formerly ``KeywordOracle.commongen(marker=, sep=, soft=)``.)
 
     ``sentences_only=True`` gives 0 to comma-separated word lists and repetition loops (:func:`is_sentence`)
     whatever they cover: ``AllOf(CallableOracle(sentence_check), coverage)``, so that a guide trained on its
-    labels is not rewarded for listing or repeating the concepts instead of writing a sentence."""
+    labels is not rewarded for listing or repeating the concepts instead of writing a sentence.
+
+    ``finished_only=True`` gives 0 to each completion that does not end its sentence (:func:`is_finished`; a
+    completion cut by the token limit mid-sentence), so that a guide trained on its labels is not rewarded for
+    running on to cover one more concept (``AllOf(CallableOracle(finished_check), ...)``)."""
     coverage = KeywordOracle(CommonGenConcepts(marker=marker, sep=sep), soft=soft)
-    if not sentences_only:
-        return coverage
-    return AllOf(CallableOracle(sentence_check), coverage)
+    checks = [
+        CallableOracle(check)
+        for check, on in ((sentence_check, sentences_only), (finished_check, finished_only))
+        if on
+    ]
+    return AllOf(*checks, coverage) if checks else coverage
 
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
@@ -275,6 +283,23 @@ def is_sentence(text: str) -> bool:
     return not is_word_list(text) and not is_loop(text)
 
 
+_FINISHED = re.compile(r"[.!?][\"'”’)\]]*\s*$")
+
+
+def is_finished(text: str) -> bool:
+    """Whether an output ends its sentence: its last non-space character is ``.``, ``!`` or ``?``, possibly
+    followed by closing quotes or brackets. An output cut by the token limit mid-sentence is not finished."""
+    return _FINISHED.search(text) is not None
+
+
+def finished_check(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    """A batched text oracle: 1.0 for each completion that ends its sentence (:func:`is_finished`), else 0.0
+    (the prompts are not read)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+    return [1.0 if is_finished(c) else 0.0 for c in completions]
+
+
 def sentence_check(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
     """A batched text oracle: 0.0 for each completion that is a comma-separated word list or a repetition loop
     (:func:`is_sentence`), 1.0 otherwise (the prompts are not read)."""
@@ -286,7 +311,9 @@ def sentence_check(prompts: Sequence[str], completions: Sequence[str]) -> list[f
 def commongen_metrics(sets: Sequence[ConceptSet], outputs: Sequence[str]) -> dict[str, float | None]:
     """Coverage, all-concepts success and the caption metrics for one output per concept set; ``word_lists`` and
     ``loops`` are the shares of outputs that are comma-separated word lists (:func:`is_word_list`) and repetition
-    loops (:func:`is_loop`), and ``sentence_success`` the all-concepts success counting both as failures."""
+    loops (:func:`is_loop`), ``sentence_success`` the all-concepts success counting both as failures, and
+    ``unfinished`` the share of outputs that do not end their sentence (:func:`is_finished`: cut by the token
+    limit)."""
     if len(sets) != len(outputs):
         raise ValueError(f"{len(outputs)} outputs for {len(sets)} concept sets")
     prompts = [s.prompt for s in sets]
@@ -303,6 +330,7 @@ def commongen_metrics(sets: Sequence[ConceptSet], outputs: Sequence[str]) -> dic
         / len(cover),
         "word_lists": sum(lists) / len(lists),
         "loops": sum(loops) / len(loops),
+        "unfinished": sum(not is_finished(o) for o in outputs) / len(outputs),
         "mean_words": sum(len(o.split()) for o in outputs) / len(outputs),
     }
     metrics.update(caption_metrics(outputs, [s.references for s in sets]))
