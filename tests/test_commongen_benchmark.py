@@ -160,8 +160,9 @@ def test_efficiency_only_runs_the_study_alone(tmp_path):
     ]
 
 
-def test_guide_adam_epsilon_reaches_every_guides_training(tmp_path, monkeypatch, capsys):
-    """--guide-adam-epsilon goes to dinado.train for the systems' guides and the efficiency study's alike."""
+def test_guide_adam_epsilon_and_the_labels_reach_every_guides_training(tmp_path, monkeypatch, capsys):
+    """--guide-adam-epsilon goes to dinado.train, and --labels / --finished-only to the labelling oracle, for the
+    systems' guides and the efficiency study's alike."""
     if not DATA.is_dir():
         pytest.skip(f"{DATA} is not present")
     run = load_benchmark("commongen", "run.py")
@@ -176,17 +177,27 @@ def test_guide_adam_epsilon_reaches_every_guides_training(tmp_path, monkeypatch,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(run, "train", spy)
+    oracles = []
+    real_oracle = run.prompt_ids_and_oracle
+
+    def oracle_spy(args, tokenizer, prompts, oracle):
+        oracles.append(repr(oracle))
+        return real_oracle(args, tokenizer, prompts, oracle)
+
+    monkeypatch.setattr(run, "prompt_ids_and_oracle", oracle_spy)
     argv = [
         "--quick", "--output", str(tmp_path / "run"), "--data-dir", str(DATA), "--train-sets", "4",
         "--samples-per-set", "2", "--guide-steps", "1", "--systems", "nado", "--decodings", "",
         "--best-of", "", "--budgets", "1", "--efficiency-sets", "4", "--efficiency-steps", "1",
         "--efficiency-dev-sets", "2", "--efficiency-arms", "p", "--efficiency-variants", "nado",
-        "--dev-sets", "2", "--no-test", "--guide-adam-epsilon", "1e-3",
+        "--dev-sets", "2", "--no-test", "--guide-adam-epsilon", "1e-3", "--labels", "soft", "--finished-only",
         "--pretrain-examples", "300", "--pretrain-layers", "1", "--pretrain-embd", "32", "--pretrain-steps", "3",
         "--max-new-tokens", "4", "--batch-size", "4",
     ]  # fmt: skip
     run.main(argv)
     assert epsilons == [1e-3, 1e-3]  # the system's guide, then the efficiency cell (budget 1, from p)
+    labelling = [o for o in oracles if "finished_check" in o]
+    assert len(labelling) == 2 and all("soft=True" in o for o in labelling)  # systems, then efficiency study
 
 
 def test_the_efficiency_study_with_a_tempered_proposal_needs_no_fine_tuning(tmp_path):

@@ -543,13 +543,11 @@ def run_systems(
             guide_oracle_calls += int(proposal_results.get("samples", 0))
         log(f"importance weights: mean effective sample size {ess:.2f} of {k} per concept set")
     training_set, label_token_oracle = samples, token_oracle
-    if args.labels == "soft" or args.sentences_only or args.finished_only:
+    label_oracle = training_label_oracle(args)
+    if label_oracle is not None:
         # the same samples labelled by the covered share and/or with word lists / unfinished ones at 0; no oracle
         # call is counted twice (all are read off the same completion); samples.safetensors keeps the
         # all-concepts labels
-        label_oracle = coverage_oracle(
-            soft=args.labels == "soft", sentences_only=args.sentences_only, finished_only=args.finished_only
-        )
         _, label_token_oracle = prompt_ids_and_oracle(args, tokenizer, prompts, label_oracle)
         training_set = relabel(samples, label_token_oracle)
         kind = "soft coverage" if args.labels == "soft" else "all-concepts"
@@ -705,6 +703,17 @@ def open_run(run: Path, device: str = "cpu"):
     return results, model, tokenizer, PromptFormat(**results["args"]["prompt_format"])
 
 
+def training_label_oracle(args):
+    """The oracle whose values the guides train on, or None when it is the samples' own all-concepts oracle: the
+    covered share (``--labels soft``), with word lists (``--sentences-only``) and completions cut off
+    mid-sentence (``--finished-only``) at 0."""
+    if args.labels == "soft" or args.sentences_only or args.finished_only:
+        return coverage_oracle(
+            soft=args.labels == "soft", sentences_only=args.sentences_only, finished_only=args.finished_only
+        )
+    return None
+
+
 def score(args, model, tokenizer, sets, texts: list[str]) -> dict:
     """Coverage, success and the caption metrics of one output per concept set, and the base perplexity of the
     outputs (the frozen base reading each output after its prompt, as the run formats it)."""
@@ -825,9 +834,12 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
     dev_prompts = [s.prompt for s in dev]
     lines = [s.prompt for s in sets]
     prompt_ids, token_oracle = prompt_ids_and_oracle(args, tokenizer, lines, coverage_oracle())
-    label_token_oracle = None  # the guides train on the covered share with --labels soft, as run_systems' do
-    if args.labels == "soft":
-        _, label_token_oracle = prompt_ids_and_oracle(args, tokenizer, lines, coverage_oracle(soft=True))
+    label_token_oracle = (
+        None  # the guides train on run_systems' labels (--labels, --sentences-only, --finished-only)
+    )
+    label_oracle = training_label_oracle(args)
+    if label_oracle is not None:
+        _, label_token_oracle = prompt_ids_and_oracle(args, tokenizer, lines, label_oracle)
     most = max(args.budgets)
     common = dict(
         max_new_tokens=args.max_new_tokens,
