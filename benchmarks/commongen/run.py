@@ -834,9 +834,8 @@ def run_efficiency(args, model, tokenizer, proposal_model, all_train, splits, ti
     dev_prompts = [s.prompt for s in dev]
     lines = [s.prompt for s in sets]
     prompt_ids, token_oracle = prompt_ids_and_oracle(args, tokenizer, lines, coverage_oracle())
-    label_token_oracle = (
-        None  # the guides train on run_systems' labels (--labels, --sentences-only, --finished-only)
-    )
+    # the guides train on run_systems' labels (--labels, --sentences-only, --finished-only)
+    label_token_oracle = None
     label_oracle = training_label_oracle(args)
     if label_oracle is not None:
         _, label_token_oracle = prompt_ids_and_oracle(args, tokenizer, lines, label_oracle)
@@ -1009,8 +1008,8 @@ def machine_rows(rows: list[dict], args: dict) -> list[dict]:
     """The rows in the format of docs/results/commongen_smollm2.json (system / decoding names fixed there), with
     each guide's ``strength`` (the run's ``--merge-scale`` for DiNADO-Merge, ``--alpha`` for the module variants;
     None for the rest), a module variant's ``candidates`` when it was decoded with candidate-restricted guidance,
-    and ``word_lists`` / ``loops`` / ``sentence_success`` / ``unfinished`` where the run scored them. ``args`` is the run's
-    arguments as results.json keeps them."""
+    and ``word_lists`` / ``loops`` / ``sentence_success`` / ``unfinished`` where the run scored them. ``args`` is
+    the run's arguments as results.json keeps them."""
     out = []
     for r in rows:
         system, decoding = r["system"], r["decoding"]

@@ -19,9 +19,9 @@ draws uniformly from train as the earlier recorded selections did.
 Every row also records ``word_lists`` and ``loops`` (the shares of comma-separated word-list outputs and of
 repetition loops, dinado.tasks.commongen.is_word_list / is_loop) and ``sentence_success`` (success counting both
 as failures), ``unfinished`` (the share of outputs that do not end their sentence, is_finished) and the
-selection references' BLEU-4 and CIDEr; ``--criterion sentence_success`` chooses by the latter, for guides that can cover concepts by
-listing or repeating them. ``--candidates K`` decodes a module variant with candidate-restricted
-guidance (only p's top-K tokens are guided), as ``run.py --candidates`` does.
+selection references' BLEU-4 and CIDEr; ``--criterion sentence_success`` chooses by sentence success, for guides
+that can cover concepts by listing or repeating them. ``--candidates K`` decodes a module variant with
+candidate-restricted guidance (only p's top-K tokens are guided), as ``run.py --candidates`` does.
 """
 
 from __future__ import annotations
