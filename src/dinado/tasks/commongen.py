@@ -295,17 +295,20 @@ def is_finished(text: str) -> bool:
 def finished_check(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
     """A batched text oracle: 1.0 for each completion that ends its sentence (:func:`is_finished`), else 0.0
     (the prompts are not read)."""
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-    return [1.0 if is_finished(c) else 0.0 for c in completions]
+    return _text_check(prompts, completions, is_finished)
 
 
 def sentence_check(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
     """A batched text oracle: 0.0 for each completion that is a comma-separated word list or a repetition loop
     (:func:`is_sentence`), 1.0 otherwise (the prompts are not read)."""
+    return _text_check(prompts, completions, is_sentence)
+
+
+def _text_check(prompts: Sequence[str], completions: Sequence[str], passes) -> list[float]:
+    """1.0 for each completion that ``passes(completion)``, else 0.0, one per prompt (the prompts are not read)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-    return [1.0 if is_sentence(c) else 0.0 for c in completions]
+    return [1.0 if passes(c) else 0.0 for c in completions]
 
 
 def commongen_metrics(sets: Sequence[ConceptSet], outputs: Sequence[str]) -> dict[str, float | None]:
