@@ -253,7 +253,7 @@ def test_an_output_is_finished_when_it_ends_its_sentence(text, finished):
     assert is_finished(text) is finished
 
 
-def test_a_finished_only_oracle_gives_cut_off_completions_zero_and_round_trips_its_config(dev):
+def test_a_finished_only_oracle_gives_cut_off_completions_zero_or_a_weight_and_round_trips_its_config(dev):
     s = dev[1]
     whole = s.references[0].rstrip(".!? ") + "."
     cut = s.references[0].rstrip(".!? ") + " and then the"  # covers as much, but the token limit cut it
@@ -265,6 +265,15 @@ def test_a_finished_only_oracle_gives_cut_off_completions_zero_and_round_trips_i
     both = coverage_oracle(soft=True, sentences_only=True, finished_only=True)
     listed = ", ".join(s.concepts) + ", and, the, a, " + ", ".join(s.concepts) + "."  # finished, but a list
     assert both([s.prompt] * 3, [whole, cut, listed]) == [pytest.approx(plain[0]), 0.0, 0.0]
+    softer = coverage_oracle(soft=True, finished_only=True, unfinished_weight=0.3)  # a penalty, not a zero
+    assert softer(prompts, [whole, cut]) == pytest.approx([plain[0], 0.3 * plain[1]])
+    assert oracle_from_config(softer.to_config())(prompts, [whole, cut]) == pytest.approx(
+        [plain[0], 0.3 * plain[1]]
+    )
+    with pytest.raises(ValueError, match="unfinished_weight only applies with finished_only=True"):
+        coverage_oracle(soft=True, unfinished_weight=0.3)
+    with pytest.raises(ValueError, match=r"unfinished_weight must be in \[0, 1\), got 1"):
+        coverage_oracle(soft=True, finished_only=True, unfinished_weight=1)
     assert finished_check(prompts, [whole, cut]) == [1.0, 0.0]
     with pytest.raises(ValueError, match="2 prompts for 1 completions"):
         finished_check(prompts, [whole])

@@ -161,14 +161,17 @@ def test_efficiency_only_runs_the_study_alone(tmp_path):
 
 
 def test_guide_adam_epsilon_and_the_labels_reach_every_guides_training(tmp_path, monkeypatch, capsys):
-    """--guide-adam-epsilon goes to dinado.train, and --labels / --finished-only to the labelling oracle, for the
-    systems' guides and the efficiency study's alike."""
+    """--guide-adam-epsilon goes to dinado.train, and --labels / --finished-only / --unfinished-weight to the
+    labelling oracle, for the systems' guides and the efficiency study's alike."""
     if not DATA.is_dir():
         pytest.skip(f"{DATA} is not present")
     run = load_benchmark("commongen", "run.py")
     with pytest.raises(SystemExit):
         run.parse_args(["--output", str(tmp_path / "bad"), "--guide-adam-epsilon", "0"])
     assert "--guide-adam-epsilon" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.parse_args(["--output", str(tmp_path / "bad"), "--labels", "soft", "--unfinished-weight", "0.5"])
+    assert "--unfinished-weight 0.5 needs --finished-only" in capsys.readouterr().err
     epsilons = []
     real = run.train
 
@@ -191,6 +194,7 @@ def test_guide_adam_epsilon_and_the_labels_reach_every_guides_training(tmp_path,
         "--best-of", "", "--budgets", "1", "--efficiency-sets", "4", "--efficiency-steps", "1",
         "--efficiency-dev-sets", "2", "--efficiency-arms", "p", "--efficiency-variants", "nado",
         "--dev-sets", "2", "--no-test", "--guide-adam-epsilon", "1e-3", "--labels", "soft", "--finished-only",
+        "--unfinished-weight", "0.5",
         "--pretrain-examples", "300", "--pretrain-layers", "1", "--pretrain-embd", "32", "--pretrain-steps", "3",
         "--max-new-tokens", "4", "--batch-size", "4",
     ]  # fmt: skip
@@ -198,6 +202,11 @@ def test_guide_adam_epsilon_and_the_labels_reach_every_guides_training(tmp_path,
     assert epsilons == [1e-3, 1e-3]  # the system's guide, then the efficiency cell (budget 1, from p)
     labelling = [o for o in oracles if "finished_check" in o]
     assert len(labelling) == 2 and all("soft=True" in o for o in labelling)  # systems, then efficiency study
+    assert all(
+        "Floor(" in o and ", 0.5)" in o for o in labelling
+    )  # --unfinished-weight: a penalty, not a zero
+    labels = json.loads((tmp_path / "run" / "results.json").read_text())["train"]["labels"]
+    assert labels["finished_only"] is True and labels["unfinished_weight"] == pytest.approx(0.5)
 
 
 def test_the_efficiency_study_with_a_tempered_proposal_needs_no_fine_tuning(tmp_path):

@@ -11,6 +11,7 @@ from dinado.oracles import (
     AnyOf,
     CallableOracle,
     ClassifierOracle,
+    Floor,
     KeywordOracle,
     Not,
     OracleBase,
@@ -261,6 +262,9 @@ def test_composition_math():
     assert WeightedProduct([(a, 2), (b, 0.5)])(blank(4), idx) == pytest.approx(expected)
     # weight 1 everywhere is AllOf; weights scale log-values
     assert WeightedProduct([(a, 1), (b, 1)])(blank(4), idx) == pytest.approx([0.2, 0.0, 0.0, 0.2])
+    # a floor lifts every value towards 1: inside AllOf a failed check scales the others instead of zeroing them
+    assert Floor(a, 0.3)(blank(4), idx) == pytest.approx([0.65, 1.0, 0.3, 0.44])
+    assert AllOf(Floor(b, 0.25), a)(blank(4), idx) == pytest.approx([0.275, 0.25, 0.0, 0.2])
 
 
 def test_composition_skips_decided_samples_and_zero_weights():
@@ -292,6 +296,14 @@ def test_composition_errors():
         WeightedProduct([(const(1.0), True)])
     with pytest.raises(TypeError, match=r"term 0 must be an \(oracle, weight\) pair"):
         WeightedProduct([const(1.0)])
+    with pytest.raises(ValueError, match=r"Floor: floor must be in \[0, 1\), got 1"):
+        Floor(const(0.5), 1)
+    with pytest.raises(ValueError, match=r"Floor: floor must be in \[0, 1\), got -0.1"):
+        Floor(const(0.5), -0.1)
+    with pytest.raises(TypeError, match="Floor: floor must be a number"):
+        Floor(const(0.5), "0.3")
+    with pytest.raises(TypeError, match="Floor: oracle 0 is not callable"):
+        Floor(None, 0.3)
     tokens = CallableOracle(lambda p, c: [1.0] * len(c), on="tokens")
     with pytest.raises(ValueError, match="mixes text-level and token-level oracles"):
         AllOf(KeywordOracle(["dog"]), tokens)
@@ -475,6 +487,11 @@ def test_config_round_trip():
                     {"oracle": {"type": "keywords", "keywords": ["dog"], "soft": True}, "weight": 0.5}
                 ],
             },
+            {
+                "type": "floor",
+                "oracle": {"type": "keywords", "keywords": ["cat"], "soft": False},
+                "floor": 0.25,
+            },
         ],
     }
     oracle = oracle_from_config(config)
@@ -483,7 +500,7 @@ def test_config_round_trip():
     assert repr(rebuilt) == repr(oracle)
     prompts = ["dog, plane =", "dog, plane ="]
     texts = ["The dog's plane took off", "The dog's plane took off."]
-    assert oracle(prompts, texts) == rebuilt(prompts, texts) == [1.0, 0.0]
+    assert oracle(prompts, texts) == rebuilt(prompts, texts) == [0.25, 0.0]  # no "cat": the floor
     # defaults are filled in
     assert oracle_from_config({"type": "regex", "pattern": "a"}).to_config() == {
         "type": "regex",
@@ -635,7 +652,7 @@ def test_an_unknown_type_names_every_known_type(scratch_registry):
     message = str(err.value)
     assert message.startswith(
         "oracle config: unknown oracle type 'shouts'; valid types: keywords, regex, callable, classifier, all_of, "
-        "any_of, not, weighted_product, "
+        "any_of, not, weighted_product, floor, "
     )
     assert set(message.split("valid types: ")[1].split(", ")) == {*registry._BUILDERS, "tv"}
 

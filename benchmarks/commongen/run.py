@@ -180,6 +180,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "coverage oracle",
     )
     p.add_argument(
+        "--unfinished-weight",
+        type=float,
+        default=0.0,
+        help="with --finished-only: what an unfinished completion's label is multiplied by instead of 0, in [0, 1) "
+        "(a soft penalty; coverage_oracle(unfinished_weight=...))",
+    )
+    p.add_argument(
         "--label-power",
         type=float,
         default=1.0,
@@ -318,6 +325,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.proposal_guide = str(Path(args.proposal) / "guides" / "dinado-merge")
         if not Path(args.proposal_guide).is_dir():
             p.error(f"--proposal {args.proposal}: no DiNADO-Merge guide at {args.proposal_guide}")
+    if not 0.0 <= args.unfinished_weight < 1.0 or (args.unfinished_weight > 0 and not args.finished_only):
+        p.error(f"--unfinished-weight {args.unfinished_weight:g} needs --finished-only and a value in [0, 1)")
     if args.label_power <= 0 or (args.label_power != 1.0 and args.labels != "soft"):
         p.error(f"--label-power {args.label_power:g} needs --labels soft and a positive value")
     args.budgets = sorted(int(x) for x in args.budgets.split(",") if x.strip())
@@ -557,6 +566,8 @@ def run_systems(
             if on
         ]
         at_zero = f" ({' and '.join(zeros)} at 0)" if zeros else ""
+        if args.unfinished_weight > 0:
+            at_zero = at_zero.replace("unfinished at 0", f"unfinished x {args.unfinished_weight:g}")
         log(f"{kind} labels{at_zero}: mean label {training_set.positive_rate:.3f}")
     if args.references > 0:
         pairs = [(s.prompt, r) for s in train_sets for r in s.references[: args.references]]
@@ -582,6 +593,7 @@ def run_systems(
         "kind": args.labels,
         "sentences_only": args.sentences_only,
         "finished_only": args.finished_only,
+        **({"unfinished_weight": args.unfinished_weight} if args.unfinished_weight > 0 else {}),
         "mean": training_set.positive_rate,
     }
 
@@ -706,10 +718,13 @@ def open_run(run: Path, device: str = "cpu"):
 def training_label_oracle(args):
     """The oracle whose values the guides train on, or None when it is the samples' own all-concepts oracle: the
     covered share (``--labels soft``), with word lists (``--sentences-only``) and completions cut off
-    mid-sentence (``--finished-only``) at 0."""
+    mid-sentence (``--finished-only``) at 0, or times ``--unfinished-weight``."""
     if args.labels == "soft" or args.sentences_only or args.finished_only:
         return coverage_oracle(
-            soft=args.labels == "soft", sentences_only=args.sentences_only, finished_only=args.finished_only
+            soft=args.labels == "soft",
+            sentences_only=args.sentences_only,
+            finished_only=args.finished_only,
+            unfinished_weight=args.unfinished_weight,
         )
     return None
 

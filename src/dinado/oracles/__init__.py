@@ -30,7 +30,7 @@ from .keywords import LEMMINFLECT_REQUIREMENT, KeywordList, KeywordOracle
 from .regex import RegexOracle
 from .callables import CallableOracle
 from .classifier import ClassifierOracle
-from .compose import AllOf, AnyOf, Not, WeightedProduct
+from .compose import AllOf, AnyOf, Floor, Not, WeightedProduct
 # isort: on
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "AnyOf",
     "CallableOracle",
     "ClassifierOracle",
+    "Floor",
     "KeywordList",
     "KeywordOracle",
     "Not",

@@ -1,4 +1,5 @@
-"""Composition: :class:`AllOf`, :class:`AnyOf`, :class:`Not` and :class:`WeightedProduct` of other oracles.
+"""Composition: :class:`AllOf`, :class:`AnyOf`, :class:`Not`, :class:`WeightedProduct` and :class:`Floor` of
+other oracles.
 
 Each part is called through :func:`~dinado.oracles.base.call_oracle` (its values checked), and only on the
 samples whose result it can still change, so cheap parts should come first.
@@ -155,6 +156,33 @@ class WeightedProduct(OracleBase):
         }
 
 
+class Floor(OracleBase):
+    """``floor + (1 - floor) * v``, ``0 <= floor < 1``: a soft penalty. Inside :class:`AllOf` a failed 0/1 check
+    wrapped in ``Floor(check, 0.3)`` multiplies the other values by 0.3 instead of zeroing them."""
+
+    text_inputs = ()
+
+    def __init__(self, oracle: Callable, floor: float) -> None:
+        self.oracle = _check_oracles([oracle], "Floor")[0]
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)):
+            raise TypeError(f"Floor: floor must be a number in [0, 1), got {floor!r}")
+        if not 0.0 <= floor < 1.0:
+            raise ValueError(
+                f"Floor: floor must be in [0, 1), got {floor!r} (1 would make every value 1: drop the oracle instead)"
+            )
+        self.floor = float(floor)
+        self.level = level_of(oracle)
+
+    def _score(self, prompts: list, completions: list) -> list[float]:
+        return [self.floor + (1.0 - self.floor) * v for v in call_oracle(self.oracle, prompts, completions)]
+
+    def __repr__(self) -> str:
+        return f"Floor({describe(self.oracle)}, {self.floor:g})"
+
+    def to_config(self) -> dict[str, Any]:
+        return {"type": "floor", "oracle": config_of(self.oracle), "floor": self.floor}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # configs
 
@@ -197,7 +225,13 @@ def _build_weighted_product(c: Mapping, where: str) -> WeightedProduct:
     return WeightedProduct(terms)
 
 
+def _build_floor(c: Mapping, where: str) -> Floor:
+    check_keys(c, {"oracle", "floor"}, set(), where)
+    return Floor(build_from_config(c["oracle"], f"{where}.oracle"), c["floor"])
+
+
 register_oracle("all_of", _build_all_of)
 register_oracle("any_of", _build_any_of)
 register_oracle("not", _build_not)
 register_oracle("weighted_product", _build_weighted_product)
+register_oracle("floor", _build_floor)

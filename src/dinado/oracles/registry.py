@@ -4,7 +4,7 @@ Configs: ``register_oracle(type_name, builder)`` and ``oracle_from_config(config
 
 A config is a plain dict with a ``"type"`` (e.g. parsed YAML); ``oracle.to_config()`` gives one back. Each
 oracle type's builder sits next to its class and registers itself when its module is imported: the
-built-in types (keywords, regex, callable, classifier, all_of, any_of, not, weighted_product) when
+built-in types (keywords, regex, callable, classifier, all_of, any_of, not, weighted_product, floor) when
 ``dinado.oracles`` is imported, in that order. A task registers its own types the same way, e.g.
 :mod:`dinado.tasks.formality` registers ``tv`` (:class:`~dinado.tasks.formality.TVOracle`).
 
@@ -97,7 +97,7 @@ def build_from_config(config: Any, where: str) -> OracleBase:
 def oracle_from_config(config: Mapping[str, Any]) -> OracleBase:
     """Build an oracle from a plain dict (e.g. parsed YAML): ``{"type": "keywords", "keywords": [...]}``.
 
-    Types: keywords, regex, callable, classifier, all_of, any_of, not, weighted_product, tv (German/Spanish
+    Types: keywords, regex, callable, classifier, all_of, any_of, not, weighted_product, floor, tv (German/Spanish
     formal or informal address, :class:`dinado.tasks.formality.TVOracle`), and any registered with
     :func:`register_oracle`; see docs/oracles.md.
     The oracles read text; ``as_token_oracle(oracle, tokenizer)`` makes one that reads token ids.

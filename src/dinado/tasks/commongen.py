@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..oracles import AllOf, CallableOracle, KeywordOracle
+from ..oracles import AllOf, CallableOracle, Floor, KeywordOracle
 from ..oracles.base import OracleBase
 
 PROMPT_MARKER = "="
@@ -166,6 +166,7 @@ def coverage_oracle(
     sep: str | None = None,
     sentences_only: bool = False,
     finished_only: bool = False,
+    unfinished_weight: float = 0.0,
 ) -> OracleBase:
     """Inflection-aware concept coverage read from each prompt (:class:`CommonGenConcepts`): all-or-nothing,
     or the covered share (``soft=True``). (Formerly ``KeywordOracle.commongen(marker=, sep=, soft=)``.)
@@ -176,13 +177,26 @@ def coverage_oracle(
 
     ``finished_only=True`` gives 0 to each completion that does not end its sentence (:func:`is_finished`; a
     completion cut by the token limit mid-sentence), so that a guide trained on its labels is not rewarded for
-    running on to cover one more concept (``AllOf(CallableOracle(finished_check), ...)``)."""
+    running on to cover one more concept (``AllOf(CallableOracle(finished_check), ...)``). With
+    ``unfinished_weight=w`` in (0, 1) such a completion keeps ``w`` times its value instead of 0 (a soft penalty:
+    ``Floor(CallableOracle(finished_check), w)``)."""
+    if isinstance(unfinished_weight, bool) or not isinstance(unfinished_weight, (int, float)):
+        raise TypeError(f"unfinished_weight must be a number in [0, 1), got {unfinished_weight!r}")
+    if not 0.0 <= unfinished_weight < 1.0:
+        raise ValueError(f"unfinished_weight must be in [0, 1), got {unfinished_weight!r}")
+    if unfinished_weight > 0 and not finished_only:
+        raise ValueError(
+            "unfinished_weight only applies with finished_only=True (it is what an unfinished completion's "
+            "label is multiplied by instead of 0)"
+        )
     coverage = KeywordOracle(CommonGenConcepts(marker=marker, sep=sep), soft=soft)
-    checks = [
+    checks: list[OracleBase] = [
         CallableOracle(check)
         for check, on in ((sentence_check, sentences_only), (finished_check, finished_only))
         if on
     ]
+    if finished_only and unfinished_weight > 0:
+        checks[-1] = Floor(checks[-1], unfinished_weight)
     return AllOf(*checks, coverage) if checks else coverage
 
 
