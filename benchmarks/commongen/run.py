@@ -560,15 +560,16 @@ def run_systems(
         _, label_token_oracle = prompt_ids_and_oracle(args, tokenizer, prompts, label_oracle)
         training_set = relabel(samples, label_token_oracle)
         kind = "soft coverage" if args.labels == "soft" else "all-concepts"
-        zeros = [
-            name
-            for name, on in (("word lists", args.sentences_only), ("unfinished", args.finished_only))
+        unfinished = (
+            f"unfinished x {args.unfinished_weight:g}" if args.unfinished_weight else "unfinished at 0"
+        )
+        changes = [
+            what
+            for what, on in (("word lists at 0", args.sentences_only), (unfinished, args.finished_only))
             if on
         ]
-        at_zero = f" ({' and '.join(zeros)} at 0)" if zeros else ""
-        if args.unfinished_weight > 0:
-            at_zero = at_zero.replace("unfinished at 0", f"unfinished x {args.unfinished_weight:g}")
-        log(f"{kind} labels{at_zero}: mean label {training_set.positive_rate:.3f}")
+        changed = f" ({' and '.join(changes)})" if changes else ""
+        log(f"{kind} labels{changed}: mean label {training_set.positive_rate:.3f}")
     if args.references > 0:
         pairs = [(s.prompt, r) for s in train_sets for r in s.references[: args.references]]
         references = reference_samples(
@@ -593,7 +594,7 @@ def run_systems(
         "kind": args.labels,
         "sentences_only": args.sentences_only,
         "finished_only": args.finished_only,
-        **({"unfinished_weight": args.unfinished_weight} if args.unfinished_weight > 0 else {}),
+        "unfinished_weight": args.unfinished_weight,
         "mean": training_set.positive_rate,
     }
 

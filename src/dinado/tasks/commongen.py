@@ -190,13 +190,10 @@ def coverage_oracle(
             "label is multiplied by instead of 0)"
         )
     coverage = KeywordOracle(CommonGenConcepts(marker=marker, sep=sep), soft=soft)
-    checks: list[OracleBase] = [
-        CallableOracle(check)
-        for check, on in ((sentence_check, sentences_only), (finished_check, finished_only))
-        if on
-    ]
-    if finished_only and unfinished_weight > 0:
-        checks[-1] = Floor(checks[-1], unfinished_weight)
+    checks: list[OracleBase] = [CallableOracle(sentence_check)] if sentences_only else []
+    if finished_only:
+        finished = CallableOracle(finished_check)
+        checks.append(Floor(finished, unfinished_weight) if unfinished_weight > 0 else finished)
     return AllOf(*checks, coverage) if checks else coverage
 
 
