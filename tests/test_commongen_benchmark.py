@@ -840,3 +840,77 @@ def test_demo_draws_arms_with_more_train_sets_contain_the_demos_and_share_one_se
     with pytest.raises(SystemExit):
         draws.main(["--data-dir", str(DATA), "--train-sets", "200", "--exclude-sets", "100", "--output", "x"])
     assert "--exclude-sets (100) must be at least --train-sets (200)" in capsys.readouterr().err
+
+
+def test_beams_keeps_every_beam_and_reranks_them_by_the_guides_terminal_value(smoke, tmp_path):
+    out, results = smoke
+    beams = load_benchmark("commongen", "beams.py")
+    calibration = load_benchmark("commongen", "calibration.py")
+    run_args = results["args"]
+    _, model, tokenizer, fmt = load_benchmark("commongen", "run.py").open_run(out)
+    from dinado import Guide
+    from dinado.data import pad_prompts
+    from dinado.text import encode_prompts
+
+    prompt_ids = encode_prompts(tokenizer, ["dog frisbee catch", "tree climb"], prompt_format=fmt)
+    width, eos = run_args["beams"], tokenizer.eos_token_id
+    kept = beams.decode_beams(model, tokenizer, prompt_ids, width, run_args["max_new_tokens"], eos, 2)
+    assert [len(group) for group in kept] == [width, width]
+    # the first beam is what plain beam search returns
+    ids, mask = pad_prompts(prompt_ids, tokenizer.pad_token_id, False)
+    plain = model.generate(
+        ids, attention_mask=mask, do_sample=False, num_beams=width, early_stopping=True,
+        max_new_tokens=run_args["max_new_tokens"], eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    for group, row in zip(kept, plain[:, ids.shape[1] :].tolist(), strict=True):
+        assert group[0] == (row[: row.index(eos) + 1] if eos in row else row)
+    # batched terminal values equal the calibration instrument's one-sample-at-a-time value at the last token
+    guide = Guide.from_pretrained(out / "guides" / "dinado-merge", model).eval()
+    values = beams.beam_values(guide, prompt_ids, kept, batch_size=3)
+    assert [len(group) for group in values] == [width, width]
+    prompts = [prompt_ids[i] for i in range(2) for _ in range(width)]
+    completions = [c for group in kept for c in group]
+    samples = SampleSet.from_token_ids(prompts, completions, [0.0] * len(prompts))
+    one_by_one = calibration.guide_prefix_values(
+        guide, samples, [(i, len(c)) for i, c in enumerate(completions)]
+    )
+    values = [v for group in values for v in group]
+    assert values == pytest.approx(one_by_one, abs=1e-5)
+    assert all(0.0 < v <= 1.0 for v in values)
+
+    report = beams.main(
+        ["--run", str(out), "--sets", "3", "--scales", "0,1", "--batch-size", "4", "--output", str(tmp_path)]
+    )
+    assert [r["strength"] for r in report["rows"]] == [0.0, 1.0] and report["beams"] == width
+    for r in report["rows"]:
+        ceiling = r["oracle over beams"]["success"]
+        assert r["top beam"]["changed"] == 0.0
+        for pick in ("top beam", "value rerank", "value rerank, sentences"):
+            assert r[pick]["sentence_success"] <= r[pick]["success"] <= ceiling + 1e-9
+    assert json.loads((tmp_path / "beams.json").read_text()) == report
+    assert "oracle over beams" in (tmp_path / "beams.md").read_text()
+    assert report["split"] == "selection" and report["sets"] == 3
+    # --split dev measures on dev's first sets instead (nothing is chosen there)
+    on_dev = beams.main(
+        [
+            "--run",
+            str(out),
+            "--split",
+            "dev",
+            "--sets",
+            "2",
+            "--scales",
+            "1",
+            "--output",
+            str(tmp_path / "dev"),
+        ]
+    )
+    assert on_dev["split"] == "dev" and on_dev["sets"] == 2 and on_dev["concept_mix"] is None
+
+
+def test_beams_value_pick_prefers_the_highest_value_then_the_better_ranked_beam():
+    pick = load_benchmark("commongen", "beams.py").value_pick
+    values = [0.1, 0.5, 0.5, 0.2]
+    assert pick(values, None) == 1  # a tie goes to the beam search ranked higher
+    assert pick(values, [True, False, False, True]) == 3  # the best among sentences
+    assert pick(values, [False] * 4) == 1  # no sentence: among all beams
