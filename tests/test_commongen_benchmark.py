@@ -914,3 +914,13 @@ def test_beams_value_pick_prefers_the_highest_value_then_the_better_ranked_beam(
     assert pick(values, None) == 1  # a tie goes to the beam search ranked higher
     assert pick(values, [True, False, False, True]) == 3  # the best among sentences
     assert pick(values, [False] * 4) == 1  # no sentence: among all beams
+
+
+def test_beams_refuses_a_module_variant_at_a_strength(smoke, tmp_path):
+    out, _ = smoke
+    beams = load_benchmark("commongen", "beams.py")
+    with pytest.raises(SystemExit, match="dinado-soft is a module variant"):
+        beams.main(
+            ["--run", str(out), "--variant", "dinado-soft", "--scales", "0,1", "--output", str(tmp_path)]
+        )
+    assert not (tmp_path / "beams.json").exists()

@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="the selection split (default), or the first --sets dev concept sets (0: all) to measure, not choose",
     )
     p.add_argument("--scales", default="0,6", help="strengths, comma-separated (0 = the base)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="strength.py's default, so its top beams are these"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default=None, help="directory for beams.json / .md (default: <run>/beams)")
     args = p.parse_args(argv)
@@ -121,6 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
     results, model, tokenizer, fmt = open_run(run)
     run_args = results["args"]
     guide = Guide.from_pretrained(run / "guides" / args.variant, model, tokenizer=tokenizer).eval()
+    if guide.module is not None and any(s > 0 for s in scales):
+        raise SystemExit(
+            f"beams.py decodes merged guides at an adapter scale; {args.variant} is a module variant (alpha), "
+            "which guided decoding does not return every beam of: use --variant dinado-merge, or --scales 0"
+        )
     if args.split == "dev":
         dev = load_split(run_args["data_dir"], "dev")
         sets = dev[: args.sets] if args.sets > 0 else dev
@@ -139,12 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     for scale in scales:
         if scale == 0:
             source = model
-        elif guide.module is None:
-            source = guide.merge(adapter_scale=scale)
         else:
-            raise SystemExit(
-                "beams.py decodes merged guides (an adapter scale); module variants are not wired"
-            )
+            source = guide.merge(adapter_scale=scale)
         beams = decode_beams(
             source, tokenizer, prompt_ids, width, run_args["max_new_tokens"], eos, args.batch_size
         )
