@@ -112,6 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--batch-size", type=int, default=64, help="strength.py's default, so its top beams are these"
     )
+    p.add_argument(
+        "--value-batch-size",
+        type=int,
+        default=16,
+        help="beams per guide forward when reading values (full-vocabulary tensors: at 64 on dev the process reached 10 GB)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default=None, help="directory for beams.json / .md (default: <run>/beams)")
     args = p.parse_args(argv)
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
             source, tokenizer, prompt_ids, width, run_args["max_new_tokens"], eos, args.batch_size
         )
         texts = [[tokenizer.decode(c, skip_special_tokens=True).strip() for c in group] for group in beams]
-        by_set = beam_values(guide, prompt_ids, beams, args.batch_size)
+        by_set = beam_values(guide, prompt_ids, beams, args.value_batch_size)
         covered = [
             [all(row) for row in oracle.coverage([lines[i]] * len(texts[i]), texts[i])] for i in range(n)
         ]
