@@ -887,6 +887,10 @@ def test_beams_keeps_every_beam_and_reranks_them_by_the_guides_terminal_value(sm
         assert r["top beam"]["changed"] == 0.0
         for pick in ("top beam", "value rerank", "value rerank, sentences"):
             assert r[pick]["sentence_success"] <= r[pick]["success"] <= ceiling + 1e-9
+            assert (
+                r[pick]["success"] <= r[pick]["coverage"] + 1e-9
+                and r[pick]["bleu4"] >= 0.0 <= r[pick]["cider"]
+            )
     assert json.loads((tmp_path / "beams.json").read_text()) == report
     assert "oracle over beams" in (tmp_path / "beams.md").read_text()
     assert report["split"] == "selection" and report["sets"] == 3

@@ -15,6 +15,9 @@ lists and loops counted as failures) of:
 - ``value rerank, sentences``: the same among the beams that are neither word lists nor loops (the top beam when
   every beam is one).
 
+Each pick (one beam per concept set) is scored like a row of the results file (``commongen_metrics``: coverage,
+success, sentence success, BLEU-4, CIDEr, METEOR, ROUGE-L); the oracle's ceiling by success alone.
+
 ``--split dev`` decodes the first ``--sets`` dev concept sets instead (0: all 992), to measure on the split the
 targets are stated on; nothing is chosen from it.
 
@@ -38,7 +41,7 @@ from dinado import Guide
 from dinado._utils import atomic_write_text
 from dinado.data import SampleSet, pad_prompts
 from dinado.hf import eval_mode
-from dinado.tasks.commongen import coverage_oracle, is_loop, is_word_list, load_split
+from dinado.tasks.commongen import commongen_metrics, coverage_oracle, is_loop, is_word_list, load_split
 from dinado.text import encode_prompts, end_of_turn_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,6 +53,8 @@ from benchmarks.common import logger, markdown_table  # noqa: E402
 from benchmarks.commongen.run import open_run  # noqa: E402
 
 log = logger("beams", "stdout")
+# what each pick of one beam per concept set is scored by (commongen_metrics, the results file's metrics)
+PICK_METRICS = ("success", "sentence_success", "coverage", "bleu4", "cider", "meteor", "rouge_l")
 
 
 def decode_beams(model, tokenizer, prompt_ids, beams, max_new_tokens, eos, batch_size):
@@ -170,10 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
         }
         row = {"strength": scale}
         for name, chosen in picks.items():
-            row[name] = {
-                "success": sum(covered[i][j] for i, j in enumerate(chosen)) / n,
-                "sentence_success": sum(covered[i][j] and sentence[i][j] for i, j in enumerate(chosen)) / n,
-                "changed": sum(j != 0 for j in chosen) / n,
+            metrics = commongen_metrics(sets, [texts[i][j] for i, j in enumerate(chosen)])
+            row[name] = {key: metrics[key] for key in PICK_METRICS} | {
+                "changed": sum(j != 0 for j in chosen) / n
             }
         row["oracle over beams"] = {
             "success": sum(any(c) for c in covered) / n,
@@ -203,14 +207,15 @@ def main(argv: list[str] | None = None) -> dict:
         "concept_mix": args.concept_mix if args.split == "selection" else None,
         "rows": rows,
     }
-    header = ["strength", "pick", "success", "sentence success", "changed from top beam"]
+    header = ["strength", "pick", "success", "sentence success", "BLEU-4", "CIDEr", "changed from top beam"]
     table_rows = []
     for r in rows:
         for name in ("top beam", "value rerank", "value rerank, sentences", "oracle over beams"):
             c = r[name]
-            changed = f"{c['changed']:.3f}" if "changed" in c else "–"
+            # the oracle's pick is an upper bound on success only: no texts, so no n-gram metrics
+            extra = [f"{c[k]:.3f}" if k in c else "–" for k in ("bleu4", "cider", "changed")]
             table_rows.append(
-                [f"{r['strength']:g}", name, f"{c['success']:.3f}", f"{c['sentence_success']:.3f}", changed]
+                [f"{r['strength']:g}", name, f"{c['success']:.3f}", f"{c['sentence_success']:.3f}", *extra]
             )
     table = markdown_table(header, table_rows)
     aucs = ", ".join(
