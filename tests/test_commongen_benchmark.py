@@ -928,3 +928,29 @@ def test_beams_refuses_a_module_variant_at_a_strength(smoke, tmp_path):
             ["--run", str(out), "--variant", "dinado-soft", "--scales", "0,1", "--output", str(tmp_path)]
         )
     assert not (tmp_path / "beams.json").exists()
+
+
+def test_beams_scores_each_pick_on_the_beams_it_picked(smoke, tmp_path, monkeypatch):
+    out, _ = smoke
+    beams = load_benchmark("commongen", "beams.py")
+    _, _, tokenizer, _ = load_benchmark("commongen", "run.py").open_run(out)
+    decoded, scored = [], []
+    real_decode, real_metrics = beams.decode_beams, beams.commongen_metrics
+
+    def decode(*args, **kwargs):
+        decoded.append(real_decode(*args, **kwargs))
+        return decoded[-1]
+
+    def metrics(sets, texts):
+        scored.append(list(texts))
+        return real_metrics(sets, texts)
+
+    monkeypatch.setattr(beams, "decode_beams", decode)
+    monkeypatch.setattr(beams, "commongen_metrics", metrics)
+    monkeypatch.setattr(
+        beams, "value_pick", lambda values, sentences: len(values) - 1
+    )  # always the last beam
+    beams.main(["--run", str(out), "--sets", "3", "--scales", "1", "--output", str(tmp_path)])
+    texts = [[tokenizer.decode(c, skip_special_tokens=True).strip() for c in group] for group in decoded[0]]
+    assert scored[0] == [group[0] for group in texts]  # top beam
+    assert scored[1] == scored[2] == [group[-1] for group in texts]  # the value picks
