@@ -692,3 +692,49 @@ def test_generate_passes_no_repeat_ngram_size_to_generate_only_when_given(
     assert "no_repeat_ngram_size" not in calls[0] and calls[1]["no_repeat_ngram_size"] == 1
     code, _, err = _run(capsys, *gen, "--no-repeat-ngram-size", 0, "--output", tmp_path / "zero")
     assert code == 2 and "--no-repeat-ngram-size" in err and not (tmp_path / "zero").exists()
+
+
+def test_generate_reranks_beams_by_the_guide_s_value_at_an_adapter_scale(tmp_path, base_dir, capsys):
+    """--adapter-scale decodes what `dinado merge --adapter-scale` writes; --rerank-by-value returns, of its final
+    beams, the one the library's rerank picks by the guide's own value."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dinado import Guide
+    from dinado.text import generate_texts
+
+    from .conftest import randomize_guide
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    guide = Guide.create(base, "dinado-merge", tokenizer=tokenizer, lora_target_modules=["c_attn"])
+    randomize_guide(guide, scale=0.2)
+    guide.save_pretrained(tmp_path / "g")
+    prompts = ["The", "A", "The dog", "One day", "It was", "She"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    gen = ["generate", "--prompts", tmp_path / "prompts.txt", "--max-new-tokens", 8, "--num-beams", 3]
+    assert _run(capsys, "merge", "--base", base_dir, "--guide", tmp_path / "g", "--adapter-scale", 2,
+                "--output", tmp_path / "merged")[0] == 0  # fmt: skip
+    runs = {
+        "merged": ["--base", tmp_path / "merged"],
+        "scaled": ["--base", base_dir, "--guide", tmp_path / "g", "--adapter-scale", 2],
+        "reranked": ["--base", base_dir, "--guide", tmp_path / "g", "--adapter-scale", 2, "--rerank-by-value", "true"],
+    }  # fmt: skip
+    texts = {}
+    for name, argv in runs.items():
+        code, _, err = _run(capsys, *gen, *argv, "--output", tmp_path / f"gen-{name}")
+        assert code == 0, err
+        lines = (tmp_path / f"gen-{name}" / "generations.jsonl").read_text().splitlines()
+        texts[name] = [json.loads(line)["completion"] for line in lines]
+    assert texts["scaled"] == texts["merged"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    tokenizer.pad_token = tokenizer.eos_token  # as the CLI's loader sets it
+    expected, _, _ = generate_texts(
+        merged,
+        tokenizer,
+        prompts,
+        rerank=Guide.from_pretrained(tmp_path / "g", base),
+        num_beams=3,
+        max_new_tokens=8,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    assert texts["reranked"] == expected and texts["reranked"] != texts["scaled"]

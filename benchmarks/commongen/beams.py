@@ -37,15 +37,14 @@ from pathlib import Path
 
 import torch
 
-from dinado import Guide
+from dinado import Guide, sequence_log_values
 from dinado._utils import atomic_write_text
 from dinado.data import SampleSet, pad_prompts
-from dinado.hf import eval_mode
 from dinado.tasks.commongen import commongen_metrics, coverage_oracle, is_loop, is_word_list, load_split
 from dinado.text import encode_prompts, end_of_turn_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diagnose import auc, terminal_log_values  # noqa: E402
+from diagnose import auc  # noqa: E402
 from strength import selection_split  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
@@ -87,8 +86,7 @@ def beam_values(guide: Guide, prompt_ids, beams, batch_size: int) -> list[list[f
     """R_theta(x) of every kept beam (the guide's value at the terminal prefix), grouped as ``beams`` is."""
     prompts = [prompt_ids[i] for i, group in enumerate(beams) for _ in group]
     samples = SampleSet.from_token_ids(prompts, [c for group in beams for c in group], [0.0] * len(prompts))
-    with eval_mode(guide):
-        log_values = terminal_log_values(guide, samples, batch_size)
+    log_values = sequence_log_values(guide, samples, batch_size).tolist()
     flat = iter(math.exp(v) for v in log_values)
     return [[next(flat) for _ in group] for group in beams]
 

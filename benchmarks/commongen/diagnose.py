@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dinado import Guide, SampleSet, sample
-from dinado.objectives import prefix_log_values
+from dinado import Guide, SampleSet, sample, sequence_log_values
 from dinado.oracles import as_token_oracle
 from dinado.tasks.commongen import coverage_oracle, load_split
 from dinado.text import encode_prompts
@@ -33,22 +32,6 @@ def auc(scores: list[float], labels: list[float]) -> float | None:
         return None
     wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
     return wins / (len(pos) * len(neg))
-
-
-@torch.no_grad()
-def terminal_log_values(guide: Guide, samples: SampleSet, batch_size: int = 64) -> list[float]:
-    out: list[float] = []
-    for start in range(0, len(samples), batch_size):
-        idx = list(range(start, min(start + batch_size, len(samples))))
-        batch = samples.collate(idx)
-        raw = guide(batch.input_ids, batch.attention_mask)
-        log_values, _ = guide.parameterization.log_values(
-            raw.log_p, raw.direction, raw.norm, batch.input_ids, batch.completion_mask
-        )
-        log_r = prefix_log_values(log_values, batch.input_ids)
-        term = batch.terminal_mask[:, 1:].bool()
-        out.extend(log_r[term].tolist())
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -95,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         guide = Guide.from_pretrained(path, base).eval()
         table[variant] = {}
         for name, pool in pools.items():
-            scores = terminal_log_values(guide, pool)
+            scores = sequence_log_values(guide, pool, 64).tolist()
             table[variant][name] = auc(scores, pool.labels.tolist())
     print("| guide | " + " | ".join(f"AUC, {n} (positives)" for n in pools) + " |")
     print("|---|" + "---|" * len(pools))

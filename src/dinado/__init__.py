@@ -8,9 +8,10 @@ from .decoding import GuideLogitsProcessor, generate
 from .features import FeatureCache, precompute_features, precompute_shared_features
 from .guide import Guide
 from .hf import load_model
+from .objectives import sequence_log_values
 from .oracles import TextOracle
 from .sampling import relabel, sample, sample_with_features
-from .text import reference_samples
+from .text import reference_samples, rerank_by_value
 from .training import TrainReport, train
 
 __all__ = [
@@ -29,8 +30,10 @@ __all__ = [
     "precompute_features",
     "precompute_shared_features",
     "reference_samples",
+    "rerank_by_value",
     "relabel",
     "sample",
     "sample_with_features",
+    "sequence_log_values",
     "train",
 ]

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import Batch
+from .data import Batch, SampleSet
 from .features import cached_position_stats
+from .hf import eval_mode
 from .numerics import bernoulli_cross_entropy, bernoulli_kl
 
 
@@ -129,3 +130,33 @@ def full_vocabulary_loss(guide, batch: Batch, regularizer_weight: float | None =
         log_s = torch.logsumexp(out.log_p[:, 1:] + log_values[:, 1:], dim=-1)
         loss = loss + weight * (w[:, None] * reg_mask * bernoulli_kl(log_s, log_r)).sum() / reg_mask.sum()
     return loss
+
+
+def sequence_log_values(guide, samples: SampleSet, batch_size: int = 16) -> torch.Tensor:
+    """log R_theta(x) of each sample's whole completion: the guide's value at its last prefix, [N] float32.
+
+    That is the guide's own estimate of the oracle's verdict on the completion as it stands (the value its
+    training fits to the label at the terminal prefix), read with no oracle call. Each batch of ``batch_size``
+    samples runs the guide once over prompt and completion; its [batch, length, vocabulary] tensors are what the
+    batch size bounds."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    device = next(guide.base.parameters()).device
+    out: list[torch.Tensor] = []
+    with torch.no_grad(), eval_mode(guide):
+        for start in range(0, len(samples), batch_size):
+            batch = samples.collate(list(range(start, min(start + batch_size, len(samples)))))
+            ids = batch.input_ids.to(device)
+            encoder = batch.encoder_input_ids
+            raw = guide(
+                ids,
+                batch.attention_mask.to(device),
+                encoder.to(device) if encoder is not None else None,
+                batch.encoder_attention_mask.to(device) if encoder is not None else None,
+            )
+            log_values, _ = guide.parameterization.log_values(
+                raw.log_p, raw.direction, raw.norm, ids, batch.completion_mask.to(device)
+            )
+            terminal = batch.terminal_mask[:, 1:].bool().to(device)
+            out.append(prefix_log_values(log_values, ids)[terminal].float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)

@@ -18,6 +18,7 @@ import torch
 from .data import SampleSet, pad_prompts
 from .guide import Guide
 from .hf import eval_mode, is_encoder_decoder, tokenizer_fingerprint
+from .objectives import sequence_log_values
 from .oracles import describe
 from .sampling import label_samples
 
@@ -192,14 +193,29 @@ def generate_texts(
     batch_size: int = 32,
     alpha: float = 1.0,
     prompt_format: PromptFormat | None = None,
+    rerank: Guide | None = None,
     **generate_kwargs: Any,
 ) -> tuple[list[str], int, float]:
     """Decode ``prompts`` with a base model or a Guide: (completions, new tokens, seconds).
 
     With a chat ``prompt_format``, generation ends at the chat template's end-of-turn token unless
-    ``eos_token_id`` is given."""
+    ``eos_token_id`` is given. ``rerank``: a guide whose value picks the output of beam search (``num_beams``
+    >= 2, no sampling): every final beam is kept and each prompt gets the one with the highest R_theta(x) of that
+    guide (:func:`rerank_by_value`; no oracle call). It may be the decoding guide itself, or the
+    guide whose adapter a merged ``source`` holds at another scale. New tokens count the returned outputs'."""
     from .decoding import generate as guided_generate
-    from .hf import check_length
+    from .hf import check_length, decoder_start_token_id
+
+    beams = generate_kwargs.get("num_beams") or 1
+    if rerank is not None:
+        if beams < 2 or generate_kwargs.get("do_sample"):
+            raise ValueError(
+                f"rerank picks one of beam search's final beams: it needs num_beams >= 2 and no sampling "
+                f"(got num_beams={beams}, do_sample={generate_kwargs.get('do_sample', False)})"
+            )
+        if generate_kwargs.get("num_return_sequences", 1) != 1:
+            raise ValueError("rerank returns one output per prompt: leave num_return_sequences unset")
+        generate_kwargs["num_return_sequences"] = beams
 
     model = source.base if isinstance(source, Guide) else source
     seq2seq = is_encoder_decoder(model)
@@ -218,6 +234,64 @@ def generate_texts(
             else:
                 seqs = source.generate(ids, attention_mask=mask, **generate_kwargs)
             gen = new_tokens(seqs, ids.shape[1], seq2seq)
+            if rerank is not None:
+                gen = gen.view(len(ids), beams, -1)
+                stops = _stop_ids(model, generate_kwargs)
+                candidates = [[_until_stop(row, stops) for row in group] for group in gen.tolist()]
+                first = decoder_start_token_id(model) if seq2seq else None
+                picks = rerank_by_value(
+                    rerank, rows[i : i + batch_size], candidates, decoder_start_token_id=first
+                )
+                gen = gen[torch.arange(len(ids)), torch.tensor(picks)]
             count += int((gen != tokenizer.pad_token_id).sum())
             outputs.extend(t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True))
     return outputs, count, time.perf_counter() - start
+
+
+def _stop_ids(model, generate_kwargs: dict) -> set[int]:
+    """The end-of-sequence ids generation stops at: ``eos_token_id`` as given, else the model's generation config's."""
+    eos = generate_kwargs.get("eos_token_id")
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+
+
+def _until_stop(row: list[int], stops: set[int]) -> list[int]:
+    """A generated row up to and including its first stop id (the padding after it dropped); whole if none."""
+    for j, token in enumerate(row):
+        if token in stops:
+            return row[: j + 1]
+    return row
+
+
+def rerank_by_value(
+    guide: Guide,
+    prompts: Sequence[Sequence[int]],
+    candidates: Sequence[Sequence[Sequence[int]]],
+    batch_size: int = 16,
+    decoder_start_token_id: int | None = None,
+) -> list[int]:
+    """For each prompt, the index of its candidate completion (token ids, EOS included where it ended) with the
+    highest value R_theta(x) (:func:`dinado.objectives.sequence_log_values`), the earlier candidate on a tie: reranks beam search's
+    final beams by the guide's own estimate of the oracle, with no oracle call. ``decoder_start_token_id``: the
+    base's, for an encoder-decoder base (``prompts`` are then the encoder inputs)."""
+    if len(prompts) != len(candidates):
+        raise ValueError(
+            f"{len(prompts)} prompts but {len(candidates)} candidate lists: give one list per prompt"
+        )
+    empty = [i for i, group in enumerate(candidates) if not group]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} has no candidate completion: give at least one per prompt")
+    meta = {"decoder_start_token_id": decoder_start_token_id} if decoder_start_token_id is not None else None
+    flat_prompts = [list(prompts[i]) for i, group in enumerate(candidates) for _ in group]
+    flat = [list(c) for group in candidates for c in group]
+    samples = SampleSet.from_token_ids(flat_prompts, flat, [0.0] * len(flat), metadata=meta)
+    values = sequence_log_values(guide, samples, batch_size).tolist()
+    picks, start = [], 0
+    for group in candidates:
+        scores = values[start : start + len(group)]
+        picks.append(max(range(len(group)), key=lambda j: (scores[j], -j)))
+        start += len(group)
+    return picks

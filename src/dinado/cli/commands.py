@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -101,9 +102,11 @@ def cmd_generate(config: dict[str, Any]) -> None:
             f"--num-return-sequences {copies} needs --do-sample true: greedy and beam search give the same "
             "output every time"
         )
+    _check_rerank(config)
     check_output(Path(config["output"]), config["overwrite"])
     model, tokenizer = load_base(config)
     guide = _decoding_guide(config, model, tokenizer)
+    source = _decoding_source(config, model, guide)
     fmt = prompt_format(config, tokenizer, model)
     rows = encode_prompts(tokenizer, prompts, is_encoder_decoder(model), fmt)
     check_prompt_lengths(model, rows, config["max_new_tokens"], config["prompts"], lines)
@@ -112,12 +115,13 @@ def cmd_generate(config: dict[str, Any]) -> None:
         torch.manual_seed(config["seed"])
         expanded = [p for p in prompts for _ in range(copies)]  # each prompt's samples side by side
         outputs, new_tokens, seconds = generate_texts(
-            guide if guide is not None else model,
+            source,
             tokenizer,
             expanded,
             config["batch_size"],
             config["alpha"],
             prompt_format=fmt,
+            rerank=guide if config["rerank_by_value"] else None,
             **_generation_options(config, tokenizer),
         )
         _write_generations(run.path / "generations.jsonl", expanded, outputs, copies)
@@ -147,6 +151,39 @@ def _decoding_guide(config: dict[str, Any], model, tokenizer) -> Guide | None:
         except ValueError as err:
             raise CLIError(f"--candidates: {err}") from None
     return guide
+
+
+def _check_rerank(config: dict[str, Any]) -> None:
+    """--rerank-by-value reads the values of beam search's final beams from --guide: it needs both."""
+    if not config["rerank_by_value"]:
+        return
+    if not config.get("guide"):
+        raise CLIError(
+            "--rerank-by-value ranks the final beams by a guide's value R_theta(x): give the guide with --guide"
+        )
+    if config["num_beams"] < 2 or config["do_sample"]:
+        raise CLIError(
+            f"--rerank-by-value picks one of beam search's final beams: it needs --num-beams 2 or more and no "
+            f"--do-sample (got --num-beams {config['num_beams']}), e.g. --num-beams 4"
+        )
+
+
+def _decoding_source(config: dict[str, Any], model, guide: Guide | None):
+    """What decodes: the base, the guide, or (--adapter-scale other than 1) a Merge guide folded in at that scale."""
+    scale = config["adapter_scale"]
+    if math.isclose(scale, 1.0):
+        return guide if guide is not None else model
+    if guide is None or guide.module is not None:
+        raise CLIError(
+            f"--adapter-scale {scale:g} folds a DiNADO-Merge adapter in at another strength: it needs --guide with "
+            "a dinado-merge guide (a module guide's strength is --alpha)"
+        )
+    if not math.isclose(config["alpha"], 1.0):
+        raise CLIError(
+            "--alpha and --adapter-scale are two strengths for the same guide: give one (--adapter-scale for a "
+            "dinado-merge guide)"
+        )
+    return guide.merge(adapter_scale=scale)
 
 
 def _write_generations(file: Path, prompts: list[str], outputs: list[str], copies: int) -> None:

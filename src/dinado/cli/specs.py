@@ -242,6 +242,20 @@ SPECS: dict[str, Spec] = {
             "count",
             "guide only the base's top-k tokens and the tokens so far (cheaper head; approximates q_theta)",
         ),  # fmt: skip
+        "adapter_scale": (
+            1.0,
+            "nonnegative",
+            "with a dinado-merge --guide: decode the base with this multiple of the adapter's weight change "
+            "folded in, as `dinado merge --adapter-scale` does (1 decodes q_theta; choose another on held-out "
+            "conditions)",
+        ),
+        "rerank_by_value": (
+            False,
+            "bool",
+            "with --num-beams N >= 2 and --guide: keep all N final beams and return the one with the highest "
+            "value R_theta(x) of --guide, its own estimate of the oracle (no oracle call; +4 to +6 points of "
+            "beam-4 success on CommonGen dev, docs/results/commongen.md)",
+        ),
         **_OVERWRITE,
         **_MISMATCH,
     },
