@@ -274,9 +274,10 @@ def rerank_by_value(
     decoder_start_token_id: int | None = None,
 ) -> list[int]:
     """For each prompt, the index of its candidate completion (token ids, EOS included where it ended) with the
-    highest value R_theta(x) (:func:`dinado.objectives.sequence_log_values`), the earlier candidate on a tie: reranks beam search's
-    final beams by the guide's own estimate of the oracle, with no oracle call. ``decoder_start_token_id``: the
-    base's, for an encoder-decoder base (``prompts`` are then the encoder inputs)."""
+    highest value R_theta(x) (:func:`dinado.objectives.sequence_log_values`), the earlier candidate on a tie:
+    reranks beam search's final beams by the guide's own estimate of the oracle, with no oracle call.
+    ``decoder_start_token_id``: the base's, for an encoder-decoder base (``prompts`` are then the encoder
+    inputs)."""
     if len(prompts) != len(candidates):
         raise ValueError(
             f"{len(prompts)} prompts but {len(candidates)} candidate lists: give one list per prompt"
