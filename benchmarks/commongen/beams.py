@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 
-from dinado import Guide, sequence_log_values
+from dinado import Guide
 from dinado._utils import atomic_write_text
-from dinado.data import SampleSet, pad_prompts
+from dinado.data import pad_prompts
 from dinado.tasks.commongen import commongen_metrics, coverage_oracle, is_loop, is_word_list, load_split
-from dinado.text import encode_prompts, end_of_turn_id
+from dinado.text import candidate_log_values, encode_prompts, end_of_turn_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diagnose import auc  # noqa: E402
@@ -84,11 +84,8 @@ def decode_beams(model, tokenizer, prompt_ids, beams, max_new_tokens, eos, batch
 
 def beam_values(guide: Guide, prompt_ids, beams, batch_size: int) -> list[list[float]]:
     """R_theta(x) of every kept beam (the guide's value at the terminal prefix), grouped as ``beams`` is."""
-    prompts = [prompt_ids[i] for i, group in enumerate(beams) for _ in group]
-    samples = SampleSet.from_token_ids(prompts, [c for group in beams for c in group], [0.0] * len(prompts))
-    log_values = sequence_log_values(guide, samples, batch_size).tolist()
-    flat = iter(math.exp(v) for v in log_values)
-    return [[next(flat) for _ in group] for group in beams]
+    grouped = candidate_log_values(guide, prompt_ids, beams, batch_size)
+    return [[math.exp(v) for v in group] for group in grouped]
 
 
 def value_pick(values: list[float], sentences: list[bool] | None) -> int:

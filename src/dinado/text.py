@@ -224,6 +224,9 @@ def generate_texts(
         generate_kwargs.setdefault("eos_token_id", end_of_turn_id(tokenizer))
     check_length(model, max(map(len, rows)), generate_kwargs.get("max_new_tokens"))
     device = next(model.parameters()).device  # the batches go where the model is (a GPU, say)
+    if rerank is not None:  # where each beam ends, and an encoder-decoder's decoder start, for reading values
+        stops = _stop_ids(model, generate_kwargs)
+        first = decoder_start_token_id(model) if seq2seq else None
     outputs, count, start = [], 0, time.perf_counter()
     with eval_mode(source):  # no dropout while decoding; the caller's modes come back afterwards
         for i in range(0, len(rows), batch_size):
@@ -236,9 +239,7 @@ def generate_texts(
             gen = new_tokens(seqs, ids.shape[1], seq2seq)
             if rerank is not None:
                 gen = gen.view(len(ids), beams, -1)
-                stops = _stop_ids(model, generate_kwargs)
                 candidates = [[_until_stop(row, stops) for row in group] for group in gen.tolist()]
-                first = decoder_start_token_id(model) if seq2seq else None
                 picks = rerank_by_value(
                     rerank, rows[i : i + batch_size], candidates, decoder_start_token_id=first
                 )
@@ -266,18 +267,16 @@ def _until_stop(row: list[int], stops: set[int]) -> list[int]:
     return row
 
 
-def rerank_by_value(
+def candidate_log_values(
     guide: Guide,
     prompts: Sequence[Sequence[int]],
     candidates: Sequence[Sequence[Sequence[int]]],
     batch_size: int = 16,
     decoder_start_token_id: int | None = None,
-) -> list[int]:
-    """For each prompt, the index of its candidate completion (token ids, EOS included where it ended) with the
-    highest value R_theta(x) (:func:`dinado.objectives.sequence_log_values`), the earlier candidate on a tie:
-    reranks beam search's final beams by the guide's own estimate of the oracle, with no oracle call.
-    ``decoder_start_token_id``: the base's, for an encoder-decoder base (``prompts`` are then the encoder
-    inputs)."""
+) -> list[list[float]]:
+    """log R_theta(x) of each prompt's candidate completions (token ids, EOS included where it ended), grouped as
+    ``candidates`` is (:func:`dinado.objectives.sequence_log_values`). ``decoder_start_token_id``: the base's,
+    for an encoder-decoder base (``prompts`` are then the encoder inputs)."""
     if len(prompts) != len(candidates):
         raise ValueError(
             f"{len(prompts)} prompts but {len(candidates)} candidate lists: give one list per prompt"
@@ -289,10 +288,19 @@ def rerank_by_value(
     flat_prompts = [list(prompts[i]) for i, group in enumerate(candidates) for _ in group]
     flat = [list(c) for group in candidates for c in group]
     samples = SampleSet.from_token_ids(flat_prompts, flat, [0.0] * len(flat), metadata=meta)
-    values = sequence_log_values(guide, samples, batch_size).tolist()
-    picks, start = [], 0
-    for group in candidates:
-        scores = values[start : start + len(group)]
-        picks.append(max(range(len(group)), key=lambda j: (scores[j], -j)))
-        start += len(group)
-    return picks
+    values = iter(sequence_log_values(guide, samples, batch_size).tolist())
+    return [[next(values) for _ in group] for group in candidates]
+
+
+def rerank_by_value(
+    guide: Guide,
+    prompts: Sequence[Sequence[int]],
+    candidates: Sequence[Sequence[Sequence[int]]],
+    batch_size: int = 16,
+    decoder_start_token_id: int | None = None,
+) -> list[int]:
+    """For each prompt, the index of its candidate completion with the highest value R_theta(x)
+    (:func:`candidate_log_values`), the earlier candidate on a tie: reranks beam search's final beams by the
+    guide's own estimate of the oracle, with no oracle call."""
+    grouped = candidate_log_values(guide, prompts, candidates, batch_size, decoder_start_token_id)
+    return [max(range(len(scores)), key=lambda j: (scores[j], -j)) for scores in grouped]
